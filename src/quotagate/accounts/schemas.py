@@ -1,0 +1,54 @@
+"""Validated inputs of the accounts API."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+
+from quotagate.accounts.models import Role
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+EMAIL_PATTERN = r"^[^@\s]{1,64}@[^@\s]{1,255}$"
+
+
+def _name(value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be blank")
+    return value
+
+
+class ProjectCreate(BaseModel):
+    model_config = _STRICT
+    name: StrictStr = Field(min_length=1, max_length=200)
+    models: list[StrictStr] | None = Field(default=None, min_length=1, max_length=1000)
+
+    _clean_name = field_validator("name")(_name)
+
+
+class ProjectUpdate(BaseModel):
+    model_config = _STRICT
+    name: StrictStr | None = Field(default=None, min_length=1, max_length=200)
+    models: list[StrictStr] | None = Field(default=None, min_length=1, max_length=1000)
+
+    @field_validator("name")
+    @classmethod
+    def _clean(cls, value: str | None) -> str | None:
+        return None if value is None else _name(value)
+
+
+class MemberAdd(BaseModel):
+    model_config = _STRICT
+    email: StrictStr = Field(pattern=EMAIL_PATTERN, max_length=320)
+    role: Role = "member"
+
+
+class MemberUpdate(BaseModel):
+    model_config = _STRICT
+    role: Role
+
+
+class TokenCreate(BaseModel):
+    model_config = _STRICT
+    name: StrictStr = Field(default="console", min_length=1, max_length=200)
+
+    _clean_name = field_validator("name")(_name)

@@ -1,0 +1,288 @@
+"""Users, access tokens, projects and memberships.
+
+Every method that reads or writes a project takes the acting user and checks their role first; a
+project the actor does not belong to is reported as not found, never as forbidden, so that its
+existence is not revealed. Instance admins act as owners of every project.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+from typing import Any, cast
+
+from sqlalchemy import Connection, Engine, Row, func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from quotagate.accounts.models import AccessToken, Actor, Member, Project, Role, User, role_at_least
+from quotagate.accounts.passwords import MAX_LENGTH, MIN_LENGTH, Passwords
+from quotagate.accounts.schemas import EMAIL_PATTERN, MemberAdd, MemberUpdate, ProjectCreate, ProjectUpdate
+from quotagate.audit import record
+from quotagate.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthenticated
+from quotagate.ids import new_id, utcnow
+from quotagate.keys import secrets
+from quotagate.store.tables import access_tokens, memberships, projects, users
+
+# last_used_at of an access token is written at most this often, so reads stay reads.
+TOKEN_TOUCH_INTERVAL = timedelta(seconds=60)
+
+
+def normalise_email(email: str) -> str:
+    email = email.strip().lower()
+    if len(email) > 320 or not re.fullmatch(EMAIL_PATTERN, email):
+        raise InvalidRequest(f"email: {email!r} is not an email address", field="email")
+    return email
+
+
+def _user(row: Row[Any]) -> User:
+    return User(id=row.id, email=row.email, is_admin=bool(row.is_admin), created_at=row.created_at)
+
+
+def _token(row: Row[Any]) -> AccessToken:
+    return AccessToken(id=row.id, name=row.name, prefix=row.prefix, created_at=row.created_at,
+                       last_used_at=row.last_used_at, revoked_at=row.revoked_at)
+
+
+class AccountService:
+    def __init__(self, engine: Engine, passwords: Passwords, model_ids: Callable[[], frozenset[str]],
+                 on_project_models_changed: Callable[[Connection, str], Callable[[], None]]) -> None:
+        """``on_project_models_changed(conn, project_id)`` runs inside the transaction and returns a
+        callback to run after commit (the key service uses it to invalidate the project's keys)."""
+        self._engine = engine
+        self._passwords = passwords
+        self._model_ids = model_ids
+        self._on_models_changed = on_project_models_changed
+
+    # -- users -------------------------------------------------------------------------------
+    def create_user(self, email: str, password: str | None = None, *, is_admin: bool = False) -> User:
+        email = normalise_email(email)
+        if password is not None and not MIN_LENGTH <= len(password) <= MAX_LENGTH:
+            raise InvalidRequest(f"password: must be {MIN_LENGTH} to {MAX_LENGTH} characters", field="password")
+        user = User(id=new_id("usr"), email=email, is_admin=is_admin, created_at=utcnow())
+        password_hash = self._passwords.hash(password) if password is not None else None
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(users.insert().values(id=user.id, email=email, is_admin=is_admin,
+                                                   created_at=user.created_at, password_hash=password_hash))
+        except IntegrityError:
+            raise Conflict(f"a user with email {email!r} already exists", field="email") from None
+        return user
+
+    def get_user_by_email(self, email: str) -> User:
+        with self._engine.connect() as conn:
+            row = conn.execute(select(users).where(users.c.email == email.strip().lower())).first()
+        if row is None:
+            raise NotFound(f"no user with email {email!r}")
+        return _user(row)
+
+    def authenticate_password(self, email: str, password: str) -> User:
+        """The user with that email and password; Unauthenticated otherwise (same error for both)."""
+        with self._engine.connect() as conn:
+            row = conn.execute(select(users).where(users.c.email == email.strip().lower())).first()
+        if not self._passwords.verify(row.password_hash if row else None, password) or row is None:
+            raise Unauthenticated("wrong email or password")
+        return _user(row)
+
+    # -- access tokens -----------------------------------------------------------------------
+    def create_token(self, user: User, name: str = "console") -> tuple[AccessToken, str]:
+        """A new access token for ``user``; the secret is returned here and never again."""
+        secret = secrets.generate(secrets.ACCESS_TOKEN_KIND)
+        now = utcnow()
+        token = AccessToken(id=new_id("tok"), name=name, prefix=secrets.masked_prefix(secret),
+                            created_at=now, last_used_at=None, revoked_at=None)
+        with self._engine.begin() as conn:
+            conn.execute(access_tokens.insert().values(
+                id=token.id, user_id=user.id, name=name, token_hash=secrets.hash_secret(secret),
+                prefix=token.prefix, created_at=now))
+        return token, secret
+
+    def authenticate_token(self, secret: str) -> tuple[User, str]:
+        """The user an access token belongs to, and the token's id; Unauthenticated otherwise."""
+        if not secrets.is_well_formed(secret, secrets.ACCESS_TOKEN_KIND):
+            raise Unauthenticated("the access token is malformed")
+        with self._engine.connect() as conn:
+            row = conn.execute(
+                select(users, access_tokens.c.id.label("token_id"), access_tokens.c.revoked_at,
+                       access_tokens.c.last_used_at)
+                .join(access_tokens, access_tokens.c.user_id == users.c.id)
+                .where(access_tokens.c.token_hash == secrets.hash_secret(secret))).first()
+        if row is None or row.revoked_at is not None:
+            raise Unauthenticated("the access token is unknown or revoked")
+        now = utcnow()
+        if row.last_used_at is None or now - row.last_used_at > TOKEN_TOUCH_INTERVAL:
+            with self._engine.begin() as conn:
+                conn.execute(update(access_tokens).where(access_tokens.c.id == row.token_id)
+                             .values(last_used_at=now))
+        return _user(row), row.token_id
+
+    def list_tokens(self, user: User) -> list[AccessToken]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(access_tokens).where(access_tokens.c.user_id == user.id)
+                                .order_by(access_tokens.c.created_at.desc(), access_tokens.c.id.desc())).all()
+        return [_token(r) for r in rows]
+
+    def revoke_token(self, user: User, token_id: str) -> AccessToken:
+        """Revoke one of ``user``'s own tokens; repeating it is harmless."""
+        with self._engine.begin() as conn:
+            row = conn.execute(select(access_tokens).where(
+                access_tokens.c.id == token_id, access_tokens.c.user_id == user.id)).first()
+            if row is None:
+                raise NotFound(f"no access token {token_id!r}")
+            if row.revoked_at is None:
+                conn.execute(update(access_tokens).where(access_tokens.c.id == token_id)
+                             .values(revoked_at=utcnow()))
+                row = conn.execute(select(access_tokens).where(access_tokens.c.id == token_id)).one()
+        return _token(row)
+
+    # -- projects ----------------------------------------------------------------------------
+    def _check_models(self, models: Iterable[str] | None) -> tuple[str, ...] | None:
+        if models is None:
+            return None
+        known = self._model_ids()
+        unknown = sorted(set(models) - known)
+        if unknown:
+            raise InvalidRequest(f"models: unknown model id(s) {', '.join(map(repr, unknown))}; "
+                                 f"known: {', '.join(sorted(known)) or 'none'}", field="models")
+        return tuple(dict.fromkeys(models))
+
+    def create_project(self, actor: Actor, body: ProjectCreate) -> Project:
+        models = self._check_models(body.models)
+        now = utcnow()
+        pid = new_id("proj")
+        with self._engine.begin() as conn:
+            conn.execute(projects.insert().values(id=pid, name=body.name, models=list(models) if models else None,
+                                                  created_at=now, updated_at=now))
+            conn.execute(memberships.insert().values(project_id=pid, user_id=actor.user.id, role="owner",
+                                                     created_at=now))
+            record(conn, actor, pid, "project.created", "project", pid, {"name": body.name})
+        return Project(id=pid, name=body.name, models=models, created_at=now, updated_at=now, role="owner")
+
+    def role_in(self, conn: Connection, actor: Actor, project_id: str) -> Role:
+        """The actor's role in the project; NotFound if it does not exist or they are not in it."""
+        exists = conn.execute(select(projects.c.id).where(projects.c.id == project_id)).first()
+        role = conn.execute(select(memberships.c.role).where(
+            memberships.c.project_id == project_id, memberships.c.user_id == actor.user.id)).scalar()
+        if exists is None or (role is None and not actor.user.is_admin):
+            raise NotFound(f"no project {project_id!r}")
+        return "owner" if actor.user.is_admin else cast(Role, role)
+
+    def require(self, conn: Connection, actor: Actor, project_id: str, needed: Role) -> Role:
+        """Like ``role_in``, and Forbidden if the role is below ``needed``."""
+        role = self.role_in(conn, actor, project_id)
+        if not role_at_least(role, needed):
+            raise Forbidden(f"this needs the {needed!r} role in the project; you are {role!r}")
+        return role
+
+    def _project(self, conn: Connection, project_id: str, role: Role) -> Project:
+        row = conn.execute(select(projects).where(projects.c.id == project_id)).one()
+        return Project(id=row.id, name=row.name, models=tuple(row.models) if row.models is not None else None,
+                       created_at=row.created_at, updated_at=row.updated_at, role=role)
+
+    def list_projects(self, actor: Actor) -> list[Project]:
+        with self._engine.connect() as conn:
+            if actor.user.is_admin:
+                rows = conn.execute(select(projects.c.id)).all()
+                pairs: list[tuple[str, Role]] = [(r.id, "owner") for r in rows]
+            else:
+                rows = conn.execute(select(memberships.c.project_id, memberships.c.role)
+                                    .where(memberships.c.user_id == actor.user.id)).all()
+                pairs = [(r.project_id, cast(Role, r.role)) for r in rows]
+            found = [self._project(conn, pid, role) for pid, role in pairs]
+        return sorted(found, key=lambda p: (p.created_at, p.id), reverse=True)
+
+    def get_project(self, actor: Actor, project_id: str) -> Project:
+        with self._engine.connect() as conn:
+            return self._project(conn, project_id, self.role_in(conn, actor, project_id))
+
+    def update_project(self, actor: Actor, project_id: str, body: ProjectUpdate) -> Project:
+        fields = body.model_fields_set
+        if not fields:
+            raise InvalidRequest("nothing to change: give name and/or models")
+        if "name" in fields and body.name is None:
+            raise InvalidRequest("name: must not be null", field="name")
+        after_commit: Callable[[], None] | None = None
+        with self._engine.begin() as conn:
+            role = self.require(conn, actor, project_id, "owner")
+            values: dict[str, Any] = {"updated_at": utcnow()}
+            if "name" in fields:
+                values["name"] = body.name
+            if "models" in fields:
+                models = self._check_models(body.models)
+                values["models"] = list(models) if models is not None else None
+            conn.execute(update(projects).where(projects.c.id == project_id).values(**values))
+            record(conn, actor, project_id, "project.updated", "project", project_id,
+                   {k: body.model_dump()[k] for k in sorted(fields)})
+            if "models" in fields:
+                after_commit = self._on_models_changed(conn, project_id)
+            project = self._project(conn, project_id, role)
+        if after_commit is not None:
+            after_commit()
+        return project
+
+    # -- members -----------------------------------------------------------------------------
+    def list_members(self, actor: Actor, project_id: str) -> list[Member]:
+        with self._engine.connect() as conn:
+            self.role_in(conn, actor, project_id)
+            rows = conn.execute(
+                select(memberships.c.user_id, memberships.c.role, memberships.c.created_at, users.c.email)
+                .join(users, users.c.id == memberships.c.user_id)
+                .where(memberships.c.project_id == project_id).order_by(users.c.email)).all()
+        return [Member(user_id=r.user_id, email=r.email, role=r.role, created_at=r.created_at) for r in rows]
+
+    def add_member(self, actor: Actor, project_id: str, body: MemberAdd) -> Member:
+        email = normalise_email(body.email)
+        with self._engine.begin() as conn:
+            self.require(conn, actor, project_id, "owner")
+            user = conn.execute(select(users).where(users.c.email == email)).first()
+            if user is None:
+                raise NotFound(f"no user with email {email!r}; create the user first", field="email")
+            existing = conn.execute(select(memberships.c.role).where(
+                memberships.c.project_id == project_id, memberships.c.user_id == user.id)).scalar()
+            if existing is not None:
+                raise Conflict(f"{email} is already a member (role {existing!r}); "
+                               "change the role with PATCH", field="email")
+            now = utcnow()
+            conn.execute(memberships.insert().values(project_id=project_id, user_id=user.id, role=body.role,
+                                                     created_at=now))
+            record(conn, actor, project_id, "member.added", "user", user.id,
+                   {"email": email, "role": body.role})
+        return Member(user_id=user.id, email=email, role=body.role, created_at=now)
+
+    def _owners(self, conn: Connection, project_id: str) -> int:
+        return int(conn.execute(select(func.count()).select_from(memberships).where(
+            memberships.c.project_id == project_id, memberships.c.role == "owner")).scalar_one())
+
+    def _membership(self, conn: Connection, project_id: str, user_id: str) -> Any:
+        row = conn.execute(
+            select(memberships.c.role, memberships.c.created_at, users.c.email, users.c.id)
+            .join(users, users.c.id == memberships.c.user_id)
+            .where(memberships.c.project_id == project_id, memberships.c.user_id == user_id)).first()
+        if row is None:
+            raise NotFound(f"no member {user_id!r} in this project")
+        return row
+
+    def change_member(self, actor: Actor, project_id: str, user_id: str, body: MemberUpdate) -> Member:
+        with self._engine.begin() as conn:
+            self.require(conn, actor, project_id, "owner")
+            row = self._membership(conn, project_id, user_id)
+            if row.role == "owner" and body.role != "owner" and self._owners(conn, project_id) <= 1:
+                raise Conflict("a project must keep at least one owner; make someone else owner first")
+            conn.execute(update(memberships).where(memberships.c.project_id == project_id,
+                                                   memberships.c.user_id == user_id).values(role=body.role))
+            record(conn, actor, project_id, "member.role_changed", "user", user_id,
+                   {"email": row.email, "from": row.role, "to": body.role})
+        return Member(user_id=user_id, email=row.email, role=body.role, created_at=row.created_at)
+
+    def remove_member(self, actor: Actor, project_id: str, user_id: str) -> None:
+        with self._engine.begin() as conn:
+            # Anyone may leave a project; removing others takes an owner.
+            needed: Role = "viewer" if user_id == actor.user.id else "owner"
+            self.require(conn, actor, project_id, needed)
+            row = self._membership(conn, project_id, user_id)
+            if row.role == "owner" and self._owners(conn, project_id) <= 1:
+                raise Conflict("a project must keep at least one owner; make someone else owner first")
+            conn.execute(memberships.delete().where(memberships.c.project_id == project_id,
+                                                    memberships.c.user_id == user_id))
+            record(conn, actor, project_id, "member.removed", "user", user_id,
+                   {"email": row.email, "role": row.role})

@@ -1,0 +1,72 @@
+"""The app factory: one ``Runtime`` built from ``Settings`` holds every service; both ASGI apps and the
+CLI are built from it. Nothing lives at module level."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from quotagate.accounts.passwords import Passwords
+from quotagate.accounts.service import AccountService
+from quotagate.audit import AuditLog
+from quotagate.config import Config, load_config
+from quotagate.console.api import ConsoleAPI
+from quotagate.console.http import JSON, http_exception_handler
+from quotagate.keys.events import KeyEvents
+from quotagate.keys.service import KeyService, project_keys_invalidator
+from quotagate.settings import Settings
+from quotagate.store.engine import make_engine, migrate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """Everything one quotagate process runs on, built once from settings."""
+
+    settings: Settings
+    config: Config
+    engine: Engine
+    events: KeyEvents
+    accounts: AccountService
+    keys: KeyService
+    audit: AuditLog
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, settings: Settings, *, run_migrations: bool = True) -> Runtime:
+        config = load_config(settings.config)
+        url = settings.effective_database_url
+        if run_migrations:
+            migrate(url)
+        engine = make_engine(url)
+        events = KeyEvents()
+        model_ids = lambda: config.model_ids  # noqa: E731 - the catalog is fixed for the process's life
+        passwords = Passwords()
+        accounts = AccountService(engine, passwords, model_ids, project_keys_invalidator(events))
+        keys = KeyService(engine, accounts, events, model_ids)
+        return cls(settings=settings, config=config, engine=engine, events=events, accounts=accounts,
+                   keys=keys, audit=AuditLog(engine))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def build_console_app(runtime: Runtime, extra_routes: list[BaseRoute] | None = None) -> Starlette:
+    """The console listener's ASGI app: the console API (and, later, the web console)."""
+    api = ConsoleAPI(runtime.accounts, runtime.keys, runtime.audit)
+
+    async def healthz(_request: Request) -> Response:
+        return JSON({"status": "ok"})
+
+    routes: list[BaseRoute] = [Route("/healthz", healthz), *api.routes(runtime.settings.console_max_body_bytes)]
+    routes.extend(extra_routes or [])
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_exception_handler})

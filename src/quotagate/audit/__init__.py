@@ -1,0 +1,5 @@
+"""The audit log: who changed which key or membership, when and from where."""
+
+from quotagate.audit.log import AuditLog, record
+
+__all__ = ["AuditLog", "record"]

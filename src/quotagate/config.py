@@ -1,0 +1,154 @@
+"""The TOML configuration file: the model catalog and the optional built-in simulator.
+
+```toml
+[[models]]
+id = "qwen3.6-27b"
+type = "chat"                                # "chat" or "embedding"
+upstreams = ["http://127.0.0.1:8000/v1"]
+upstream_api_key_env = "VLLM_API_KEY"        # optional
+
+[simulator]                                  # optional: a simulated model server, for demos and tests
+port = 8402
+```
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ModelType = Literal["chat", "embedding"]
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing or invalid; the message names the file and the field."""
+
+
+class _ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+    type: ModelType = "chat"
+    upstreams: list[str] = Field(min_length=1)
+    upstream_api_key_env: str | None = None
+    timeout_seconds: float = Field(default=600.0, gt=0)
+
+    @field_validator("upstreams")
+    @classmethod
+    def _urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"upstream {url!r} must be an http:// or https:// base URL")
+        return [url.rstrip("/") for url in value]
+
+
+class _SimulatorEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8402, ge=0, le=65535)
+    tokens_per_second: float = Field(default=200.0, gt=0)
+
+
+class _GatewayEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    default_max_tokens: int = Field(default=4096, gt=0, description="max_tokens the gateway sets when absent")
+    connect_timeout_seconds: float = Field(default=5.0, gt=0)
+
+
+class _ConfigFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[_ModelEntry] = Field(default_factory=list)
+    simulator: _SimulatorEntry | None = None
+    gateway: _GatewayEntry = Field(default_factory=_GatewayEntry)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    id: str
+    type: ModelType
+    upstreams: tuple[str, ...]
+    upstream_api_key_env: str | None = None
+    timeout_seconds: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorSpec:
+    host: str
+    port: int
+    tokens_per_second: float
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySpec:
+    default_max_tokens: int = 4096
+    connect_timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The loaded configuration; ``models`` is keyed by model id."""
+
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+    simulator: SimulatorSpec | None = None
+    gateway: GatewaySpec = field(default_factory=GatewaySpec)
+    source: str = "<empty>"
+
+    @property
+    def model_ids(self) -> frozenset[str]:
+        return frozenset(self.models)
+
+
+DEMO_CONFIG_NAME = "demo.toml"
+
+
+def load_config(path: Path | None) -> Config:
+    """Load the config file at ``path``, or the built-in demo configuration when ``path`` is None."""
+    if path is None:
+        text = resources.files("quotagate").joinpath(DEMO_CONFIG_NAME).read_text(encoding="utf-8")
+        return parse_config(text, source=f"built-in {DEMO_CONFIG_NAME} (simulated models)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    return parse_config(text, source=str(path))
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    """Parse and validate configuration text; errors name the source and the offending field."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        parsed = _ConfigFile.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{source}: {problems}") from None
+    models: dict[str, ModelSpec] = {}
+    for entry in parsed.models:
+        if entry.id in models:
+            raise ConfigError(f"{source}: models: model id {entry.id!r} appears twice")
+        models[entry.id] = ModelSpec(
+            id=entry.id,
+            type=entry.type,
+            upstreams=tuple(entry.upstreams),
+            upstream_api_key_env=entry.upstream_api_key_env,
+            timeout_seconds=entry.timeout_seconds,
+        )
+    sim = parsed.simulator
+    return Config(
+        models=models,
+        simulator=SimulatorSpec(sim.host, sim.port, sim.tokens_per_second) if sim else None,
+        gateway=GatewaySpec(parsed.gateway.default_max_tokens, parsed.gateway.connect_timeout_seconds),
+        source=source,
+    )

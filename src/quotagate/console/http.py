@@ -1,0 +1,125 @@
+"""The console API's plumbing: bounded bodies, bearer authentication, one error renderer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import QueryParams
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from quotagate.accounts.models import Actor
+from quotagate.errors import InvalidRequest, PayloadTooLarge, QuotagateError, Unauthenticated
+from quotagate.validation import parse_json_body
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error_response(exc: QuotagateError) -> JSON:
+    body: dict[str, Any] = {"code": exc.code, "message": exc.message}
+    if exc.field:
+        body["field"] = exc.field
+    headers = {"WWW-Authenticate": 'Bearer realm="quotagate"'} if exc.status == 401 else None
+    return JSON({"error": body}, status_code=exc.status, headers=headers)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "invalid_request"}
+
+
+async def http_exception_handler(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    message = "no such endpoint" if exc.status_code == 404 else str(exc.detail)
+    return JSON({"error": {"code": code, "message": message}}, status_code=exc.status_code)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes without reading the rest."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise InvalidRequest("the Content-Length header is not a number")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One authenticated console API call, as handlers see it."""
+
+    actor: Actor
+    path: dict[str, str]
+    query: QueryParams
+    body: bytes
+
+    def json(self, model: type[M]) -> M:
+        return parse_json_body(model, self.body)
+
+    def flag(self, name: str) -> bool:
+        raw = self.query.get(name)
+        if raw is None:
+            return False
+        if raw.lower() in ("true", "1", "yes"):
+            return True
+        if raw.lower() in ("false", "0", "no"):
+            return False
+        raise InvalidRequest(f"{name}: must be true or false, not {raw!r}", field=name)
+
+
+Result = tuple[int, Any]
+Handler = Callable[[Call], Result]
+Authenticator = Callable[[Request], Awaitable[Actor]]
+
+
+def client_ip(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def bearer_token(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("missing access token: send 'Authorization: Bearer <access-token>'")
+    return token.strip()
+
+
+def endpoint(handler: Handler, authenticate: Authenticator,
+             body_limit: int) -> Callable[[Request], Awaitable[Response]]:
+    """Wrap a synchronous handler: read the bounded body, authenticate, run it off the event loop,
+    render its result or its error."""
+
+    async def run(request: Request) -> Response:
+        try:
+            body = await read_body(request, body_limit)
+            actor = await authenticate(request)
+            call = Call(actor=actor, path=dict(request.path_params), query=request.query_params, body=body)
+            status, payload = await run_in_threadpool(handler, call)
+        except QuotagateError as exc:
+            return error_response(exc)
+        if status == 204:
+            return Response(status_code=204)
+        return JSON(payload, status_code=status)
+
+    return run

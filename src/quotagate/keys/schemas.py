@@ -1,0 +1,85 @@
+"""Validated inputs of the key API: the product page's mint body, edits, rotation."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+
+from quotagate.keys.models import Period
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+# Limits stay within what every JSON client reads exactly (2**53).
+MAX_LIMIT = 2**53 - 1
+Limit = Annotated[StrictInt, Field(gt=0, le=MAX_LIMIT)]
+ModelList = Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=200)]],
+                      Field(min_length=1, max_length=1000)]
+
+
+def parse_timestamp(value: object) -> datetime:
+    """An ISO 8601 timestamp with a time zone (``Z`` or an offset), or Unix seconds, as UTC."""
+    if isinstance(value, bool):
+        raise ValueError("must be an ISO 8601 timestamp")
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC)
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 timestamp")
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an ISO 8601 timestamp (e.g. 2030-01-31T00:00:00Z)") from None
+    if parsed.tzinfo is None:
+        raise ValueError(f"{value!r} has no time zone; add Z for UTC")
+    return parsed.astimezone(UTC)
+
+
+class _Limits(BaseModel):
+    model_config = _STRICT
+
+    rpm: Limit | None = None
+    tpm: Limit | None = None
+    token_limit: Limit | None = None
+    token_limit_period: Period | None = None
+    allowed_models: ModelList | None = None
+    expires_at: datetime | None = None
+
+    @field_validator("expires_at", mode="before")
+    @classmethod
+    def _timestamp(cls, value: object) -> datetime | None:
+        return None if value is None else parse_timestamp(value)
+
+    @field_validator("allowed_models")
+    @classmethod
+    def _dedupe(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else list(dict.fromkeys(value))
+
+
+class KeyCreate(_Limits):
+    name: StrictStr = Field(min_length=1, max_length=200)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _budget_pair(self) -> KeyCreate:
+        if (self.token_limit is None) != (self.token_limit_period is None):
+            raise ValueError("token_limit and token_limit_period come together: give both or neither")
+        return self
+
+
+class KeyUpdate(_Limits):
+    """Only the fields present change; ``null`` clears a limit (unlimited) or the expiry."""
+
+    name: StrictStr | None = Field(default=None, min_length=1, max_length=200)
+
+
+class RotateRequest(BaseModel):
+    model_config = _STRICT
+
+    grace_period_seconds: StrictInt = Field(default=0, ge=0, le=30 * 86400)
+    name: StrictStr | None = Field(default=None, min_length=1, max_length=200)

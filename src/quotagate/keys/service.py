@@ -1,0 +1,263 @@
+"""The key service: mint, list, edit, revoke, archive, rotate; and resolve a secret for the gateway.
+
+Every write is one transaction that also appends an audit event, and tells the key events bus after
+commit, so that every cache drops its copy before the caller hears back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Row, select, update
+
+from quotagate.accounts.models import Actor
+from quotagate.accounts.service import AccountService
+from quotagate.audit import record
+from quotagate.errors import Conflict, InvalidRequest, NotFound
+from quotagate.ids import new_id, utcnow
+from quotagate.keys import secrets
+from quotagate.keys.events import KeyChanged, KeyEvents
+from quotagate.keys.models import InferenceKey, KeyRecord
+from quotagate.keys.schemas import KeyCreate, KeyUpdate, RotateRequest
+from quotagate.store.tables import inference_keys, projects
+
+LIMIT_FIELDS = ("rpm", "tpm", "token_limit", "token_limit_period", "allowed_models", "expires_at")
+
+
+def _key(row: Row[Any]) -> InferenceKey:
+    return InferenceKey(
+        id=row.id, project_id=row.project_id, name=row.name, prefix=row.prefix, rpm=row.rpm, tpm=row.tpm,
+        token_limit=row.token_limit, token_limit_period=row.token_limit_period,
+        allowed_models=tuple(row.allowed_models) if row.allowed_models is not None else None,
+        expires_at=row.expires_at, revoked_at=row.revoked_at, archived=bool(row.archived),
+        created_at=row.created_at, updated_at=row.updated_at, last_used_at=row.last_used_at,
+        rotated_from=row.rotated_from,
+    )
+
+
+def _audit_view(values: dict[str, Any]) -> dict[str, Any]:
+    """Values as they go into the audit log's JSON (timestamps as ISO text)."""
+    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in values.items()}
+
+
+def project_keys_invalidator(events: KeyEvents) -> Callable[[Connection, str], Callable[[], None]]:
+    """For the account service: after a project's models change, every key of it must be reloaded.
+
+    The returned function runs inside the changing transaction (so it sees the keys as committed with
+    the change) and returns the notification to send after commit."""
+
+    def collect(conn: Connection, project_id: str) -> Callable[[], None]:
+        rows = conn.execute(select(inference_keys.c.id, inference_keys.c.secret_hash)
+                            .where(inference_keys.c.project_id == project_id)).all()
+
+        def notify() -> None:
+            for r in rows:
+                events.publish(KeyChanged(key_id=r.id, secret_hash=r.secret_hash, project_id=project_id))
+
+        return notify
+
+    return collect
+
+
+class KeyService:
+    def __init__(self, engine: Engine, accounts: AccountService, events: KeyEvents,
+                 model_ids: Callable[[], frozenset[str]]) -> None:
+        self._engine = engine
+        self._accounts = accounts
+        self._events = events
+        self._model_ids = model_ids
+
+    # -- reads -------------------------------------------------------------------------------
+    def _row(self, conn: Connection, key_id: str) -> Row[Any]:
+        row = conn.execute(select(inference_keys).where(inference_keys.c.id == key_id)).first()
+        if row is None:
+            raise NotFound(f"no inference key {key_id!r}")
+        return row
+
+    def _authorized_row(self, conn: Connection, actor: Actor, key_id: str, needed: str) -> Row[Any]:
+        """The key's row if the actor may act on it with role ``needed``; NotFound if not theirs."""
+        row = self._row(conn, key_id)
+        try:
+            self._accounts.require(conn, actor, row.project_id, needed)  # type: ignore[arg-type]
+        except NotFound:
+            raise NotFound(f"no inference key {key_id!r}") from None
+        return row
+
+    def list_keys(self, actor: Actor, project_id: str, *, include_archived: bool = False) -> list[InferenceKey]:
+        with self._engine.connect() as conn:
+            self._accounts.role_in(conn, actor, project_id)
+            query = select(inference_keys).where(inference_keys.c.project_id == project_id)
+            if not include_archived:
+                query = query.where(inference_keys.c.archived.is_(False))
+            rows = conn.execute(query.order_by(inference_keys.c.created_at.desc(),
+                                               inference_keys.c.id.desc())).all()
+        return [_key(r) for r in rows]
+
+    def get(self, actor: Actor, key_id: str) -> InferenceKey:
+        with self._engine.connect() as conn:
+            return _key(self._authorized_row(conn, actor, key_id, "viewer"))
+
+    def project_of(self, actor: Actor, key_id: str) -> str:
+        """The project a key belongs to, if the actor may read it (usage and activity use this)."""
+        return self.get(actor, key_id).project_id
+
+    # -- validation ----------------------------------------------------------------------------
+    def _check_models(self, conn: Connection, project_id: str, models: list[str] | None) -> None:
+        if models is None:
+            return
+        project_models = conn.execute(select(projects.c.models).where(projects.c.id == project_id)).scalar()
+        usable = set(project_models) if project_models is not None else set(self._model_ids())
+        unknown = [m for m in models if m not in self._model_ids()]
+        if unknown:
+            raise InvalidRequest(f"allowed_models: unknown model id(s) {', '.join(map(repr, unknown))}",
+                                 field="allowed_models")
+        outside = [m for m in models if m not in usable]
+        if outside:
+            raise InvalidRequest(f"allowed_models: {', '.join(map(repr, outside))} not available to this "
+                                 "project", field="allowed_models")
+
+    @staticmethod
+    def _check_expiry(values: dict[str, Any]) -> None:
+        expires = values.get("expires_at")
+        if expires is not None and expires <= utcnow():
+            raise InvalidRequest("expires_at: must be in the future", field="expires_at")
+
+    # -- writes --------------------------------------------------------------------------------
+    def _notify(self, row: Row[Any]) -> None:
+        self._events.publish(KeyChanged(key_id=row.id, secret_hash=row.secret_hash, project_id=row.project_id))
+
+    def _insert(self, conn: Connection, actor: Actor, project_id: str, values: dict[str, Any],
+                rotated_from: str | None = None) -> tuple[InferenceKey, str]:
+        secret = secrets.generate(secrets.INFERENCE_KEY_KIND)
+        now = utcnow()
+        key_id = new_id("key")
+        conn.execute(inference_keys.insert().values(
+            id=key_id, project_id=project_id, secret_hash=secrets.hash_secret(secret),
+            prefix=secrets.masked_prefix(secret), archived=False, created_at=now, updated_at=now,
+            created_by=actor.user.id, rotated_from=rotated_from, version=1, **values))
+        return _key(self._row(conn, key_id)), secret
+
+    def mint(self, actor: Actor, project_id: str, body: KeyCreate) -> tuple[InferenceKey, str]:
+        """A new key; its secret is returned here and never again."""
+        values = body.model_dump()
+        self._check_expiry(values)
+        with self._engine.begin() as conn:
+            self._accounts.require(conn, actor, project_id, "member")
+            self._check_models(conn, project_id, body.allowed_models)
+            key, secret = self._insert(conn, actor, project_id, values)
+            record(conn, actor, project_id, "key.minted", "inference_key", key.id, _audit_view(values))
+        return key, secret
+
+    def update(self, actor: Actor, key_id: str, body: KeyUpdate) -> InferenceKey:
+        changes = {f: getattr(body, f) for f in body.model_fields_set}
+        if not changes:
+            raise InvalidRequest("nothing to change: give at least one of name, " + ", ".join(LIMIT_FIELDS))
+        if "name" in changes and changes["name"] is None:
+            raise InvalidRequest("name: must not be null", field="name")
+        self._check_expiry(changes)
+        with self._engine.begin() as conn:
+            row = self._authorized_row(conn, actor, key_id, "member")
+            if row.revoked_at is not None:
+                raise Conflict("the key is revoked; revoked keys cannot be changed")
+            if changes.get("token_limit", 0) is None and "token_limit_period" not in changes:
+                changes["token_limit_period"] = None  # clearing the budget clears its period too
+            limit = changes.get("token_limit", row.token_limit)
+            period = changes.get("token_limit_period", row.token_limit_period)
+            if (limit is None) != (period is None):
+                raise InvalidRequest("token_limit and token_limit_period come together: give both or neither",
+                                     field="token_limit_period" if period is None else "token_limit")
+            self._check_models(conn, row.project_id, changes.get("allowed_models"))
+            conn.execute(update(inference_keys).where(inference_keys.c.id == key_id)
+                         .values(updated_at=utcnow(), version=inference_keys.c.version + 1, **changes))
+            record(conn, actor, row.project_id, "key.updated", "inference_key", key_id, _audit_view(changes))
+            fresh = self._row(conn, key_id)
+        self._notify(fresh)
+        return _key(fresh)
+
+    def revoke(self, actor: Actor, key_id: str) -> InferenceKey:
+        """Revoke at once and for good; repeating it changes nothing and is not an error."""
+        with self._engine.begin() as conn:
+            row = self._authorized_row(conn, actor, key_id, "member")
+            if row.revoked_at is None:
+                conn.execute(update(inference_keys).where(inference_keys.c.id == key_id).values(
+                    revoked_at=utcnow(), updated_at=utcnow(), version=inference_keys.c.version + 1))
+                record(conn, actor, row.project_id, "key.revoked", "inference_key", key_id)
+            fresh = self._row(conn, key_id)
+        self._notify(fresh)
+        return _key(fresh)
+
+    def set_archived(self, actor: Actor, key_id: str, archived: bool) -> InferenceKey:
+        with self._engine.begin() as conn:
+            row = self._authorized_row(conn, actor, key_id, "member")
+            if archived and _key(row).status(utcnow()) == "active":
+                raise Conflict("an active key cannot be archived; revoke it first (or let it expire)")
+            if bool(row.archived) != archived:
+                conn.execute(update(inference_keys).where(inference_keys.c.id == key_id).values(
+                    archived=archived, updated_at=utcnow(), version=inference_keys.c.version + 1))
+                record(conn, actor, row.project_id, "key.archived" if archived else "key.unarchived",
+                       "inference_key", key_id)
+            fresh = self._row(conn, key_id)
+        self._notify(fresh)
+        return _key(fresh)
+
+    def rotate(self, actor: Actor, key_id: str, body: RotateRequest) -> tuple[InferenceKey, str, InferenceKey]:
+        """A new key with the old one's settings, and the old one set to expire after the grace period
+        (revoked now when the grace is 0). Returns (new key, its secret, the old key as it now is)."""
+        with self._engine.begin() as conn:
+            old = self._authorized_row(conn, actor, key_id, "member")
+            now = utcnow()
+            if _key(old).status(now) != "active":
+                raise Conflict(f"only an active key can be rotated; this one is {_key(old).status(now)}")
+            values = {f: getattr(old, f) for f in LIMIT_FIELDS}
+            values["name"] = body.name or old.name
+            new, secret = self._insert(conn, actor, old.project_id, values, rotated_from=old.id)
+            if body.grace_period_seconds == 0:
+                old_changes: dict[str, Any] = {"revoked_at": now}
+            else:
+                ends = now + timedelta(seconds=body.grace_period_seconds)
+                old_changes = {"expires_at": min(ends, old.expires_at) if old.expires_at else ends}
+            conn.execute(update(inference_keys).where(inference_keys.c.id == key_id).values(
+                updated_at=now, version=inference_keys.c.version + 1, **old_changes))
+            record(conn, actor, old.project_id, "key.rotated", "inference_key", key_id,
+                   {"new_key_id": new.id, "grace_period_seconds": body.grace_period_seconds})
+            fresh_old = self._row(conn, key_id)
+        self._notify(fresh_old)
+        return new, secret, _key(fresh_old)
+
+    # -- the gateway's side ----------------------------------------------------------------------
+    def resolve(self, secret_hash: str) -> KeyRecord | None:
+        """The frozen record of the key with that secret hash, or None if there is none.
+
+        Called by the gateway's cache on a miss, never per request. Revoked keys resolve too (with
+        ``revoked`` set), so that the gateway can say ``key_revoked`` rather than ``invalid_api_key``.
+        """
+        with self._engine.connect() as conn:
+            row = conn.execute(
+                select(inference_keys, projects.c.models.label("project_models"))
+                .join(projects, projects.c.id == inference_keys.c.project_id)
+                .where(inference_keys.c.secret_hash == secret_hash)).first()
+        if row is None:
+            return None
+        models: set[str] | None = None
+        if row.allowed_models is not None:
+            models = set(row.allowed_models)
+        if row.project_models is not None:
+            models = set(row.project_models) if models is None else models & set(row.project_models)
+        return KeyRecord(
+            id=row.id, project_id=row.project_id, secret_hash=row.secret_hash, rpm=row.rpm, tpm=row.tpm,
+            token_limit=row.token_limit, token_limit_period=row.token_limit_period,
+            models=frozenset(models) if models is not None else None,
+            expires_at=row.expires_at.timestamp() if row.expires_at else None,
+            revoked=row.revoked_at is not None, version=row.version,
+        )
+
+    def touch(self, last_used: dict[str, Any]) -> None:
+        """Record ``last_used_at`` for many keys at once (the gateway batches these off the hot path)."""
+        if not last_used:
+            return
+        with self._engine.begin() as conn:
+            for key_id, when in last_used.items():
+                conn.execute(update(inference_keys).where(inference_keys.c.id == key_id)
+                             .values(last_used_at=when))

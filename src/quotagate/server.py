@@ -1,0 +1,51 @@
+"""Running the listeners: the console API, the LLM API and (in demo configs) the simulated model
+server, as uvicorn servers sharing one event loop and one set of signal handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Generator
+from typing import Any
+
+import uvicorn
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to ``serve_all``, so one Ctrl-C stops every listener."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def make_server(app: Any, host: str, port: int, log_level: str, *, access_log: bool = False) -> uvicorn.Server:
+    config = uvicorn.Config(app, host=host, port=port, loop="uvloop", http="httptools", lifespan="on",
+                            log_level=log_level, access_log=access_log, server_header=False,
+                            date_header=False, timeout_graceful_shutdown=10)
+    return _Server(config)
+
+
+async def serve_all(servers: list[uvicorn.Server]) -> None:
+    """Serve until SIGINT/SIGTERM or until any server stops; then stop all of them."""
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        for s in servers:
+            s.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    tasks = [asyncio.create_task(s.serve()) for s in servers]
+    done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    stop()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        if task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+    if any(not s.started for s in servers):
+        raise SystemExit(1)

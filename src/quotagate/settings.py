@@ -1,0 +1,79 @@
+"""Process settings: where the data lives, which stores to use, which ports to serve.
+
+Every field can be set by a command-line option or by an environment variable
+``QUOTAGATE_<FIELD>`` (e.g. ``QUOTAGATE_DATABASE_URL``); options win over the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+Role = Literal["all", "console", "llm"]
+
+ENV_PREFIX = "QUOTAGATE_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names it."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data_dir: Path = Field(default=Path(".quotagate"), description="SQLite database and local journal")
+    config: Path | None = Field(default=None, description="TOML file with the model catalog")
+    database_url: str | None = Field(default=None, description="sqlite:///… (default) or postgresql://…")
+    redis_url: str | None = Field(default=None, description="shared limiter and revocation broadcast")
+    host: str = "127.0.0.1"
+    console_port: int = Field(default=8400, ge=0, le=65535)
+    llm_port: int = Field(default=8401, ge=0, le=65535)
+    role: Role = "all"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    console_max_body_bytes: int = Field(default=64 * 1024, gt=0)
+    llm_max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+
+    @property
+    def effective_database_url(self) -> str:
+        """The SQLAlchemy URL of the store: the configured one, else SQLite in the data dir."""
+        if self.database_url:
+            return normalise_database_url(self.database_url)
+        return f"sqlite:///{(self.data_dir / 'quotagate.db').resolve()}"
+
+    @classmethod
+    def load(cls, overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from the environment, then the given overrides (None values are ignored)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw not in (None, ""):
+                values[name] = raw
+        for name, value in (overrides or {}).items():
+            if value is not None:
+                values[name] = value
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems = "; ".join(_describe(err["loc"], err["msg"]) for err in exc.errors())
+            raise SettingsError(problems) from None
+
+
+def normalise_database_url(url: str) -> str:
+    """Map the plain ``postgresql://`` scheme onto the psycopg 3 driver SQLAlchemy should use."""
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            return "postgresql+psycopg://" + url[len(plain) :]
+    if not url.startswith(("sqlite://", "postgresql+psycopg://")):
+        raise SettingsError(f"QUOTAGATE_DATABASE_URL: unsupported scheme in {url.split(':', 1)[0]!r}; "
+                            "use sqlite:///PATH or postgresql://USER@HOST/DB")
+    return url
+
+
+def _describe(loc: tuple[int | str, ...], msg: str) -> str:
+    name = str(loc[0]) if loc else "settings"
+    return f"{ENV_PREFIX}{name.upper()} / --{name.replace('_', '-')}: {msg}"

@@ -1,0 +1,1 @@
+"""The store: SQLAlchemy tables, engine setup and Alembic migrations (SQLite or PostgreSQL)."""
