@@ -4,6 +4,7 @@ CLI are built from it. Nothing lives at module level."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,9 @@ class Runtime:
     accounts: AccountService
     keys: KeyService
     audit: AuditLog
+    # Async start/stop hooks run by the server around serving (limiter connections, journal shipper).
+    on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -55,6 +59,17 @@ class Runtime:
         keys = KeyService(engine, accounts, events, model_ids)
         return cls(settings=settings, config=config, engine=engine, events=events, accounts=accounts,
                    keys=keys, audit=AuditLog(engine))
+
+    async def start(self) -> None:
+        for hook in self.on_start:
+            await hook()
+
+    async def stop(self) -> None:
+        for hook in reversed(self.on_stop):
+            try:
+                await hook()
+            except Exception:
+                log.exception("error while stopping")
 
     def close(self) -> None:
         self.engine.dispose()

@@ -31,4 +31,8 @@ async def run(rt: Runtime) -> None:
         servers.append(make_server(build_llm_app(rt), s.host, s.llm_port, s.log_level))
         log.info("LLM API on http://%s:%d/v1", s.host, s.llm_port)
     log.info("models: %s (from %s)", ", ".join(sorted(rt.config.models)) or "none", rt.config.source)
-    await serve_all(servers)
+    await rt.start()
+    try:
+        await serve_all(servers)
+    finally:
+        await rt.stop()

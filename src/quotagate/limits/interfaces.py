@@ -1,0 +1,90 @@
+"""The limiter's contract: one atomic "check and reserve" per request, one "settle" after it.
+
+Definitions (CONTRACT §4), for one inference key:
+
+- ``rpm``: in no rolling 60-second window are more than ``rpm`` requests admitted. A request counts at
+  the moment it is admitted, and keeps counting for 60 s whatever happens to it afterwards.
+- ``tpm``: in no rolling 60-second window do the tokens of admitted requests exceed ``tpm``. A request's
+  tokens count at its admission time: first its reservation, then, once settled, its actual usage.
+- ``token_limit`` per ``token_limit_period``: a hard budget over calendar periods in UTC (minute, hour,
+  day, week starting Monday, month). ``used`` (settled) + ``reserved`` (in flight) never exceeds the limit.
+
+``admit`` is atomic per key: two concurrent admissions can never both take the last slot or tokens.
+It reserves ``prompt_tokens + granted`` tokens, where ``granted`` (the completion allowance) is
+``max_completion`` lowered to what tpm and the budget still allow; if that is below ``min_completion``
+the request is refused and nothing is reserved or counted. Refused requests are never charged.
+
+``settle`` replaces a reservation by the actual tokens (which may be 0 for a failed request); it is
+idempotent per reservation. Keys with no limits at all are admitted without any state being kept.
+Backends: ``memory`` (one process) and ``redis`` (shared by many instances, Redis's clock).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from quotagate.keys.models import KeyRecord
+
+Refusal = Literal["rate_limit_exceeded", "token_limit_exceeded"]
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """The state of a key's budget in the current period."""
+
+    limit: int
+    period: str
+    used: int          # settled tokens in the period
+    reserved: int      # tokens of requests still in flight
+    resets_at: float   # Unix time the period ends
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.used - self.reserved)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The outcome of ``admit``: admitted with a reservation, or refused with a reason."""
+
+    admitted: bool
+    reservation: str | None = None        # opaque id to settle with; None when refused or nothing to track
+    reserved_tokens: int = 0              # prompt_tokens + granted
+    granted: int | None = None            # completion allowance (None: no token limits, client's own max)
+    refusal: Refusal | None = None
+    retry_after: float = 0.0              # seconds until a retry could succeed (on refusal)
+    # For the x-ratelimit-* headers (None where the key has no such limit):
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests: float | None = None   # seconds until a request slot frees up
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens: float | None = None     # seconds until tokens free up
+    budget: Budget | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    """A key's live limit state, for the usage API (nothing is reserved by reading it)."""
+
+    rpm: int | None
+    requests_in_window: int
+    tpm: int | None
+    tokens_in_window: int
+    budget: Budget | None
+
+
+class Limiter(Protocol):
+    async def admit(self, key: KeyRecord, prompt_tokens: int, max_completion: int,
+                    min_completion: int = 1) -> Admission:
+        """Check every limit of ``key`` and, if all allow, count the request and reserve its tokens."""
+
+    async def settle(self, key: KeyRecord, admission: Admission, actual_tokens: int) -> None:
+        """Replace the admission's reservation by ``actual_tokens``; a second call does nothing."""
+
+    async def state(self, key: KeyRecord) -> LimitState:
+        """The key's current windows and budget, without changing them."""
+
+    async def close(self) -> None:
+        """Release connections and background tasks."""
