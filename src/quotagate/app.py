@@ -23,6 +23,8 @@ from quotagate.console.api import ConsoleAPI
 from quotagate.console.http import JSON, http_exception_handler
 from quotagate.keys.events import KeyEvents
 from quotagate.keys.service import KeyService, project_keys_invalidator
+from quotagate.limits.interfaces import Limiter
+from quotagate.metering.interfaces import Meter
 from quotagate.settings import Settings
 from quotagate.store.engine import make_engine, migrate
 
@@ -40,6 +42,9 @@ class Runtime:
     accounts: AccountService
     keys: KeyService
     audit: AuditLog
+    # Built by their own packages' factories in ``build`` (limits/ and metering/); None until wired.
+    limiter: Limiter | None = None
+    meter: Meter | None = None
     # Async start/stop hooks run by the server around serving (limiter connections, journal shipper).
     on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
