@@ -23,6 +23,7 @@ from quotagate.console.api import ConsoleAPI
 from quotagate.console.http import JSON, http_exception_handler
 from quotagate.keys.events import KeyEvents
 from quotagate.keys.service import KeyService, project_keys_invalidator
+from quotagate.limits import build_limiter
 from quotagate.limits.interfaces import Limiter
 from quotagate.metering.interfaces import Meter
 from quotagate.settings import Settings
@@ -62,8 +63,11 @@ class Runtime:
         passwords = Passwords()
         accounts = AccountService(engine, passwords, model_ids, project_keys_invalidator(events))
         keys = KeyService(engine, accounts, events, model_ids)
-        return cls(settings=settings, config=config, engine=engine, events=events, accounts=accounts,
-                   keys=keys, audit=AuditLog(engine))
+        limiter = build_limiter(settings)
+        runtime = cls(settings=settings, config=config, engine=engine, events=events, accounts=accounts,
+                      keys=keys, audit=AuditLog(engine), limiter=limiter)
+        runtime.on_stop.append(limiter.close)
+        return runtime
 
     async def start(self) -> None:
         for hook in self.on_start:

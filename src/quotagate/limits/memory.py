@@ -1,0 +1,284 @@
+"""The in-memory limiter: exact sliding logs per key, for a single process.
+
+``admit`` never awaits between checking and reserving, so on one event loop it is atomic per key.
+State is kept only for keys with limits, and a key's state is dropped once nothing in it can matter
+any more (empty windows, no budget in use in the current period, no reservation outstanding).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+
+from quotagate.keys.models import KeyRecord, Period
+from quotagate.limits.interfaces import Admission, Budget, LimitState, Refusal
+from quotagate.limits.periods import period_bounds
+
+WINDOW = 60.0
+# How many stale keys one admission may examine for dropping: amortised O(1), bounded memory.
+_SWEEP_PER_CALL = 2
+# A key's reservations are re-examined for leaks when they grow past twice this many since last time.
+_RESERVATION_SLACK = 64
+
+
+class _Entry:
+    """One admission in the tokens window: its time and its tokens (reserved, then actual)."""
+
+    __slots__ = ("at", "live", "tokens")
+
+    def __init__(self, at: float, tokens: int) -> None:
+        self.at = at
+        self.tokens = tokens
+        self.live = True  # still in the window (and in the window's running sum)
+
+
+class _Counter:
+    """A budget's counter for one period of one key."""
+
+    __slots__ = ("end", "reserved", "used")
+
+    def __init__(self, end: int) -> None:
+        self.end = end
+        self.used = 0
+        self.reserved = 0
+
+
+class _Reservation:
+    __slots__ = ("counter", "entry", "tokens")
+
+    def __init__(self, tokens: int, entry: _Entry | None, counter: _Counter | None) -> None:
+        self.tokens = tokens
+        self.entry = entry
+        self.counter = counter
+
+
+class _KeyState:
+    __slots__ = ("budgets", "checked", "entries", "requests", "reservations", "reservations_mark", "tokens_sum")
+
+    def __init__(self, now: float) -> None:
+        self.requests: deque[float] = deque()
+        self.entries: deque[_Entry] = deque()
+        self.tokens_sum = 0
+        self.budgets: dict[tuple[Period, int], _Counter] = {}
+        self.reservations: dict[str, _Reservation] = {}
+        self.reservations_mark = _RESERVATION_SLACK
+        self.checked = now  # last access (or last sweep), for dropping idle keys
+
+    def prune(self, now: float) -> None:
+        """Forget window entries that left the window."""
+        cutoff = now - WINDOW
+        requests = self.requests
+        while requests and requests[0] <= cutoff:
+            requests.popleft()
+        entries = self.entries
+        while entries and entries[0].at <= cutoff:
+            entry = entries.popleft()
+            entry.live = False
+            self.tokens_sum -= entry.tokens
+
+    def counter(self, period: Period, now: float) -> tuple[_Counter, int]:
+        """The budget counter of the period holding ``now`` (created empty), and that period's end."""
+        start, end = period_bounds(period, now)
+        counter = self.budgets.get((period, start))
+        if counter is None:
+            for slot in [slot for slot, c in self.budgets.items() if c.end <= now]:
+                del self.budgets[slot]
+            counter = self.budgets[(period, start)] = _Counter(end)
+        return counter, end
+
+    def collect(self, now: float) -> None:
+        """Drop what can no longer matter: ended or empty budgets, reservations nothing refers to."""
+        self.prune(now)
+        for slot in [slot for slot, c in self.budgets.items() if c.end <= now or (c.used == 0 == c.reserved)]:
+            del self.budgets[slot]
+        dead = [rid for rid, r in self.reservations.items()
+                if (r.entry is None or not r.entry.live) and (r.counter is None or r.counter.end <= now)]
+        for rid in dead:
+            del self.reservations[rid]
+        self.reservations_mark = max(_RESERVATION_SLACK, 2 * len(self.reservations))
+
+    def idle(self) -> bool:
+        return not (self.requests or self.entries or self.budgets or self.reservations)
+
+    def tokens_retry(self, tpm: int, need: int, now: float) -> float:
+        """Seconds until ``need`` tokens fit in the tokens window (a full window if they never can)."""
+        excess = self.tokens_sum + need - tpm
+        if need > tpm:
+            return WINDOW
+        freed = 0
+        for entry in self.entries:
+            freed += entry.tokens
+            if freed >= excess:
+                return entry.at + WINDOW - now
+        return WINDOW
+
+
+class MemoryLimiter:
+    """The ``Limiter`` of one process. ``now`` is the clock (Unix seconds), injectable for tests."""
+
+    def __init__(self, now: Callable[[], float] = time.time) -> None:
+        self._now = now
+        self._keys: OrderedDict[str, _KeyState] = OrderedDict()
+        self._ids = itertools.count(1)
+
+    def tracked_keys(self) -> int:
+        """How many keys have state (for tests and metrics)."""
+        return len(self._keys)
+
+    def tracks(self, key_id: str) -> bool:
+        """Whether any state is kept for the key."""
+        return key_id in self._keys
+
+    async def admit(self, key: KeyRecord, prompt_tokens: int, max_completion: int,
+                    min_completion: int = 1) -> Admission:
+        return self.admit_sync(key, prompt_tokens, max_completion, min_completion)
+
+    def admit_sync(self, key: KeyRecord, prompt_tokens: int, max_completion: int,
+                   min_completion: int = 1) -> Admission:
+        """``admit`` without the coroutine: check and reserve in one go, nothing awaited in between."""
+        rpm, tpm, limit, period = key.rpm, key.tpm, key.token_limit, key.token_limit_period
+        budgeted = limit is not None and period is not None
+        if rpm is None and tpm is None and not budgeted:
+            return Admission(admitted=True)
+        now = self._now()
+        st = self._touch(key.id, now)
+        st.prune(now)
+        max_completion = max(0, max_completion)
+        min_completion = max(0, min(min_completion, max_completion))
+        refusal: Refusal | None = None
+        retry = 0.0
+        requests = st.requests
+        if rpm is not None and len(requests) >= rpm:
+            refusal = "rate_limit_exceeded"
+            retry = requests[len(requests) - rpm] + WINDOW - now
+        granted = max_completion
+        if tpm is not None:
+            room = tpm - st.tokens_sum - prompt_tokens
+            if room < min_completion:
+                refusal = "rate_limit_exceeded"
+                retry = max(retry, st.tokens_retry(tpm, prompt_tokens + min_completion, now))
+            granted = min(granted, room)
+        counter: _Counter | None = None
+        end = 0
+        if budgeted:
+            assert limit is not None and period is not None
+            counter, end = st.counter(period, now)
+            room = limit - counter.used - counter.reserved - prompt_tokens
+            if room < min_completion:
+                refusal = "token_limit_exceeded"
+                retry = max(retry, end - now)
+            granted = min(granted, room)
+        if refusal is not None:
+            return self._admission(key, st, now, counter, end, refusal=refusal, retry_after=retry)
+        if rpm is not None:
+            requests.append(now)
+        if tpm is None and counter is None:
+            return self._admission(key, st, now, None, 0)
+        reserved = prompt_tokens + granted
+        entry: _Entry | None = None
+        if tpm is not None:
+            entry = _Entry(now, reserved)
+            st.entries.append(entry)
+            st.tokens_sum += reserved
+        if counter is not None:
+            counter.reserved += reserved
+        rid = str(next(self._ids))
+        st.reservations[rid] = _Reservation(reserved, entry, counter)
+        if len(st.reservations) > st.reservations_mark:
+            st.collect(now)
+        return self._admission(key, st, now, counter, end, reservation=rid, reserved=reserved, granted=granted)
+
+    async def settle(self, key: KeyRecord, admission: Admission, actual_tokens: int) -> None:
+        rid = admission.reservation
+        if rid is None:
+            return
+        st = self._keys.get(key.id)
+        if st is None:
+            return
+        res = st.reservations.pop(rid, None)
+        if res is None:
+            return
+        actual = max(0, actual_tokens)
+        entry = res.entry
+        if entry is not None:
+            if entry.live:
+                st.tokens_sum += actual - entry.tokens
+            entry.tokens = actual
+        # A counter of an ended period may be updated here harmlessly: nothing reads it any more.
+        if res.counter is not None:
+            res.counter.reserved -= res.tokens
+            res.counter.used += actual
+
+    async def state(self, key: KeyRecord) -> LimitState:
+        now = self._now()
+        st = self._keys.get(key.id)
+        if st is not None:
+            st.prune(now)
+        budget: Budget | None = None
+        if key.token_limit is not None and key.token_limit_period is not None:
+            start, end = period_bounds(key.token_limit_period, now)
+            counter = st.budgets.get((key.token_limit_period, start)) if st is not None else None
+            budget = Budget(key.token_limit, key.token_limit_period, counter.used if counter else 0,
+                            counter.reserved if counter else 0, float(end))
+        return LimitState(
+            rpm=key.rpm, requests_in_window=len(st.requests) if st is not None and key.rpm is not None else 0,
+            tpm=key.tpm, tokens_in_window=st.tokens_sum if st is not None and key.tpm is not None else 0,
+            budget=budget)
+
+    async def close(self) -> None:
+        self._keys.clear()
+
+    def _touch(self, key_id: str, now: float) -> _KeyState:
+        """The key's state (created if new), marked as just used; also drops a few idle keys."""
+        keys = self._keys
+        st = keys.get(key_id)
+        if st is None:
+            st = keys[key_id] = _KeyState(now)
+        else:
+            keys.move_to_end(key_id)
+            st.checked = now
+        # Keys are in order of last use: the first ones are the stalest. A key unused for a window has
+        # empty windows; it is dropped unless a budget or a reservation still needs it.
+        for _ in range(_SWEEP_PER_CALL):
+            oldest_id, oldest = next(iter(keys.items()))
+            if oldest.checked > now - WINDOW:
+                break
+            oldest.collect(now)
+            if oldest.idle():
+                del keys[oldest_id]
+            else:
+                oldest.checked = now
+                keys.move_to_end(oldest_id)
+        return st
+
+    @staticmethod
+    def _admission(key: KeyRecord, st: _KeyState, now: float, counter: _Counter | None, end: int, *,
+                   refusal: Refusal | None = None, retry_after: float = 0.0, reservation: str | None = None,
+                   reserved: int = 0, granted: int | None = None) -> Admission:
+        budget: Budget | None = None
+        if counter is not None:
+            assert key.token_limit is not None and key.token_limit_period is not None
+            budget = Budget(key.token_limit, key.token_limit_period, counter.used, counter.reserved, float(end))
+        limit_requests = remaining_requests = None
+        reset_requests: float | None = None
+        if key.rpm is not None:
+            limit_requests = key.rpm
+            remaining_requests = max(0, key.rpm - len(st.requests))
+            reset_requests = st.requests[0] + WINDOW - now if st.requests else 0.0
+        limit_tokens = remaining_tokens = None
+        reset_tokens: float | None = None
+        if key.tpm is not None:
+            limit_tokens = key.tpm
+            remaining_tokens = max(0, key.tpm - st.tokens_sum)
+            reset_tokens = st.entries[0].at + WINDOW - now if st.entries else 0.0
+        elif budget is not None:
+            limit_tokens = budget.limit
+            remaining_tokens = budget.remaining
+            reset_tokens = budget.resets_at - now
+        return Admission(
+            admitted=refusal is None, reservation=reservation, reserved_tokens=reserved, granted=granted,
+            refusal=refusal, retry_after=retry_after, limit_requests=limit_requests,
+            remaining_requests=remaining_requests, reset_requests=reset_requests, limit_tokens=limit_tokens,
+            remaining_tokens=remaining_tokens, reset_tokens=reset_tokens, budget=budget)
