@@ -1,0 +1,1 @@
+"""Model servers: one pooled keep-alive client, routing over a model's upstreams, failover, timeouts."""

@@ -1,0 +1,470 @@
+"""The LLM API: a plain ASGI app (no framework on the hot path) that authenticates, admits, forwards.
+
+Per request: route → authenticate (checksum, then the key cache; expiry against the clock) → read and
+parse the body once → model checks → one ``limiter.admit`` (check and reserve) → forward → one
+``limiter.settle`` → meter → last bytes out. Every answer carries ``x-request-id``; every answer to a
+known key carries the ``x-ratelimit-*`` headers; errors are OpenAI-shaped (see ``errors``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import orjson
+
+from quotagate.app import Runtime
+from quotagate.config import ModelSpec
+from quotagate.gateway import headers as rl
+from quotagate.gateway.errors import ApiError, bad_request
+from quotagate.gateway.keycache import KeyCache
+from quotagate.gateway.parsing import parse_chat, parse_embeddings, text_bytes
+from quotagate.gateway.streaming import StreamRelay
+from quotagate.gateway.usage import charge, reported, usage_object
+from quotagate.keys.models import KeyRecord
+from quotagate.keys.secrets import INFERENCE_KEY_KIND, hash_secret, is_well_formed
+from quotagate.limits.interfaces import Admission
+from quotagate.metering.interfaces import UsageEvent
+from quotagate.upstreams.client import UpstreamClient, UpstreamError
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+_JSON = (b"content-type", b"application/json")
+_SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+        (b"x-accel-buffering", b"no")]
+_NOT_ADMITTED = Admission(admitted=True)
+LAST_USED_FLUSH_SECONDS = 10.0
+
+
+class Call:
+    """One request's state, as it goes through the gateway (what metering and the headers need)."""
+
+    __slots__ = ("admission", "client_ip", "endpoint", "key", "model", "rate_headers", "request_id", "started",
+                 "stream", "t0", "user_agent")
+
+    def __init__(self, endpoint: str, scope: Scope) -> None:
+        self.request_id = "req_" + secrets.token_hex(12)
+        self.started = time.time()
+        self.t0 = time.perf_counter()
+        self.endpoint = endpoint
+        self.key: KeyRecord | None = None
+        self.model: str | None = None
+        self.stream = False
+        self.admission: Admission | None = None
+        self.rate_headers: Headers = []
+        client = scope.get("client")
+        self.client_ip: str | None = client[0] if client else None
+        self.user_agent: str | None = None
+
+
+class LLMApp:
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+        self._keys = KeyCache(rt.keys.resolve)
+        rt.events.subscribe(self._keys.invalidate)
+        self._models = rt.config.models
+        self._upstreams = UpstreamClient(rt.config.models, rt.config.gateway)
+        self._max_body = rt.settings.llm_max_body_bytes
+        self._default_max_tokens = rt.config.gateway.default_max_tokens
+        self._model_lists: dict[frozenset[str] | None, bytes] = {}
+        self._last_used: dict[str, float] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        if rt.limiter is None:
+            log.warning("no limiter configured: rpm, tpm and token budgets are NOT enforced")
+
+    # -- ASGI ------------------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.start()
+                except Exception as exc:
+                    log.exception("LLM API failed to start")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def start(self) -> None:
+        await self._upstreams.start()
+        self._tasks.append(asyncio.get_running_loop().create_task(self._flush_last_used_forever()))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self._flush_last_used()
+        await self._keys.close()
+        await self._upstreams.close()
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if path == "/v1/chat/completions":
+            endpoint, handler, allowed = "chat.completions", self._chat, "POST"
+        elif path == "/v1/embeddings":
+            endpoint, handler, allowed = "embeddings", self._embeddings, "POST"
+        elif path == "/v1/models" or path.startswith("/v1/models/"):
+            endpoint, handler, allowed = "models", self._list_models, "GET"
+        elif path == "/healthz" and method in ("GET", "HEAD"):
+            await self._plain(send, 200, b'{"status":"ok"}', [])
+            return
+        else:
+            err = ApiError(404, "unknown_url", f"Unknown request URL: {method} {path}.")
+            await self._plain(send, 404, err.body(), [])
+            return
+        call = Call(endpoint, scope)
+        try:
+            if method != allowed:
+                raise ApiError(405, "method_not_allowed", f"{method} is not allowed on {path}; use {allowed}")
+            key = await self._authenticate(call, scope)
+            call.key = key
+            await handler(call, key, scope, receive, send)
+        except ApiError as exc:
+            await self._error(call, send, exc)
+        except Exception:
+            log.exception("request %s failed", call.request_id)
+            await self._error(call, send, ApiError(500, "internal_error", "the gateway failed on this request; "
+                                                   f"request id {call.request_id}"))
+
+    # -- responses and metering ------------------------------------------------------------------
+    @staticmethod
+    async def _plain(send: Send, status: int, body: bytes, extra: Headers) -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [_JSON, (b"content-length", b"%d" % len(body)), *extra]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _respond(self, call: Call, send: Send, status: int, body: bytes, *, error_code: str | None = None,
+                       prompt: int = 0, completion: int = 0, extra: Headers | None = None) -> None:
+        hdrs = [_JSON, (b"content-length", b"%d" % len(body)), (b"x-request-id", call.request_id.encode()),
+                *call.rate_headers]
+        if extra:
+            hdrs.extend(extra)
+        await send({"type": "http.response.start", "status": status, "headers": hdrs})
+        self._record(call, status, error_code, prompt, completion, None)
+        await send({"type": "http.response.body", "body": body})
+
+    async def _error(self, call: Call, send: Send, exc: ApiError) -> None:
+        extra: Headers = []
+        if exc.status == 429:
+            extra = rl.retry_after(exc.retry_after or 1.0)
+            if (exc.retry_after or 0) > 60:
+                extra.append((b"x-should-retry", b"false"))
+        if call.key is not None and not call.rate_headers and self._rt.limiter is not None:
+            with contextlib.suppress(Exception):
+                call.rate_headers = rl.from_state(await self._rt.limiter.state(call.key))
+        await self._respond(call, send, exc.status, exc.body(), error_code=exc.code, extra=extra)
+
+    def _record(self, call: Call, status: int, error_code: str | None, prompt: int, completion: int,
+                ttft_ms: float | None) -> None:
+        meter = self._rt.meter
+        if meter is None:
+            return
+        key = call.key
+        try:
+            meter.record(UsageEvent(
+                request_id=call.request_id, created_at=call.started, key_id=key.id if key else None,
+                project_id=key.project_id if key else None, model=call.model, endpoint=call.endpoint,
+                status_code=status, error_code=error_code, stream=call.stream, prompt_tokens=prompt,
+                completion_tokens=completion, latency_ms=(time.perf_counter() - call.t0) * 1000,
+                ttft_ms=ttft_ms, client_ip=call.client_ip, user_agent=call.user_agent))
+        except Exception:
+            log.exception("could not meter request %s", call.request_id)
+
+    # -- authentication and checks ---------------------------------------------------------------
+    async def _authenticate(self, call: Call, scope: Scope) -> KeyRecord:
+        auth: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                auth = value
+            elif name == b"user-agent":
+                call.user_agent = value.decode("latin-1")
+        if auth is None:
+            raise ApiError(401, "invalid_api_key", "You didn't provide an API key. Send it as "
+                           "'Authorization: Bearer <inference-key>'.")
+        scheme, _, secret_bytes = auth.partition(b" ")
+        secret = secret_bytes.strip().decode("latin-1")
+        if scheme.lower() != b"bearer" or not is_well_formed(secret, INFERENCE_KEY_KIND):
+            raise ApiError(401, "invalid_api_key", "Incorrect API key provided.")
+        try:
+            key = await self._keys.get(hash_secret(secret))
+        except Exception:
+            log.exception("could not look a key up in the store")
+            raise ApiError(503, "service_unavailable", "the key store is unavailable; try again") from None
+        if key is None:
+            raise ApiError(401, "invalid_api_key", "Incorrect API key provided.")
+        call.key = key
+        if key.revoked:
+            raise ApiError(401, "key_revoked", "This API key has been revoked.")
+        now = time.time()
+        if key.expires_at is not None and key.expires_at <= now:
+            raise ApiError(401, "key_expired", "This API key has expired.")
+        self._last_used[key.id] = now
+        return key
+
+    def _usable(self, key: KeyRecord, model: str, kind: str) -> ModelSpec:
+        spec = self._models.get(model)
+        if spec is None:
+            raise ApiError(404, "model_not_found", f"The model '{model}' does not exist.", param="model")
+        if not key.may_use(model):
+            raise ApiError(403, "model_not_allowed", f"This key may not use the model '{model}'.", param="model")
+        if spec.type != kind:
+            raise bad_request(f"The model '{model}' is a {spec.type} model; it cannot serve this endpoint.", "model")
+        return spec
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self._max_body
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise bad_request("invalid Content-Length") from None
+                if declared > limit:
+                    raise ApiError(413, "payload_too_large", f"the request body is larger than {limit} bytes")
+        message = await receive()
+        body: bytes = message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+        parts = [body]
+        size = len(body)
+        while message.get("more_body"):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ApiError(400, "invalid_request_error", "the client went away while sending the body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "payload_too_large", f"the request body is larger than {limit} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def _admit(self, call: Call, key: KeyRecord, prompt: int, max_completion: int,
+                     min_completion: int) -> Admission:
+        limiter = self._rt.limiter
+        if limiter is None:
+            return _NOT_ADMITTED
+        adm = await limiter.admit(key, prompt, max_completion, min_completion)
+        call.rate_headers = rl.from_admission(adm)
+        if not adm.admitted:
+            if adm.refusal == "token_limit_exceeded":
+                raise ApiError(429, "token_limit_exceeded", "This key's token budget for the current "
+                               f"{key.token_limit_period} is used up (or too small for this request).",
+                               retry_after=adm.retry_after)
+            raise ApiError(429, "rate_limit_exceeded", "Rate limit reached for this key (requests or tokens "
+                           "per minute).", retry_after=adm.retry_after)
+        call.admission = adm
+        return adm
+
+    async def _settle(self, key: KeyRecord, adm: Admission, tokens: int) -> None:
+        limiter = self._rt.limiter
+        if limiter is not None and adm.reservation is not None:
+            await limiter.settle(key, adm, tokens)
+
+    # -- endpoints -----------------------------------------------------------------------------
+    async def _list_models(self, call: Call, key: KeyRecord, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._rt.limiter is not None:
+            call.rate_headers = rl.from_state(await self._rt.limiter.state(key))
+        path: str = scope["path"]
+        if path.startswith("/v1/models/"):
+            model = path[len("/v1/models/"):]
+            call.model = model
+            spec = self._models.get(model)
+            if spec is None or not key.may_use(model):
+                raise ApiError(404, "model_not_found", f"The model '{model}' does not exist.", param="model")
+            await self._respond(call, send, 200, orjson.dumps(self._model_object(spec)))
+            return
+        body = self._model_lists.get(key.models)
+        if body is None:
+            data = [self._model_object(s) for s in self._models.values() if key.may_use(s.id)]
+            body = self._model_lists[key.models] = orjson.dumps({"object": "list", "data": data})
+        await self._respond(call, send, 200, body)
+
+    @staticmethod
+    def _model_object(spec: ModelSpec) -> dict[str, Any]:
+        return {"id": spec.id, "object": "model", "created": 0, "owned_by": "quotagate", "type": spec.type}
+
+    async def _chat(self, call: Call, key: KeyRecord, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = await self._read_body(scope, receive)
+        req = parse_chat(raw)
+        call.model = req.model
+        call.stream = req.stream
+        self._usable(key, req.model, "chat")
+        wanted = req.max_tokens or self._default_max_tokens
+        adm = await self._admit(call, key, req.prompt_bound, req.n * wanted, req.n)
+        body = req.body
+        changed = False
+        if adm.granted is not None:
+            per_choice = min(wanted, adm.granted // req.n)
+            if per_choice != req.max_tokens:
+                changed = True
+                if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
+                    body["max_completion_tokens"] = per_choice
+                if "max_completion_tokens" not in body or body.get("max_tokens") is not None:
+                    body["max_tokens"] = per_choice
+        if req.stream and not req.include_usage:
+            changed = True
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        payload = orjson.dumps(body) if changed else raw
+        granted = None if adm.granted is None else (adm.granted // req.n) * req.n
+        response = await self._forward(call, key, adm, req.model, "/chat/completions", payload)
+        if req.stream and response.status == 200:
+            await self._relay_stream(call, key, adm, response, send, receive, req.prompt_bound, granted,
+                                     req.include_usage, req.n)
+            return
+        await self._finish_plain(call, key, adm, response, send, req.prompt_bound, granted, chat=True)
+
+    async def _embeddings(self, call: Call, key: KeyRecord, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = await self._read_body(scope, receive)
+        req = parse_embeddings(raw)
+        call.model = req.model
+        self._usable(key, req.model, "embedding")
+        adm = await self._admit(call, key, req.prompt_bound, 0, 0)
+        response = await self._forward(call, key, adm, req.model, "/embeddings", raw)
+        granted = None if adm.granted is None else 0
+        await self._finish_plain(call, key, adm, response, send, req.prompt_bound, granted, chat=False)
+
+    async def _forward(self, call: Call, key: KeyRecord, adm: Admission, model: str, path: str,
+                       payload: bytes) -> aiohttp.ClientResponse:
+        try:
+            return await self._upstreams.post(model, path, payload, call.request_id)
+        except UpstreamError as exc:
+            await self._settle(key, adm, 0)
+            raise ApiError(exc.status, exc.code, str(exc)) from None
+        except BaseException:
+            await self._settle(key, adm, 0)
+            raise
+
+    async def _finish_plain(self, call: Call, key: KeyRecord, adm: Admission, response: aiohttp.ClientResponse,
+                            send: Send, prompt_bound: int, granted: int | None, *, chat: bool) -> None:
+        """A non-streamed answer: read it whole, check it, charge it, send it on."""
+        try:
+            try:
+                data = await response.read()
+            except aiohttp.SocketTimeoutError:
+                raise ApiError(504, "upstream_timeout", "the model server did not answer within the timeout") \
+                    from None
+            except (aiohttp.ClientError, OSError):
+                raise ApiError(502, "upstream_error", "the model server's answer broke off") from None
+            finally:
+                response.release()
+            status = response.status
+            if status != 200:
+                raise self._upstream_failure(status, data)
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                obj = None
+            if not isinstance(obj, dict) or not isinstance(obj.get("choices" if chat else "data"), list):
+                raise ApiError(502, "upstream_error", "the model server answered with something that is not a "
+                               "valid response")
+        except BaseException:
+            await self._settle(key, adm, 0)
+            raise
+        report = reported(obj.get("usage"))
+        fallback = 0
+        if report is None and chat:
+            fallback = text_bytes([c.get("message") for c in obj["choices"] if isinstance(c, dict)])
+            if granted is not None:
+                fallback = min(fallback, granted)
+        prompt, completion = charge(report, prompt_bound, granted, fallback_completion=fallback,
+                                    request_id=call.request_id)
+        if report != (prompt, completion):
+            obj["usage"] = usage_object(prompt, completion) if chat else {"prompt_tokens": prompt,
+                                                                          "total_tokens": prompt}
+            data = orjson.dumps(obj)
+        await self._settle(key, adm, prompt + completion)
+        await self._respond(call, send, 200, data, prompt=prompt, completion=completion)
+
+    @staticmethod
+    def _upstream_failure(status: int, data: bytes) -> ApiError:
+        message = None
+        try:
+            obj = orjson.loads(data)
+            err = obj.get("error") if isinstance(obj, dict) else None
+            message = err.get("message") if isinstance(err, dict) else (err if isinstance(err, str) else None)
+            if message is None and isinstance(obj, dict) and isinstance(obj.get("detail"), str):
+                message = obj["detail"]
+        except (orjson.JSONDecodeError, AttributeError):
+            pass
+        if status in (400, 413, 422):
+            # The model server refused the request itself (context too long, bad parameter): the client's error.
+            return bad_request(f"the model server refused the request: {message or 'no reason given'}")
+        return ApiError(502, "upstream_error", f"the model server answered {status}"
+                        + (f": {message}" if message else ""))
+
+    async def _relay_stream(self, call: Call, key: KeyRecord, adm: Admission, response: aiohttp.ClientResponse,
+                            send: Send, receive: Receive, prompt_bound: int, granted: int | None,
+                            include_usage: bool, n: int) -> None:
+        hdrs = [*_SSE, (b"x-request-id", call.request_id.encode()), *call.rate_headers]
+        relay = StreamRelay(request_id=call.request_id, response=response, send=send, receive=receive,
+                            headers=hdrs, prompt_bound=prompt_bound, granted=granted, include_usage=include_usage,
+                            n=n, started_at=call.t0, clock=time.perf_counter)
+        settled = False
+
+        async def finish(prompt: int, completion: int, error_code: str | None) -> None:
+            nonlocal settled
+            settled = True
+            await self._settle(key, adm, prompt + completion)
+            if relay.started or error_code is None or error_code == "client_disconnected":
+                self._record(call, 200, error_code, prompt, completion, relay.ttft_ms)
+
+        try:
+            await relay.run(finish)
+        except ApiError as exc:
+            # Nothing had been relayed: the error goes out as a plain answer (metered there).
+            response.close()
+            if not settled:
+                await self._settle(key, adm, 0)
+            raise exc from None
+        except BaseException:
+            response.close()
+            if not settled:
+                await self._settle(key, adm, 0)
+            raise
+        finally:
+            response.release()
+
+    # -- last_used_at, batched off the hot path ----------------------------------------------------
+    async def _flush_last_used_forever(self) -> None:
+        while True:
+            await asyncio.sleep(LAST_USED_FLUSH_SECONDS)
+            await self._flush_last_used()
+
+    async def _flush_last_used(self) -> None:
+        if not self._last_used:
+            return
+        batch, self._last_used = self._last_used, {}
+        try:
+            await asyncio.to_thread(self._rt.keys.touch,
+                                    {k: datetime.fromtimestamp(t, UTC) for k, t in batch.items()})
+        except Exception:
+            log.warning("could not record keys' last use", exc_info=True)
+
+
+def build_llm_app(rt: Runtime) -> LLMApp:
+    """The LLM listener's ASGI app."""
+    return LLMApp(rt)

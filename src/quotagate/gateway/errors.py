@@ -1,0 +1,46 @@
+"""The LLM API's errors, rendered in OpenAI's shape ``{"error": {"message", "type", "code", "param"}}``.
+
+    ApiError
+     ├── status 400  invalid_request_error   a bad body (``param`` names the field)
+     ├── status 401  invalid_api_key / key_revoked / key_expired
+     ├── status 403  model_not_allowed
+     ├── status 404  model_not_found, unknown_url
+     ├── status 405  method_not_allowed
+     ├── status 413  payload_too_large
+     ├── status 429  rate_limit_exceeded / token_limit_exceeded (always with Retry-After)
+     ├── status 502  upstream_error
+     └── status 504  upstream_timeout
+
+One class carries them all (status, code, type); the helpers below name the common ones, so that the
+handler that renders them is the only place that knows the JSON shape.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          429: "rate_limit_error", 502: "upstream_error", 503: "upstream_error", 504: "upstream_error"}
+
+
+class ApiError(Exception):
+    """An error the LLM API answers with; ``retry_after`` (seconds) goes into Retry-After on 429."""
+
+    def __init__(self, status: int, code: str, message: str, *, param: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+    def body(self) -> bytes:
+        return orjson.dumps({"error": {"message": self.message, "type": _TYPES.get(self.status, "api_error"),
+                                       "code": self.code, "param": self.param}})
+
+
+def bad_request(message: str, param: str | None = None) -> ApiError:
+    """A 400 for a body the gateway will not forward."""
+    return ApiError(400, "invalid_request_error", message, param=param)

@@ -1,0 +1,171 @@
+"""A SIMULATED OpenAI-compatible model server, for the demo configuration and for trying quotagate out
+without a GPU. It runs no model: it writes deterministic made-up text at ``tokens_per_second`` and
+reports usage the way vLLM does (``stream_options.include_usage`` included). Every answer says so:
+``system_fingerprint: "quotagate-simulator"`` and an ``x-quotagate-simulated: true`` header.
+
+Token counts are made up too (about 4 bytes of prompt per token, one word per completion token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import math
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+FINGERPRINT = "quotagate-simulator"
+DEFAULT_COMPLETION = (12, 48)   # natural answer length range, in tokens, when max_tokens allows
+EMBEDDING_DIMENSIONS = 32
+_WORDS = ("the", "gateway", "simulated", "model", "answers", "with", "made-up", "tokens", "and", "honest",
+          "usage", "so", "that", "limits", "budgets", "streams", "can", "be", "tried", "without", "a", "GPU",
+          "quota", "key", "request", "window", "minute", "token", "reply", "text")
+_HEADERS = [(b"content-type", b"application/json"), (b"x-quotagate-simulated", b"true")]
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+                (b"x-quotagate-simulated", b"true")]
+
+
+def _seed(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def _prompt_tokens(messages: Any) -> int:
+    size = len(orjson.dumps(messages)) if messages is not None else 0
+    count = len(messages) if isinstance(messages, list) else 1
+    return max(1, size // 4) + 3 * count
+
+
+def _words(seed: int, count: int) -> list[str]:
+    return [(" " if i else "") + _WORDS[((seed >> (i % 48)) ^ i) % len(_WORDS)] for i in range(count)]
+
+
+class SimulatorApp:
+    def __init__(self, tokens_per_second: float) -> None:
+        self._delay = 1.0 / tokens_per_second
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        if path.endswith("/chat/completions") and scope["method"] == "POST":
+            await self._chat(await _body(receive), send)
+        elif path.endswith("/embeddings") and scope["method"] == "POST":
+            await _json(send, 200, self._embeddings(await _body(receive)))
+        elif path.endswith("/models"):
+            await _json(send, 200, {"object": "list", "data": [
+                {"id": "simulated", "object": "model", "created": 0, "owned_by": FINGERPRINT}]})
+        elif path in ("/health", "/healthz"):
+            await _json(send, 200, {"status": "ok", "simulated": True})
+        else:
+            await _json(send, 404, {"error": {"message": "not found", "type": "invalid_request_error"}})
+
+    async def _chat(self, raw: bytes, send: Send) -> None:
+        try:
+            body = orjson.loads(raw)
+            messages = body["messages"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            await _json(send, 400, {"error": {"message": "a JSON body with messages is required",
+                                              "type": "invalid_request_error"}})
+            return
+        seed = _seed(raw)
+        natural = DEFAULT_COMPLETION[0] + seed % (DEFAULT_COMPLETION[1] - DEFAULT_COMPLETION[0])
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        count = min(natural, limit) if isinstance(limit, int) and limit > 0 else natural
+        finish = "length" if count < natural else "stop"
+        n = body.get("n") if isinstance(body.get("n"), int) and body.get("n", 1) > 0 else 1
+        prompt = _prompt_tokens(messages)
+        usage = {"prompt_tokens": prompt, "completion_tokens": count * n, "total_tokens": prompt + count * n}
+        base = {"id": f"chatcmpl-sim-{seed:016x}", "created": int(time.time()), "model": body.get("model", ""),
+                "system_fingerprint": FINGERPRINT}
+        words = _words(seed, count)
+        if not body.get("stream"):
+            if self._delay * count > 0.0005:
+                await asyncio.sleep(self._delay * count)
+            choices = [{"index": i, "message": {"role": "assistant", "content": "".join(words)},
+                        "finish_reason": finish, "logprobs": None} for i in range(n)]
+            await _json(send, 200, {**base, "object": "chat.completion", "choices": choices, "usage": usage})
+            return
+        options = body.get("stream_options") or {}
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+
+        async def event(choices: list[dict[str, Any]], **extra: Any) -> None:
+            chunk = {**base, "object": "chat.completion.chunk", "choices": choices, **extra}
+            await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(chunk) + b"\n\n",
+                        "more_body": True})
+
+        await event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                     for i in range(n)])
+        for word in words:
+            await asyncio.sleep(self._delay)
+            await event([{"index": i, "delta": {"content": word}, "finish_reason": None} for i in range(n)])
+        await event([{"index": i, "delta": {}, "finish_reason": finish} for i in range(n)])
+        if isinstance(options, dict) and options.get("include_usage"):
+            await event([], usage=usage)
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    def _embeddings(self, raw: bytes) -> dict[str, Any]:
+        try:
+            body = orjson.loads(raw)
+            value = body["input"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return {"error": {"message": "a JSON body with input is required"}}
+        inputs = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else list(value)
+        dims = body.get("dimensions") if isinstance(body.get("dimensions"), int) else EMBEDDING_DIMENSIONS
+        data = []
+        tokens = 0
+        for i, item in enumerate(inputs):
+            text = orjson.dumps(item)
+            tokens += len(item) if isinstance(item, list) else max(1, len(text) // 4)
+            seed = _seed(text)
+            raw_vec = [math.sin(seed % 1000 + j * 0.7) for j in range(dims)]
+            norm = math.sqrt(sum(v * v for v in raw_vec)) or 1.0
+            vec = [v / norm for v in raw_vec]
+            emb: Any = vec
+            if body.get("encoding_format") == "base64":
+                emb = base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        return {"object": "list", "data": data, "model": body.get("model", ""),
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+async def _body(receive: Receive) -> bytes:
+    parts = []
+    while True:
+        message = await receive()
+        parts.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(parts)
+
+
+async def _json(send: Send, status: int, obj: Any) -> None:
+    body = orjson.dumps(obj)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*_HEADERS, (b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def build_simulator_app(tokens_per_second: float) -> SimulatorApp:
+    """The simulated model server's ASGI app (made-up tokens; see the module docstring)."""
+    log.warning("the simulated model server writes made-up text at %g tokens/s; it runs no model",
+                tokens_per_second)
+    return SimulatorApp(tokens_per_second)
