@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pytest
+from redis.asyncio import Redis
 
 from quotagate.keys.models import KeyRecord, Period
 from quotagate.limits.interfaces import Limiter
 from quotagate.limits.memory import MemoryLimiter
+from quotagate.limits.redis import RedisLimiter
+
+# Redis for the shared backend: CI has one; set QUOTAGATE_TEST_REDIS_URL="" to skip it explicitly.
+REDIS_URL = os.environ.get("QUOTAGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+BACKENDS = ["memory",
+            pytest.param("redis", marks=pytest.mark.skipif(not REDIS_URL, reason="QUOTAGATE_TEST_REDIS_URL=''"))]
 
 # A Wednesday, at noon UTC.
 T0 = datetime(2026, 3, 4, 12, 0, 0, tzinfo=UTC).timestamp()
@@ -39,7 +48,7 @@ class Backend:
     name: str
     limiter: Limiter
     clock: Clock
-    has_state: Callable[[str], bool]
+    has_state: Callable[[str], Awaitable[bool]]
 
 
 @pytest.fixture
@@ -52,12 +61,42 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture(params=["memory"])
+@pytest.fixture(params=BACKENDS)
 async def backend(request: pytest.FixtureRequest, clock: Clock) -> AsyncIterator[Backend]:
     if request.param == "memory":
         memory = MemoryLimiter(now=clock)
-        yield Backend("memory", memory, clock, memory.tracks)
+
+        async def tracked(key_id: str) -> bool:
+            return memory.tracks(key_id)
+
+        yield Backend("memory", memory, clock, tracked)
         await memory.close()
+    else:
+        async with redis_prefix() as prefix:
+            shared = RedisLimiter.from_url(REDIS_URL, prefix=prefix, now=clock)
+
+            async def stored(key_id: str) -> bool:
+                await shared.flush()
+                return bool([k async for k in shared.client.scan_iter(match=shared.key_prefix(key_id) + "*")])
+
+            yield Backend("redis", shared, clock, stored)
+            await shared.close()
+
+
+@contextlib.asynccontextmanager
+async def redis_prefix() -> AsyncIterator[str]:
+    """A key prefix of one's own in the shared Redis, and every key under it deleted afterwards."""
+    prefix = f"qgtest{uuid.uuid4().hex[:10]}"
+    try:
+        yield prefix
+    finally:
+        client = Redis.from_url(REDIS_URL)
+        try:
+            keys = [k async for k in client.scan_iter(match=prefix + ":*", count=1000)]
+            if keys:
+                await client.delete(*keys)
+        finally:
+            await client.aclose()
 
 
 _serial = itertools.count()

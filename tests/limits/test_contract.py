@@ -31,7 +31,7 @@ async def test_key_without_limits_is_admitted_and_keeps_no_state(backend: Backen
         assert a.admitted and a.reservation is None and a.granted is None and a.refusal is None
         assert a.limit_requests is None and a.limit_tokens is None and a.budget is None
         await backend.limiter.settle(key, a, 5000)
-    assert not backend.has_state(key.id)
+    assert not await backend.has_state(key.id)
     state = await backend.limiter.state(key)
     assert (state.rpm, state.requests_in_window, state.tpm, state.tokens_in_window, state.budget) == (
         None, 0, None, 0, None)
@@ -251,7 +251,8 @@ ROLLOVERS: list[tuple[Period, float, float]] = [
 ]
 
 
-@pytest.mark.parametrize(("period", "moment", "next_start"), ROLLOVERS)
+@pytest.mark.parametrize(("period", "moment", "next_start"), ROLLOVERS,
+                         ids=[f"{p}-{datetime.fromtimestamp(m, UTC):%Y-%m-%dT%H:%M:%S}" for p, m, _ in ROLLOVERS])
 async def test_budget_period_rollover(backend: Backend, period: Period, moment: float, next_start: float) -> None:
     lim, clock = backend.limiter, backend.clock
     clock.set(moment)

@@ -26,7 +26,9 @@ from typing import Literal, Protocol
 
 from quotagate.keys.models import KeyRecord
 
-Refusal = Literal["rate_limit_exceeded", "token_limit_exceeded"]
+# ``key_revoked``: the key was revoked (its record says so, or, with Redis, another instance marked it);
+# the LLM API answers it with 401 ``key_revoked``, the other two with 429.
+Refusal = Literal["rate_limit_exceeded", "token_limit_exceeded", "key_revoked"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -138,6 +138,8 @@ class MemoryLimiter:
     def admit_sync(self, key: KeyRecord, prompt_tokens: int, max_completion: int,
                    min_completion: int = 1) -> Admission:
         """``admit`` without the coroutine: check and reserve in one go, nothing awaited in between."""
+        if key.revoked:
+            return Admission(admitted=False, refusal="key_revoked")
         rpm, tpm, limit, period = key.rpm, key.tpm, key.token_limit, key.token_limit_period
         budgeted = limit is not None and period is not None
         if rpm is None and tpm is None and not budgeted:

@@ -1,0 +1,290 @@
+"""The Redis limiter: one Lua script per admission, shared by every instance, on Redis's clock.
+
+``admit`` is exactly one round trip (``EVALSHA`` of ``scripts.ADMIT``), which checks the revocation
+marker and checks and reserves rpm, tpm and the budget atomically. ``settle`` only queues: queued
+settlements ride along, pipelined, with this instance's next admission (still one round trip), or are
+flushed by a background task a few milliseconds later if no admission comes. So an instance always
+sees its own settlements, a settlement is never on a response's path, and none is lost while the
+process lives: a failed flush is retried (settling is idempotent) and ``close`` flushes what is left.
+
+When Redis cannot be reached, ``failure_policy`` decides (see docs/limits.md): ``closed`` refuses
+every limited key with ``LimiterUnavailable``; ``open-rates`` admits keys whose only limits are rpm/tpm
+but still refuses keys with a budget; ``open`` admits everything, unchecked and uncounted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, get_args
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ReadOnlyError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from quotagate.keys.models import KeyRecord
+from quotagate.limits import scripts
+from quotagate.limits.errors import LimiterUnavailable
+from quotagate.limits.interfaces import Admission, Budget, LimitState, Refusal
+
+log = logging.getLogger(__name__)
+
+FailurePolicy = Literal["closed", "open-rates", "open"]
+FAILURE_POLICIES: tuple[FailurePolicy, ...] = get_args(FailurePolicy)
+
+# What "Redis is unavailable" means; any other error is a bug and propagates.
+UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
+
+_REFUSALS: dict[int, Refusal] = {1: "rate_limit_exceeded", 2: "token_limit_exceeded", 3: "key_revoked"}
+_SETTLE_BATCH = 500
+_Call = tuple[list[str], list[str | int]]
+
+
+class RedisLimiter:
+    """The ``Limiter`` shared through Redis.
+
+    ``now`` is for tests only: a clock (Unix seconds) whose readings the scripts use instead of
+    Redis's ``TIME``, so that window and period edges can be tested exactly.
+    """
+
+    def __init__(self, client: Redis, *, prefix: str = "qg", failure_policy: FailurePolicy = "closed",
+                 now: Callable[[], float] | None = None, settle_delay: float = 0.005) -> None:
+        if failure_policy not in FAILURE_POLICIES:
+            raise ValueError(f"unknown Redis failure policy {failure_policy!r}")
+        self._redis = client
+        self._prefix = prefix
+        self._policy = failure_policy
+        self._now = now
+        self._settle_delay = settle_delay
+        self._admit_script = client.register_script(scripts.ADMIT)
+        self._settle_script = client.register_script(scripts.SETTLE)
+        self._state_script = client.register_script(scripts.STATE)
+        # Admission ids: unique across instances without coordination.
+        self._id_prefix = secrets.token_hex(6) + "."
+        self._ids = itertools.count(1)
+        self._queue: list[_Call] = []
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
+        self._down_since: float | None = None
+        self.unavailable_total = 0  # admissions that met an unreachable Redis (a metric)
+
+    @classmethod
+    def from_url(cls, url: str, *, max_connections: int = 64, **options: Any) -> RedisLimiter:
+        """A limiter with its own connection pool. Commands time out after 2 s; a dead pooled
+        connection is retried once on a fresh one (so a restarted Redis costs no refusal)."""
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=2.0, socket_connect_timeout=1.0, socket_timeout=2.0,
+            retry=Retry(NoBackoff(), 1), health_check_interval=30)
+        return cls(Redis(connection_pool=pool), **options)
+
+    @property
+    def client(self) -> Redis:
+        return self._redis
+
+    def key_prefix(self, key_id: str) -> str:
+        """The prefix of every Redis key kept for ``key_id``: one hash tag per inference key."""
+        return f"{self._prefix}:{{{key_id}}}:"
+
+    # --- the Limiter contract ----------------------------------------------------------------
+
+    async def admit(self, key: KeyRecord, prompt_tokens: int, max_completion: int,
+                    min_completion: int = 1) -> Admission:
+        if key.revoked:
+            return Admission(admitted=False, refusal="key_revoked")
+        rpm, tpm, limit, period = key.rpm, key.tpm, key.token_limit, key.token_limit_period
+        if limit is None or period is None:
+            limit, period = None, None
+        max_completion = max(0, max_completion)
+        min_completion = max(0, min(min_completion, max_completion))
+        k = self.key_prefix(key.id)
+        rid = f"{self._id_prefix}{next(self._ids)}"
+        keys = [k + "revoked", k + "rpm", k + "tpm", k + "tpmh", k + "pend", k + "b:" + (period or "-")]
+        args: list[str | int] = [prompt_tokens, max_completion, min_completion, rpm or 0, tpm or 0, limit or 0,
+                                 period or "", rid, self._override()]
+        try:
+            reply = await self._call(self._admit_script, keys, args)
+        except UNAVAILABLE as exc:
+            return self._unavailable(key, exc)
+        self._up()
+        (admitted, code, retry_us, granted, reserved, nreq, rreset, tsum, treset, bused, bres, bend,
+         now_us) = (int(x) for x in reply)
+        if code == 3:
+            return Admission(admitted=False, refusal="key_revoked")
+        now = now_us / 1e6
+        budget = Budget(limit, period, bused, bres, float(bend)) if limit is not None and period is not None else None
+        limit_tokens = remaining_tokens = None
+        reset_tokens: float | None = None
+        if tpm is not None:
+            limit_tokens, remaining_tokens, reset_tokens = tpm, max(0, tpm - tsum), treset / 1e6
+        elif budget is not None:
+            limit_tokens, remaining_tokens, reset_tokens = budget.limit, budget.remaining, budget.resets_at - now
+        tracked = admitted and (tpm is not None or budget is not None)
+        return Admission(
+            admitted=bool(admitted),
+            reservation=f"{rid}|{period or ''}" if tracked else None,
+            reserved_tokens=reserved, granted=granted if granted >= 0 else None,
+            refusal=_REFUSALS.get(code), retry_after=retry_us / 1e6,
+            limit_requests=rpm, remaining_requests=max(0, rpm - nreq) if rpm is not None else None,
+            reset_requests=rreset / 1e6 if rpm is not None else None,
+            limit_tokens=limit_tokens, remaining_tokens=remaining_tokens, reset_tokens=reset_tokens,
+            budget=budget)
+
+    async def settle(self, key: KeyRecord, admission: Admission, actual_tokens: int) -> None:
+        if admission.reservation is None:
+            return
+        rid, _, period = admission.reservation.partition("|")
+        k = self.key_prefix(key.id)
+        self._queue.append(([k + "pend", k + "tpm", k + "tpmh", k + "b:" + (period or "-")],
+                            [rid, max(0, actual_tokens)]))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(), name="limiter-settle")
+        self._wake.set()
+
+    async def state(self, key: KeyRecord) -> LimitState:
+        k = self.key_prefix(key.id)
+        period = key.token_limit_period if key.token_limit is not None else None
+        keys = [k + "rpm", k + "tpm", k + "tpmh", k + "b:" + (period or "-")]
+        try:
+            reply = await self._call(self._state_script, keys, [period or "", self._override()])
+        except UNAVAILABLE as exc:
+            raise LimiterUnavailable() from exc
+        nreq, tsum, bused, bres, bend = (int(x) for x in reply)
+        budget = None
+        if key.token_limit is not None and period is not None:
+            budget = Budget(key.token_limit, period, bused, bres, float(bend))
+        return LimitState(rpm=key.rpm, requests_in_window=nreq if key.rpm is not None else 0,
+                          tpm=key.tpm, tokens_in_window=tsum if key.tpm is not None else 0, budget=budget)
+
+    async def close(self) -> None:
+        """Flush queued settlements (trying for a few seconds if Redis is down), then disconnect."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        deadline = time.monotonic() + 5.0
+        while self._queue and time.monotonic() < deadline:
+            try:
+                await self.flush()
+            except UNAVAILABLE:
+                await asyncio.sleep(0.2)
+        if self._queue:
+            log.error("Redis unreachable: %d settlement(s) could not be written before shutdown", len(self._queue))
+        await self._redis.aclose()
+
+    # --- beyond the contract -----------------------------------------------------------------
+
+    async def mark_revoked(self, key_id: str) -> None:
+        """Refuse ``key_id`` in every admission from now on, on every instance (idempotent).
+
+        The marker has no expiry: a revocation is for good, and a TTL would let a revoked key back in
+        through any instance whose cache missed the broadcast. It costs one small string per revoked key.
+        """
+        await self._redis.set(self.key_prefix(key_id) + "revoked", b"1")
+
+    async def flush(self) -> None:
+        """Write every queued settlement now (raises if Redis cannot be reached; nothing is dropped)."""
+        while self._queue:
+            batch = self._take(_SETTLE_BATCH)
+            try:
+                await self._pipeline(batch, None)
+            except BaseException:
+                self._queue[:0] = batch
+                raise
+
+    def pending_settlements(self) -> int:
+        return len(self._queue)
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _override(self) -> str | int:
+        return "" if self._now is None else round(self._now() * 1e6)
+
+    def _take(self, n: int) -> list[_Call]:
+        batch = self._queue[:n]
+        del self._queue[:n]
+        return batch
+
+    async def _call(self, script: Any, keys: list[str], args: list[str | int]) -> list[Any]:
+        """Run ``script``, with any queued settlements pipelined ahead of it: one round trip."""
+        if not self._queue:
+            reply: list[Any] = await script(keys=keys, args=args)
+            return reply
+        batch = self._take(_SETTLE_BATCH)
+        try:
+            return await self._pipeline(batch, (script.sha, keys, args))
+        except BaseException:
+            self._queue[:0] = batch  # settling is idempotent: re-sending an applied one is harmless
+            raise
+
+    async def _pipeline(self, batch: Sequence[_Call], last: tuple[str, list[str], list[str | int]] | None
+                        ) -> list[Any]:
+        for attempt in (0, 1):
+            pipe = self._redis.pipeline(transaction=False)
+            for keys, args in batch:
+                pipe.evalsha(self._settle_script.sha, len(keys), *keys, *args)
+            if last is not None:
+                sha, keys, args = last
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            results = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                # Redis restarted or its script cache was flushed: load and send again (idempotent).
+                for script in (self._settle_script, self._admit_script, self._state_script):
+                    await self._redis.script_load(script.script)
+                continue
+            for result in results[: len(batch)]:
+                if isinstance(result, Exception):
+                    log.error("settlement failed: %s", result)
+            if last is None:
+                return []
+            reply = results[-1]
+            if isinstance(reply, Exception):
+                raise reply
+            return list(reply)
+        raise AssertionError("unreachable")
+
+    async def _flush_loop(self) -> None:
+        backoff = 0.05
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            # Give admissions a moment to carry the queue for free.
+            await asyncio.sleep(self._settle_delay)
+            while self._queue:
+                try:
+                    await self.flush()
+                    backoff = 0.05
+                except UNAVAILABLE as exc:
+                    self._note_down(exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+
+    def _unavailable(self, key: KeyRecord, exc: BaseException) -> Admission:
+        self.unavailable_total += 1
+        self._note_down(exc)
+        budgeted = key.token_limit is not None and key.token_limit_period is not None
+        if self._policy == "open" or (self._policy == "open-rates" and not budgeted):
+            return Admission(admitted=True)
+        raise LimiterUnavailable() from exc
+
+    def _note_down(self, exc: BaseException) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.error("Redis limiter unavailable (%s: %s); failure policy %r", type(exc).__name__, exc, self._policy)
+
+    def _up(self) -> None:
+        if self._down_since is not None:
+            log.warning("Redis limiter reachable again after %.1f s", time.monotonic() - self._down_since)
+            self._down_since = None
+
