@@ -6,19 +6,19 @@ instance), else the process's memory.
 
 from __future__ import annotations
 
-import logging
-
+from quotagate.limits.errors import LimiterUnavailable
 from quotagate.limits.interfaces import Admission, Budget, Limiter, LimitState, Refusal
 from quotagate.limits.memory import MemoryLimiter
 from quotagate.settings import Settings
 
-log = logging.getLogger(__name__)
-
-__all__ = ["Admission", "Budget", "LimitState", "Limiter", "MemoryLimiter", "Refusal", "build_limiter"]
+__all__ = ["Admission", "Budget", "LimitState", "Limiter", "LimiterUnavailable", "MemoryLimiter", "Refusal",
+           "build_limiter"]
 
 
 def build_limiter(settings: Settings) -> Limiter:
-    """The limiter the settings ask for."""
+    """The limiter the settings ask for: Redis if ``redis_url`` is set, else memory."""
     if settings.redis_url:
-        log.warning("the Redis limiter is not built yet: limits are kept in this process's memory")
+        from quotagate.limits.redis import RedisLimiter
+
+        return RedisLimiter.from_url(settings.redis_url, failure_policy=settings.redis_failure_policy)
     return MemoryLimiter()
