@@ -25,6 +25,8 @@ from quotagate.keys.events import KeyEvents
 from quotagate.keys.service import KeyService, project_keys_invalidator
 from quotagate.limits import build_limiter
 from quotagate.limits.interfaces import Limiter
+from quotagate.metering import console_routes as metering_console_routes
+from quotagate.metering import install as install_metering
 from quotagate.metering.interfaces import Meter
 from quotagate.settings import Settings
 from quotagate.store.engine import make_engine, migrate
@@ -67,6 +69,7 @@ class Runtime:
         runtime = cls(settings=settings, config=config, engine=engine, events=events, accounts=accounts,
                       keys=keys, audit=AuditLog(engine), limiter=limiter)
         runtime.on_stop.append(limiter.close)
+        install_metering(runtime)
         return runtime
 
     async def start(self) -> None:
@@ -91,6 +94,8 @@ def build_console_app(runtime: Runtime, extra_routes: list[BaseRoute] | None = N
     async def healthz(_request: Request) -> Response:
         return JSON({"status": "ok"})
 
-    routes: list[BaseRoute] = [Route("/healthz", healthz), *api.routes(runtime.settings.console_max_body_bytes)]
+    usage_handlers, metering_routes = metering_console_routes(runtime)
+    routes: list[BaseRoute] = [Route("/healthz", healthz), *metering_routes,
+                               *api.routes(runtime.settings.console_max_body_bytes, extra=usage_handlers)]
     routes.extend(extra_routes or [])
     return Starlette(routes=routes, exception_handlers={HTTPException: http_exception_handler})

@@ -1,0 +1,114 @@
+"""Usage metering: the journal the gateway records into, shipping to the store, aggregation, the usage
+and activity API, and the Prometheus metrics.
+
+``install(rt)`` wires it into a runtime: ``rt.meter`` (a journal in ``<data dir>/journal`` when the
+process serves the LLM API), the shipper's start/stop hooks, and the metrics registry in
+``rt.extras["metrics_registry"]``. ``console_routes(rt)`` gives the console listener its routes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+from starlette.routing import BaseRoute, Route
+
+from quotagate.accounts.models import Actor
+from quotagate.console.http import Handler
+from quotagate.metering.api import UsageAPI, limits_json, metrics_endpoint
+from quotagate.metering.interfaces import Meter, UsageEvent
+from quotagate.metering.meter import JournalMeter
+from quotagate.metering.metrics import Gauge, GaugeCollector, UsageMetrics, new_registry
+from quotagate.metering.queries import Window
+from quotagate.metering.store import WIDTHS
+
+if TYPE_CHECKING:
+    from quotagate.app import Runtime
+
+__all__ = ["JournalMeter", "Meter", "UsageEvent", "console_routes", "install"]
+
+REGISTRY = "metrics_registry"
+
+
+def _cache_figure(rt: Runtime, name: str) -> float | None:
+    cache = rt.extras.get("key_cache")
+    value = getattr(cache, name, None)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _hit_ratio(rt: Runtime) -> float | None:
+    hits, misses = _cache_figure(rt, "hits"), _cache_figure(rt, "misses")
+    if hits is None or misses is None or hits + misses == 0:
+        return None
+    return hits / (hits + misses)
+
+
+def install(rt: Runtime) -> None:
+    """Build metering for the runtime: the meter (LLM roles only), its hooks, the metrics registry."""
+    registry = new_registry()
+    usage_metrics = UsageMetrics()
+    registry.register(usage_metrics)
+    gauges = [
+        Gauge("quotagate_key_cache_hits", "Key lookups answered from the gateway's cache",
+              lambda: _cache_figure(rt, "hits")),
+        Gauge("quotagate_key_cache_misses", "Key lookups that went to the store", lambda: _cache_figure(rt, "misses")),
+        Gauge("quotagate_key_cache_hit_ratio", "hits / (hits + misses) since start", lambda: _hit_ratio(rt)),
+    ]
+    if rt.settings.role in ("all", "llm"):
+        meter = JournalMeter(rt.engine, rt.settings.data_dir / "journal", metrics=usage_metrics)
+        rt.meter = meter
+        rt.on_start.append(meter.start)
+        rt.on_stop.append(meter.close)
+        gauges += [
+            Gauge("quotagate_journal_backlog_records", "Usage records in the local journal not yet in the store",
+                  lambda: float(meter.shipper.backlog_records())),
+            Gauge("quotagate_journal_shipped_records", "Usage records shipped to the store since start",
+                  lambda: float(meter.shipper.stats.shipped)),
+            Gauge("quotagate_journal_ship_failures", "Failed attempts to ship the journal since start",
+                  lambda: float(meter.shipper.stats.failures)),
+            Gauge("quotagate_journal_lost_records", "Usage records that could not be written to the journal",
+                  lambda: float(meter.lost + meter.journal.write_errors)),
+        ]
+    registry.register(GaugeCollector(gauges))
+    rt.extras[REGISTRY] = registry
+    rt.extras["web_usage"] = _web_usage(rt)
+
+
+def _usage_api(rt: Runtime) -> UsageAPI:
+    meter = rt.meter
+    flush = meter.flush if isinstance(meter, JournalMeter) else None
+    return UsageAPI(rt.engine, rt.accounts, rt.keys, lambda: rt.limiter, flush)
+
+
+def console_routes(rt: Runtime) -> tuple[list[tuple[str, str, Handler]], list[BaseRoute]]:
+    """(console API handlers for ``ConsoleAPI.routes(extra=...)``, plain routes: ``/metrics``)."""
+    registry = rt.extras.get(REGISTRY)
+    if not isinstance(registry, CollectorRegistry):
+        install(rt)
+        registry = rt.extras[REGISTRY]
+    return _usage_api(rt).routes(), [Route("/metrics", metrics_endpoint(registry), methods=["GET"])]
+
+
+def _web_usage(rt: Runtime) -> Any:
+    """The web console's view of a key: a series summed over models, limits and recent activity."""
+
+    def usage(actor: Actor, key_id: str, start: datetime, end: datetime, granularity: str) -> dict[str, Any]:
+        api = _usage_api(rt)
+        key = rt.keys.get(actor, key_id)
+        width = WIDTHS[granularity]
+        window = Window(start=int(start.timestamp()) // width * width, end=-(-int(end.timestamp()) // width) * width,
+                        width=width, granularity=granularity)
+        totals, data = api.queries.key_usage(key.id, window)
+        series: dict[str, dict[str, Any]] = {}
+        for p in data:
+            s = series.setdefault(p["start"], {"start": p["start"], "requests": 0, "total_tokens": 0})
+            s["requests"] += p["requests"]
+            s["total_tokens"] += p["total_tokens"]
+        limits = limits_json(key, api.live_state(key))
+        if not limits["live"]:
+            limits["budget"] = None  # no live figure to draw
+        activity, _more = api.queries.activity(key.id, limit=20)
+        return {"totals": totals, "series": list(series.values()), "limits": limits, "activity": activity}
+
+    return usage

@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -138,4 +139,54 @@ audit_log = Table(
     Column("user_agent", String(512), nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Index("ix_audit_log_project_created", "project_id", "created_at"),
+)
+
+# -- metering (metering/) ----------------------------------------------------------------------------
+
+# One row per request that reached the LLM API, keyed by the x-request-id the client saw: the activity
+# log, and the shipper's idempotency guard (a re-shipped event conflicts here and is counted no more).
+usage_events = Table(
+    "usage_events",
+    metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("key_id", String(40), nullable=True),
+    Column("project_id", String(40), nullable=True),
+    Column("model", String(200), nullable=True),
+    Column("endpoint", String(32), nullable=False),
+    Column("status_code", Integer, nullable=False),
+    Column("error_code", String(64), nullable=True),
+    Column("stream", Boolean, nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("ttft_ms", Float, nullable=True),
+    Column("client_ip", String(64), nullable=True),
+    Column("user_agent", String(512), nullable=True),
+    Index("ix_usage_events_key_created", "key_id", "created_at", "request_id"),
+    Index("ix_usage_events_created", "created_at"),
+)
+
+# Aggregates per key, model and time bucket. ``width`` is the bucket's length in seconds (60, 3600 or
+# 86400): minute buckets are rolled up into hours, and hours into days, as they age. Bucket starts are
+# Unix seconds so that every level regroups with the same portable arithmetic (start - start % width).
+# ``model`` is '' for requests that named no model.
+usage_buckets = Table(
+    "usage_buckets",
+    metadata,
+    Column("key_id", String(40), primary_key=True),
+    Column("bucket_start", BigInteger, primary_key=True),
+    Column("model", String(200), primary_key=True),
+    Column("width", Integer, primary_key=True),
+    Column("project_id", String(40), nullable=False),
+    Column("requests", BigInteger, nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+    Column("errors", BigInteger, nullable=False),
+    Column("rate_limited", BigInteger, nullable=False),
+    Column("latency_ms_sum", Float, nullable=False),
+    Index("ix_usage_buckets_project_start", "project_id", "bucket_start"),
+    Index("ix_usage_buckets_width_start", "width", "bucket_start"),
+    # On SQLite, cluster the rows by key and time: a month's query reads one contiguous range.
+    sqlite_with_rowid=False,
 )

@@ -1,0 +1,199 @@
+"""Writing usage to the store: one transaction per shipped batch, idempotent by request id; and the
+upkeep that rolls old minute buckets into hours and days and drops old activity rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, Engine, Table, and_, delete, or_, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from quotagate.metering.interfaces import UsageEvent
+from quotagate.store.tables import inference_keys, usage_buckets, usage_events
+
+MINUTE, HOUR, DAY = 60, 3600, 86400
+WIDTHS = {"minute": MINUTE, "hour": HOUR, "day": DAY}
+NO_MODEL = ""  # the bucket key of requests that named no model (a primary key column cannot be NULL)
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(UsageEvent))
+_REQUIRED = sum(1 for f in dataclasses.fields(UsageEvent) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING)
+_as_tuple = operator.attrgetter(*_FIELDS)
+_COUNTS = ("requests", "prompt_tokens", "completion_tokens", "errors", "rate_limited", "latency_ms_sum")
+
+
+# -- the journal's record format ------------------------------------------------------------------
+def encode(event: UsageEvent) -> bytes:
+    """The journal record of an event: a JSON array in field order (new optional fields go last)."""
+    return orjson.dumps(_as_tuple(event))
+
+
+def decode(payload: bytes) -> UsageEvent:
+    values = orjson.loads(payload)
+    if not isinstance(values, list) or len(values) < _REQUIRED:
+        raise ValueError("not a usage event record")
+    return UsageEvent(*values[: len(_FIELDS)])
+
+
+# -- shipping -----------------------------------------------------------------------------------
+def _insert(conn: Connection, table: Table) -> sqlite.Insert | postgresql.Insert:
+    """INSERT with the dialect's ON CONFLICT clauses (the same on both stores)."""
+    if conn.dialect.name == "sqlite":
+        return sqlite.insert(table)
+    return postgresql.insert(table)
+
+
+def _cut(value: str | None, size: int) -> str | None:
+    return value[:size] if value is not None and len(value) > size else value
+
+
+def _event_row(e: UsageEvent) -> dict[str, Any]:
+    return {
+        "request_id": e.request_id[:64], "created_at": datetime.fromtimestamp(e.created_at, UTC),
+        "key_id": e.key_id, "project_id": e.project_id, "model": _cut(e.model, 200),
+        "endpoint": e.endpoint[:32], "status_code": e.status_code, "error_code": _cut(e.error_code, 64),
+        "stream": bool(e.stream), "prompt_tokens": e.prompt_tokens, "completion_tokens": e.completion_tokens,
+        "latency_ms": e.latency_ms, "ttft_ms": e.ttft_ms, "client_ip": _cut(e.client_ip, 64),
+        "user_agent": _cut(e.user_agent, 512),
+    }
+
+
+def is_rate_limited(status_code: int) -> bool:
+    return status_code == 429
+
+
+def is_error(status_code: int) -> bool:
+    """Errors are the failed and refused requests other than rate limiting (counted apart)."""
+    return status_code >= 400 and status_code != 429
+
+
+def minute_buckets(events: Iterable[UsageEvent]) -> list[dict[str, Any]]:
+    """Per-minute bucket rows (width 60) adding up ``events`` that belong to a key, in key order."""
+    acc: dict[tuple[str, int, str], list[Any]] = {}
+    for e in events:
+        if e.key_id is None or e.project_id is None:
+            continue
+        start = int(e.created_at // MINUTE) * MINUTE
+        model = _cut(e.model, 200) or NO_MODEL
+        row = acc.get((e.key_id, start, model))
+        if row is None:
+            row = acc[(e.key_id, start, model)] = [e.project_id, 0, 0, 0, 0, 0, 0.0]
+        row[1] += 1
+        row[2] += e.prompt_tokens
+        row[3] += e.completion_tokens
+        row[4] += is_error(e.status_code)
+        row[5] += is_rate_limited(e.status_code)
+        row[6] += e.latency_ms
+    return [
+        {"key_id": k, "bucket_start": s, "model": m, "width": MINUTE, "project_id": v[0],
+         **dict(zip(_COUNTS, v[1:], strict=True))}
+        for (k, s, m), v in sorted(acc.items())
+    ]
+
+
+def add_to_buckets(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Add ``rows`` to the buckets they name, creating the missing ones.
+
+    Rows must come sorted by primary key: two shippers updating the same buckets then lock them in the
+    same order and cannot deadlock each other."""
+    if not rows:
+        return
+    stmt = _insert(conn, usage_buckets)
+    excluded = stmt.excluded
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["key_id", "bucket_start", "model", "width"],
+        set_={c: usage_buckets.c[c] + excluded[c] for c in _COUNTS})
+    for i in range(0, len(rows), 500):
+        conn.execute(stmt, list(rows[i:i + 500]))
+
+
+def store_batch(engine: Engine, events: Sequence[UsageEvent]) -> int:
+    """Store a batch of events in one transaction; returns how many were new.
+
+    Only events whose request id was not stored yet are added to the buckets, so shipping the same
+    batch twice (a retry, or a crash between this commit and the journal's trim) counts it once."""
+    unique = list({e.request_id[:64]: e for e in events}.values())
+    if not unique:
+        return 0
+    with engine.begin() as conn:
+        inserted: set[str] = set()
+        for i in range(0, len(unique), 400):
+            part = unique[i:i + 400]
+            stmt = (_insert(conn, usage_events).values([_event_row(e) for e in part])
+                    .on_conflict_do_nothing(index_elements=["request_id"])
+                    .returning(usage_events.c.request_id))
+            inserted.update(conn.execute(stmt).scalars())
+        new = [e for e in unique if e.request_id[:64] in inserted]
+        add_to_buckets(conn, minute_buckets(new))
+        _touch_keys(conn, new)
+    return len(new)
+
+
+def _touch_keys(conn: Connection, events: Iterable[UsageEvent]) -> None:
+    """Move each key's ``last_used_at`` forward to its newest request (a refused 401 is no use)."""
+    latest: dict[str, float] = {}
+    for e in events:
+        if e.key_id is not None and e.status_code != 401:
+            latest[e.key_id] = max(latest.get(e.key_id, 0.0), e.created_at)
+    for key_id, ts in sorted(latest.items()):
+        when = datetime.fromtimestamp(ts, UTC)
+        conn.execute(update(inference_keys)
+                     .where(inference_keys.c.id == key_id,
+                            or_(inference_keys.c.last_used_at.is_(None), inference_keys.c.last_used_at < when))
+                     .values(last_used_at=when))
+
+
+# -- upkeep -------------------------------------------------------------------------------------
+def roll_up(engine: Engine, from_width: int, to_width: int, before: int) -> int:
+    """Fold buckets of ``from_width`` that start before ``before`` into buckets of ``to_width``.
+
+    The rows are deleted with RETURNING and exactly those are added up, in one transaction: a row that a
+    shipper adds meanwhile is either among them or stays for the next run, never lost or counted twice."""
+    before -= before % to_width
+    with engine.begin() as conn:
+        gone = conn.execute(delete(usage_buckets).where(
+            and_(usage_buckets.c.width == from_width, usage_buckets.c.bucket_start < before))
+            .returning(*usage_buckets.c)).all()
+        acc: dict[tuple[str, int, str], list[Any]] = {}
+        for r in gone:
+            start = r.bucket_start - r.bucket_start % to_width
+            row = acc.get((r.key_id, start, r.model))
+            if row is None:
+                row = acc[(r.key_id, start, r.model)] = [r.project_id, 0, 0, 0, 0, 0, 0.0]
+            for i, c in enumerate(_COUNTS, start=1):
+                row[i] += getattr(r, c)
+        add_to_buckets(conn, [
+            {"key_id": k, "bucket_start": s, "model": m, "width": to_width, "project_id": v[0],
+             **dict(zip(_COUNTS, v[1:], strict=True))}
+            for (k, s, m), v in sorted(acc.items())])
+    return len(gone)
+
+
+def purge_events(engine: Engine, older_than: datetime) -> int:
+    """Delete activity rows created before ``older_than`` (their usage stays in the buckets)."""
+    with engine.begin() as conn:
+        return conn.execute(delete(usage_events).where(usage_events.c.created_at < older_than)).rowcount
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Retention:
+    """How long each level of detail is kept."""
+
+    minute_buckets: timedelta = timedelta(hours=48)
+    hour_buckets: timedelta = timedelta(days=60)
+    activity: timedelta = timedelta(days=30)
+
+
+def maintain(engine: Engine, now: datetime, retention: Retention) -> dict[str, int]:
+    """One round of upkeep: roll minutes into hours, hours into days, purge old activity."""
+    ts = int(now.timestamp())
+    return {
+        "minute_to_hour": roll_up(engine, MINUTE, HOUR, ts - int(retention.minute_buckets.total_seconds())),
+        "hour_to_day": roll_up(engine, HOUR, DAY, ts - int(retention.hour_buckets.total_seconds())),
+        "events_purged": purge_events(engine, now - retention.activity),
+    }
