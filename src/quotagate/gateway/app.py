@@ -49,6 +49,10 @@ _NOT_ADMITTED = Admission(admitted=True)
 LAST_USED_FLUSH_SECONDS = 10.0
 
 
+def _request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
 class Call:
     """One request's state, as it goes through the gateway (what metering and the headers need)."""
 
@@ -56,7 +60,7 @@ class Call:
                  "stream", "t0", "user_agent")
 
     def __init__(self, endpoint: str, scope: Scope) -> None:
-        self.request_id = "req_" + secrets.token_hex(12)
+        self.request_id = _request_id()
         self.started = time.time()
         self.t0 = time.perf_counter()
         self.endpoint = endpoint
@@ -130,11 +134,11 @@ class LLMApp:
         elif path == "/v1/models" or path.startswith("/v1/models/"):
             endpoint, handler, allowed = "models", self._list_models, "GET"
         elif path == "/healthz" and method in ("GET", "HEAD"):
-            await self._plain(send, 200, b'{"status":"ok"}', [])
+            await self._plain(send, 200, b'{"status":"ok"}', [(b"x-request-id", _request_id().encode())])
             return
         else:
             err = ApiError(404, "unknown_url", f"Unknown request URL: {method} {path}.")
-            await self._plain(send, 404, err.body(), [])
+            await self._plain(send, 404, err.body(), [(b"x-request-id", _request_id().encode())])
             return
         call = Call(endpoint, scope)
         try:
