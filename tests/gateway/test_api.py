@@ -102,7 +102,7 @@ def test_async_client_streams_and_embeds(gw: Gateway, mint: Mint) -> None:
 
 
 def test_error_classes_and_codes(gw: Gateway, mint: Mint) -> None:
-    secret, key = mint(allowed_models=["chat"], rpm=1)
+    secret, _ = mint(allowed_models=["chat"], rpm=1)
     with pytest.raises(openai.AuthenticationError) as e:
         sdk(gw, "qgk_not-a-real-key").chat.completions.create(model="chat", messages=hi())
     assert e.value.code == "invalid_api_key"
