@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 Role = Literal["all", "console", "llm"]
 
@@ -40,6 +40,14 @@ class Settings(BaseModel):
     console_max_body_bytes: int = Field(default=64 * 1024, gt=0)
     llm_max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
 
+    @field_validator("database_url")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        # Checked at load time, so that every command refuses a bad URL with the same clear message.
+        if value:
+            normalise_database_url(value)
+        return value
+
     @property
     def effective_database_url(self) -> str:
         """The SQLAlchemy URL of the store: the configured one, else SQLite in the data dir."""
@@ -67,16 +75,18 @@ class Settings(BaseModel):
 
 
 def normalise_database_url(url: str) -> str:
-    """Map the plain ``postgresql://`` scheme onto the psycopg 3 driver SQLAlchemy should use."""
+    """Map the plain ``postgresql://`` scheme onto the psycopg 3 driver SQLAlchemy should use.
+
+    Raises ValueError for any other scheme (the message shows the scheme only, never a password)."""
     for plain in ("postgresql://", "postgres://"):
         if url.startswith(plain):
             return "postgresql+psycopg://" + url[len(plain) :]
     if not url.startswith(("sqlite://", "postgresql+psycopg://")):
-        raise SettingsError(f"QUOTAGATE_DATABASE_URL: unsupported scheme in {url.split(':', 1)[0]!r}; "
-                            "use sqlite:///PATH or postgresql://USER@HOST/DB")
+        raise ValueError(f"unsupported scheme {url.split(':', 1)[0]!r}; "
+                         "use sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB")
     return url
 
 
 def _describe(loc: tuple[int | str, ...], msg: str) -> str:
     name = str(loc[0]) if loc else "settings"
-    return f"{ENV_PREFIX}{name.upper()} / --{name.replace('_', '-')}: {msg}"
+    return f"{ENV_PREFIX}{name.upper()} / --{name.replace('_', '-')}: {msg.removeprefix('Value error, ')}"
