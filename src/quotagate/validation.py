@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any, TypeVar
 
 import orjson
@@ -12,17 +13,30 @@ from quotagate.errors import InvalidRequest
 M = TypeVar("M", bound=BaseModel)
 
 
+def _path(loc: tuple[int | str, ...]) -> str:
+    """``("allowed_models", 0)`` as ``allowed_models[0]``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
 def describe(exc: ValidationError) -> InvalidRequest:
-    """The first problem of a pydantic error as an InvalidRequest naming its field."""
+    """The first problem of a pydantic error as an InvalidRequest naming its field.
+
+    ``field`` is the top-level field of the body (``allowed_models``); the message gives the full path
+    (``allowed_models[0]``) when the problem lies inside it."""
     err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or None
+    loc = tuple(err["loc"])
+    field = str(loc[0]) if loc else None
+    path = _path(loc)
     if err["type"] == "extra_forbidden":
-        message = f"unknown field {field!r}"
+        message = f"unknown field {path!r}"
     elif err["type"] == "missing":
-        message = f"{field}: is required"
+        message = f"{path}: is required"
     else:
         msg = err["msg"].removeprefix("Value error, ")
-        message = f"{field}: {msg}" if field else msg
+        message = f"{path}: {msg}" if path else msg
     return InvalidRequest(message, field=field)
 
 
@@ -46,3 +60,16 @@ def parse_json_body(model: type[M], body: bytes) -> M:
         except orjson.JSONDecodeError as exc:
             raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
     return parse_model(model, data)
+
+
+def clean_name(value: str) -> str:
+    """A display name: surrounding blanks stripped; blank or control characters refused.
+
+    Control characters (NUL above all, which PostgreSQL cannot store in text) are refused here so that
+    both stores accept exactly the same names."""
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be blank")
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise ValueError("must not contain control characters")
+    return value

@@ -5,16 +5,12 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 from quotagate.accounts.models import Role
+from quotagate.validation import clean_name
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
-EMAIL_PATTERN = r"^[^@\s]{1,64}@[^@\s]{1,255}$"
-
-
-def _name(value: str) -> str:
-    value = value.strip()
-    if not value:
-        raise ValueError("must not be blank")
-    return value
+# Deliberately loose (mail servers decide what a local part may hold), but never blanks or control characters.
+EMAIL_PATTERN = r"^[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]{1,255}$"
+_name = clean_name
 
 
 class ProjectCreate(BaseModel):

@@ -5,13 +5,16 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
+from quotagate.errors import InvalidRequest
 from quotagate.keys.models import Period
+from quotagate.validation import clean_name
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 # Limits stay within what every JSON client reads exactly (2**53).
 MAX_LIMIT = 2**53 - 1
+MAX_GRACE_SECONDS = 30 * 86400
 Limit = Annotated[StrictInt, Field(gt=0, le=MAX_LIMIT)]
 ModelList = Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=200)]],
                       Field(min_length=1, max_length=1000)]
@@ -22,16 +25,31 @@ def parse_timestamp(value: object) -> datetime:
     if isinstance(value, bool):
         raise ValueError("must be an ISO 8601 timestamp")
     if isinstance(value, int | float):
-        return datetime.fromtimestamp(value, UTC)
+        try:
+            return datetime.fromtimestamp(value, UTC)
+        except (OverflowError, OSError, ValueError):
+            raise ValueError(f"{value!r} is out of range") from None
     if not isinstance(value, str):
         raise ValueError("must be an ISO 8601 timestamp")
+    shown = value if len(value) <= 40 else value[:40] + "…"
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
-        raise ValueError(f"{value!r} is not an ISO 8601 timestamp (e.g. 2030-01-31T00:00:00Z)") from None
+        raise ValueError(f"{shown!r} is not an ISO 8601 timestamp (e.g. 2030-01-31T00:00:00Z)") from None
     if parsed.tzinfo is None:
-        raise ValueError(f"{value!r} has no time zone; add Z for UTC")
-    return parsed.astimezone(UTC)
+        raise ValueError(f"{shown!r} has no time zone; add Z for UTC")
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 has no UTC equivalent
+        raise ValueError(f"{shown!r} is out of range") from None
+
+
+def check_budget_pair(token_limit: int | None, token_limit_period: str | None) -> None:
+    """``token_limit`` and ``token_limit_period`` come together; the error names the missing one."""
+    if (token_limit is None) != (token_limit_period is None):
+        missing = "token_limit_period" if token_limit_period is None else "token_limit"
+        raise InvalidRequest(f"{missing}: token_limit and token_limit_period come together; give both or "
+                             "neither", field=missing)
 
 
 class _Limits(BaseModel):
@@ -58,18 +76,11 @@ class _Limits(BaseModel):
 class KeyCreate(_Limits):
     name: StrictStr = Field(min_length=1, max_length=200)
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be blank")
-        return value.strip()
+    _clean_name = field_validator("name")(clean_name)
 
-    @model_validator(mode="after")
-    def _budget_pair(self) -> KeyCreate:
-        if (self.token_limit is None) != (self.token_limit_period is None):
-            raise ValueError("token_limit and token_limit_period come together: give both or neither")
-        return self
+    def check(self) -> None:
+        """The checks that span fields (pydantic's own reach one field at a time)."""
+        check_budget_pair(self.token_limit, self.token_limit_period)
 
 
 class KeyUpdate(_Limits):
@@ -77,9 +88,19 @@ class KeyUpdate(_Limits):
 
     name: StrictStr | None = Field(default=None, min_length=1, max_length=200)
 
+    @field_validator("name")
+    @classmethod
+    def _clean(cls, value: str | None) -> str | None:
+        return None if value is None else clean_name(value)
+
 
 class RotateRequest(BaseModel):
     model_config = _STRICT
 
-    grace_period_seconds: StrictInt = Field(default=0, ge=0, le=30 * 86400)
+    grace_period_seconds: StrictInt = Field(default=0, ge=0, le=MAX_GRACE_SECONDS)
     name: StrictStr | None = Field(default=None, min_length=1, max_length=200)
+
+    @field_validator("name")
+    @classmethod
+    def _clean(cls, value: str | None) -> str | None:
+        return None if value is None else clean_name(value)
