@@ -23,6 +23,9 @@ from quotagate.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unau
 from quotagate.ids import new_id, utcnow
 from quotagate.keys import secrets
 from quotagate.store.tables import access_tokens, memberships, projects, users
+from quotagate.validation import clean_name
+
+NAME_MAX = 200
 
 # last_used_at of an access token is written at most this often, so reads stay reads.
 TOKEN_TOUCH_INTERVAL = timedelta(seconds=60)
@@ -87,6 +90,12 @@ class AccountService:
     # -- access tokens -----------------------------------------------------------------------
     def create_token(self, user: User, name: str = "console") -> tuple[AccessToken, str]:
         """A new access token for ``user``; the secret is returned here and never again."""
+        try:
+            name = clean_name(name)
+        except ValueError as exc:
+            raise InvalidRequest(f"name: {exc}", field="name") from None
+        if len(name) > NAME_MAX:
+            raise InvalidRequest(f"name: must be at most {NAME_MAX} characters", field="name")
         secret = secrets.generate(secrets.ACCESS_TOKEN_KIND)
         now = utcnow()
         token = AccessToken(id=new_id("tok"), name=name, prefix=secrets.masked_prefix(secret),
@@ -158,21 +167,32 @@ class AccountService:
             record(conn, actor, pid, "project.created", "project", pid, {"name": body.name})
         return Project(id=pid, name=body.name, models=models, created_at=now, updated_at=now, role="owner")
 
-    def role_in(self, conn: Connection, actor: Actor, project_id: str) -> Role:
-        """The actor's role in the project; NotFound if it does not exist or they are not in it."""
-        exists = conn.execute(select(projects.c.id).where(projects.c.id == project_id)).first()
+    def role_in(self, conn: Connection, actor: Actor, project_id: str, *, lock: bool = False) -> Role:
+        """The actor's role in the project; NotFound if it does not exist or they are not in it.
+
+        ``lock`` holds the project's row until the transaction ends (PostgreSQL), so that membership
+        changes run one at a time: two owners demoting each other at once cannot leave no owner."""
+        query = select(projects.c.id).where(projects.c.id == project_id)
+        exists = conn.execute(query.with_for_update() if lock else query).first()
         role = conn.execute(select(memberships.c.role).where(
             memberships.c.project_id == project_id, memberships.c.user_id == actor.user.id)).scalar()
         if exists is None or (role is None and not actor.user.is_admin):
             raise NotFound(f"no project {project_id!r}")
         return "owner" if actor.user.is_admin else cast(Role, role)
 
-    def require(self, conn: Connection, actor: Actor, project_id: str, needed: Role) -> Role:
+    def require(self, conn: Connection, actor: Actor, project_id: str, needed: Role, *, lock: bool = False) -> Role:
         """Like ``role_in``, and Forbidden if the role is below ``needed``."""
-        role = self.role_in(conn, actor, project_id)
+        role = self.role_in(conn, actor, project_id, lock=lock)
         if not role_at_least(role, needed):
             raise Forbidden(f"this needs the {needed!r} role in the project; you are {role!r}")
         return role
+
+    def authorize(self, actor: Actor, project_id: str, needed: Role) -> None:
+        """NotFound unless the actor can see the project, Forbidden unless their role is at least ``needed``.
+
+        The console API calls this before it reads a request body (see ``KeyService.authorize``)."""
+        with self._engine.connect() as conn:
+            self.require(conn, actor, project_id, needed)
 
     def _project(self, conn: Connection, project_id: str, role: Role) -> Project:
         row = conn.execute(select(projects).where(projects.c.id == project_id)).one()
@@ -203,7 +223,7 @@ class AccountService:
             raise InvalidRequest("name: must not be null", field="name")
         after_commit: Callable[[], None] | None = None
         with self._engine.begin() as conn:
-            role = self.require(conn, actor, project_id, "owner")
+            role = self.require(conn, actor, project_id, "owner", lock=True)
             values: dict[str, Any] = {"updated_at": utcnow()}
             if "name" in fields:
                 values["name"] = body.name
@@ -211,7 +231,7 @@ class AccountService:
                 models = self._check_models(body.models)
                 values["models"] = list(models) if models is not None else None
             conn.execute(update(projects).where(projects.c.id == project_id).values(**values))
-            record(conn, actor, project_id, "project.updated", "project", project_id,
+            record(conn, actor, project_id, "project.edited", "project", project_id,
                    {k: body.model_dump()[k] for k in sorted(fields)})
             if "models" in fields:
                 after_commit = self._on_models_changed(conn, project_id)
@@ -233,7 +253,7 @@ class AccountService:
     def add_member(self, actor: Actor, project_id: str, body: MemberAdd) -> Member:
         email = normalise_email(body.email)
         with self._engine.begin() as conn:
-            self.require(conn, actor, project_id, "owner")
+            self.require(conn, actor, project_id, "owner", lock=True)
             user = conn.execute(select(users).where(users.c.email == email)).first()
             if user is None:
                 raise NotFound(f"no user with email {email!r}; create the user first", field="email")
@@ -264,7 +284,7 @@ class AccountService:
 
     def change_member(self, actor: Actor, project_id: str, user_id: str, body: MemberUpdate) -> Member:
         with self._engine.begin() as conn:
-            self.require(conn, actor, project_id, "owner")
+            self.require(conn, actor, project_id, "owner", lock=True)
             row = self._membership(conn, project_id, user_id)
             if row.role == "owner" and body.role != "owner" and self._owners(conn, project_id) <= 1:
                 raise Conflict("a project must keep at least one owner; make someone else owner first")
@@ -278,7 +298,7 @@ class AccountService:
         with self._engine.begin() as conn:
             # Anyone may leave a project; removing others takes an owner.
             needed: Role = "viewer" if user_id == actor.user.id else "owner"
-            self.require(conn, actor, project_id, needed)
+            self.require(conn, actor, project_id, needed, lock=True)
             row = self._membership(conn, project_id, user_id)
             if row.role == "owner" and self._owners(conn, project_id) <= 1:
                 raise Conflict("a project must keep at least one owner; make someone else owner first")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, select
@@ -10,14 +11,24 @@ from quotagate.accounts.models import Actor
 from quotagate.ids import isoformat, new_id, utcnow
 from quotagate.store.tables import audit_log
 
+_LAST_EVENT_AT = "quotagate.audit.last_event_at"
+
 
 def record(conn: Connection, actor: Actor, project_id: str, action: str, target_type: str,
            target_id: str, details: dict[str, Any] | None = None) -> None:
-    """Append one event in ``conn``'s transaction, so it commits or rolls back with the change itself."""
+    """Append one event in ``conn``'s transaction, so it commits or rolls back with the change itself.
+
+    Events of one transaction get strictly increasing times (a microsecond apart if the clock has not
+    moved), so that the log, read newest first, shows them in the order they happened."""
+    now = utcnow()
+    last = conn.info.get(_LAST_EVENT_AT)
+    if last is not None and now <= last:
+        now = last + timedelta(microseconds=1)
+    conn.info[_LAST_EVENT_AT] = now
     conn.execute(audit_log.insert().values(
         id=new_id("evt"), project_id=project_id, actor_id=actor.user.id, actor_email=actor.user.email,
         action=action, target_type=target_type, target_id=target_id, details=details,
-        client_ip=actor.client_ip, user_agent=(actor.user_agent or "")[:512] or None, created_at=utcnow(),
+        client_ip=actor.client_ip, user_agent=(actor.user_agent or "")[:512] or None, created_at=now,
     ))
 
 

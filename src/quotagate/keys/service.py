@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Row, select, update
 
-from quotagate.accounts.models import Actor
+from quotagate.accounts.models import Actor, Role
 from quotagate.accounts.service import AccountService
 from quotagate.audit import record
 from quotagate.errors import Conflict, InvalidRequest, NotFound
@@ -20,7 +20,7 @@ from quotagate.ids import new_id, utcnow
 from quotagate.keys import secrets
 from quotagate.keys.events import KeyChanged, KeyEvents
 from quotagate.keys.models import InferenceKey, KeyRecord
-from quotagate.keys.schemas import KeyCreate, KeyUpdate, RotateRequest
+from quotagate.keys.schemas import KeyCreate, KeyUpdate, RotateRequest, check_budget_pair
 from quotagate.store.tables import inference_keys, projects
 
 LIMIT_FIELDS = ("rpm", "tpm", "token_limit", "token_limit_period", "allowed_models", "expires_at")
@@ -69,6 +69,10 @@ class KeyService:
         self._events = events
         self._model_ids = model_ids
 
+    def model_ids(self) -> frozenset[str]:
+        """Every model id of the catalog (what a project without a models list may use)."""
+        return self._model_ids()
+
     # -- reads -------------------------------------------------------------------------------
     def _row(self, conn: Connection, key_id: str) -> Row[Any]:
         row = conn.execute(select(inference_keys).where(inference_keys.c.id == key_id)).first()
@@ -76,14 +80,30 @@ class KeyService:
             raise NotFound(f"no inference key {key_id!r}")
         return row
 
-    def _authorized_row(self, conn: Connection, actor: Actor, key_id: str, needed: str) -> Row[Any]:
-        """The key's row if the actor may act on it with role ``needed``; NotFound if not theirs."""
-        row = self._row(conn, key_id)
+    def _authorized_row(self, conn: Connection, actor: Actor, key_id: str, needed: Role, *,
+                        for_update: bool = False) -> Row[Any]:
+        """The key's row if the actor may act on it with role ``needed``; NotFound if not theirs.
+
+        ``for_update`` locks the row until the transaction ends (PostgreSQL; SQLite's writers are already
+        serialised by BEGIN IMMEDIATE), so that two concurrent writes to one key, say two rotations,
+        run one after the other and the second sees what the first did."""
+        query = select(inference_keys).where(inference_keys.c.id == key_id)
+        row = conn.execute(query.with_for_update() if for_update else query).first()
+        if row is None:
+            raise NotFound(f"no inference key {key_id!r}")
         try:
-            self._accounts.require(conn, actor, row.project_id, needed)  # type: ignore[arg-type]
+            self._accounts.require(conn, actor, row.project_id, needed)
         except NotFound:
             raise NotFound(f"no inference key {key_id!r}") from None
         return row
+
+    def authorize(self, actor: Actor, key_id: str, needed: Role) -> None:
+        """NotFound unless the actor can see the key, Forbidden unless their role is at least ``needed``.
+
+        The console API calls this before it reads a request body, so that a stranger hears 404 and a
+        viewer 403 whatever they send; every write checks again inside its own transaction."""
+        with self._engine.connect() as conn:
+            self._authorized_row(conn, actor, key_id, needed)
 
     def list_keys(self, actor: Actor, project_id: str, *, include_archived: bool = False) -> list[InferenceKey]:
         with self._engine.connect() as conn:
@@ -142,6 +162,7 @@ class KeyService:
     def mint(self, actor: Actor, project_id: str, body: KeyCreate) -> tuple[InferenceKey, str]:
         """A new key; its secret is returned here and never again."""
         values = body.model_dump()
+        body.check()
         self._check_expiry(values)
         with self._engine.begin() as conn:
             self._accounts.require(conn, actor, project_id, "member")
@@ -151,6 +172,9 @@ class KeyService:
         return key, secret
 
     def update(self, actor: Actor, key_id: str, body: KeyUpdate) -> InferenceKey:
+        """Change the fields present in ``body`` in place; ``None`` clears a limit or the expiry.
+
+        Clearing ``token_limit`` clears its period too. Revoked and archived keys cannot be changed."""
         changes = {f: getattr(body, f) for f in body.model_fields_set}
         if not changes:
             raise InvalidRequest("nothing to change: give at least one of name, " + ", ".join(LIMIT_FIELDS))
@@ -158,20 +182,21 @@ class KeyService:
             raise InvalidRequest("name: must not be null", field="name")
         self._check_expiry(changes)
         with self._engine.begin() as conn:
-            row = self._authorized_row(conn, actor, key_id, "member")
+            row = self._authorized_row(conn, actor, key_id, "member", for_update=True)
             if row.revoked_at is not None:
-                raise Conflict("the key is revoked; revoked keys cannot be changed")
-            if changes.get("token_limit", 0) is None and "token_limit_period" not in changes:
+                raise Conflict("the key is revoked; a revoked key cannot be changed (mint a new one)")
+            if row.archived:
+                raise Conflict("the key is archived; unarchive it before changing it")
+            if "token_limit" in changes and changes["token_limit"] is None and "token_limit_period" not in changes:
                 changes["token_limit_period"] = None  # clearing the budget clears its period too
-            limit = changes.get("token_limit", row.token_limit)
-            period = changes.get("token_limit_period", row.token_limit_period)
-            if (limit is None) != (period is None):
-                raise InvalidRequest("token_limit and token_limit_period come together: give both or neither",
-                                     field="token_limit_period" if period is None else "token_limit")
+            check_budget_pair(changes.get("token_limit", row.token_limit),
+                              changes.get("token_limit_period", row.token_limit_period))
             self._check_models(conn, row.project_id, changes.get("allowed_models"))
             conn.execute(update(inference_keys).where(inference_keys.c.id == key_id)
                          .values(updated_at=utcnow(), version=inference_keys.c.version + 1, **changes))
-            record(conn, actor, row.project_id, "key.updated", "inference_key", key_id, _audit_view(changes))
+            before = {f: getattr(row, f) for f in sorted(changes)}
+            record(conn, actor, row.project_id, "key.edited", "inference_key", key_id,
+                   {"before": _audit_view(before), "after": _audit_view({f: changes[f] for f in sorted(changes)})})
             fresh = self._row(conn, key_id)
         self._notify(fresh)
         return _key(fresh)
@@ -179,7 +204,7 @@ class KeyService:
     def revoke(self, actor: Actor, key_id: str) -> InferenceKey:
         """Revoke at once and for good; repeating it changes nothing and is not an error."""
         with self._engine.begin() as conn:
-            row = self._authorized_row(conn, actor, key_id, "member")
+            row = self._authorized_row(conn, actor, key_id, "member", for_update=True)
             if row.revoked_at is None:
                 conn.execute(update(inference_keys).where(inference_keys.c.id == key_id).values(
                     revoked_at=utcnow(), updated_at=utcnow(), version=inference_keys.c.version + 1))
@@ -189,10 +214,13 @@ class KeyService:
         return _key(fresh)
 
     def set_archived(self, actor: Actor, key_id: str, archived: bool) -> InferenceKey:
+        """Hide (or show again) a revoked or expired key; an active key is a Conflict. Repeating is harmless."""
         with self._engine.begin() as conn:
-            row = self._authorized_row(conn, actor, key_id, "member")
-            if archived and _key(row).status(utcnow()) == "active":
-                raise Conflict("an active key cannot be archived; revoke it first (or let it expire)")
+            row = self._authorized_row(conn, actor, key_id, "member", for_update=True)
+            status = _key(row).status(utcnow())
+            if status == "active" and (archived or not row.archived):
+                raise Conflict("only a revoked or expired key can be archived or unarchived; this one is active "
+                               "(revoke it first)")
             if bool(row.archived) != archived:
                 conn.execute(update(inference_keys).where(inference_keys.c.id == key_id).values(
                     archived=archived, updated_at=utcnow(), version=inference_keys.c.version + 1))
@@ -206,7 +234,7 @@ class KeyService:
         """A new key with the old one's settings, and the old one set to expire after the grace period
         (revoked now when the grace is 0). Returns (new key, its secret, the old key as it now is)."""
         with self._engine.begin() as conn:
-            old = self._authorized_row(conn, actor, key_id, "member")
+            old = self._authorized_row(conn, actor, key_id, "member", for_update=True)
             now = utcnow()
             if _key(old).status(now) != "active":
                 raise Conflict(f"only an active key can be rotated; this one is {_key(old).status(now)}")
@@ -220,13 +248,23 @@ class KeyService:
                 old_changes = {"expires_at": min(ends, old.expires_at) if old.expires_at else ends}
             conn.execute(update(inference_keys).where(inference_keys.c.id == key_id).values(
                 updated_at=now, version=inference_keys.c.version + 1, **old_changes))
+            record(conn, actor, old.project_id, "key.minted", "inference_key", new.id,
+                   {**_audit_view(values), "rotated_from": old.id})
             record(conn, actor, old.project_id, "key.rotated", "inference_key", key_id,
-                   {"new_key_id": new.id, "grace_period_seconds": body.grace_period_seconds})
+                   {"new_key_id": new.id, "grace_period_seconds": body.grace_period_seconds,
+                    **_audit_view(old_changes)})
             fresh_old = self._row(conn, key_id)
         self._notify(fresh_old)
         return new, secret, _key(fresh_old)
 
     # -- the gateway's side ----------------------------------------------------------------------
+    def lookup(self, secret: str) -> KeyRecord | None:
+        """The record of the key whose secret this is, or None; a malformed secret (wrong prefix, length,
+        alphabet or checksum) is refused without touching the store."""
+        if not secrets.is_well_formed(secret, secrets.INFERENCE_KEY_KIND):
+            return None
+        return self.resolve(secrets.hash_secret(secret))
+
     def resolve(self, secret_hash: str) -> KeyRecord | None:
         """The frozen record of the key with that secret hash, or None if there is none.
 
