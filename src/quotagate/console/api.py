@@ -27,7 +27,10 @@ def page_limit(call: Call, default: int = 100, maximum: int = 1000) -> int:
 
 
 class ConsoleAPI:
-    """Handlers over the services; each returns (status, JSON payload)."""
+    """Handlers over the services; each returns (status, JSON payload).
+
+    Handlers that take a body check the caller's access first, so that a stranger hears 404 and a
+    viewer 403 whatever the body holds; only then is the body validated (400)."""
 
     def __init__(self, accounts: AccountService, keys: KeyService, audit: AuditLog) -> None:
         self.accounts = accounts
@@ -67,6 +70,7 @@ class ConsoleAPI:
         return 200, self.accounts.get_project(call.actor, call.path["projectId"]).to_json()
 
     def update_project(self, call: Call) -> Result:
+        self.accounts.authorize(call.actor, call.path["projectId"], "owner")
         body = call.json(ProjectUpdate)
         return 200, self.accounts.update_project(call.actor, call.path["projectId"], body).to_json()
 
@@ -75,10 +79,12 @@ class ConsoleAPI:
         return 200, {"object": "list", "data": [m.to_json() for m in members]}
 
     def add_member(self, call: Call) -> Result:
+        self.accounts.authorize(call.actor, call.path["projectId"], "owner")
         body = call.json(MemberAdd)
         return 201, self.accounts.add_member(call.actor, call.path["projectId"], body).to_json()
 
     def change_member(self, call: Call) -> Result:
+        self.accounts.authorize(call.actor, call.path["projectId"], "owner")
         body = call.json(MemberUpdate)
         member = self.accounts.change_member(call.actor, call.path["projectId"], call.path["userId"], body)
         return 200, member.to_json()
@@ -95,10 +101,12 @@ class ConsoleAPI:
 
     # -- inference keys ----------------------------------------------------------------------
     def mint_key(self, call: Call) -> Result:
+        self.accounts.authorize(call.actor, call.path["projectId"], "member")
         key, secret = self.keys.mint(call.actor, call.path["projectId"], call.json(KeyCreate))
         return 201, {**key.to_json(utcnow()), "secret": secret}
 
     def list_keys(self, call: Call) -> Result:
+        self.accounts.authorize(call.actor, call.path["projectId"], "viewer")
         archived = call.flag("include_archived")
         found = self.keys.list_keys(call.actor, call.path["projectId"], include_archived=archived)
         now = utcnow()
@@ -108,6 +116,7 @@ class ConsoleAPI:
         return 200, self.keys.get(call.actor, call.path["keyId"]).to_json(utcnow())
 
     def update_key(self, call: Call) -> Result:
+        self.keys.authorize(call.actor, call.path["keyId"], "member")
         return 200, self.keys.update(call.actor, call.path["keyId"], call.json(KeyUpdate)).to_json(utcnow())
 
     def revoke_key(self, call: Call) -> Result:
@@ -120,6 +129,7 @@ class ConsoleAPI:
         return 200, self.keys.set_archived(call.actor, call.path["keyId"], False).to_json(utcnow())
 
     def rotate_key(self, call: Call) -> Result:
+        self.keys.authorize(call.actor, call.path["keyId"], "member")
         new, secret, old = self.keys.rotate(call.actor, call.path["keyId"], call.json(RotateRequest))
         now = utcnow()
         return 201, {**new.to_json(now), "secret": secret, "previous_key": old.to_json(now)}

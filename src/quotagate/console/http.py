@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -16,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from quotagate.accounts.models import Actor
-from quotagate.errors import InvalidRequest, PayloadTooLarge, QuotagateError, Unauthenticated
+from quotagate.errors import InvalidRequest, NotFound, PayloadTooLarge, QuotagateError, Unauthenticated
 from quotagate.validation import parse_json_body
 
 log = logging.getLogger(__name__)
@@ -105,19 +106,36 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
+# Every id the API hands out is a type prefix and base62 characters (see ``ids.new_id``).
+_ID = re.compile(r"[A-Za-z0-9_]{1,64}")
+
+
+def check_path_ids(params: dict[str, str]) -> None:
+    """A path id that cannot be one of ours is simply not found (and never reaches the store)."""
+    for name, value in params.items():
+        if not _ID.fullmatch(value):
+            raise NotFound(f"no such resource: {name} {value[:64]!r}")
+
+
 def endpoint(handler: Handler, authenticate: Authenticator,
              body_limit: int) -> Callable[[Request], Awaitable[Response]]:
     """Wrap a synchronous handler: read the bounded body, authenticate, run it off the event loop,
-    render its result or its error."""
+    render its result or its error. An unexpected error is logged and answered with a JSON 500."""
 
     async def run(request: Request) -> Response:
         try:
             body = await read_body(request, body_limit)
             actor = await authenticate(request)
-            call = Call(actor=actor, path=dict(request.path_params), query=request.query_params, body=body)
+            params = dict(request.path_params)
+            check_path_ids(params)
+            call = Call(actor=actor, path=params, query=request.query_params, body=body)
             status, payload = await run_in_threadpool(handler, call)
         except QuotagateError as exc:
             return error_response(exc)
+        except Exception:
+            log.exception("unexpected error in %s %s", request.method, request.url.path)
+            return JSON({"error": {"code": "internal_error", "message": "an unexpected error occurred; "
+                                   "it has been logged"}}, status_code=500)
         if status == 204:
             return Response(status_code=204)
         return JSON(payload, status_code=status)
