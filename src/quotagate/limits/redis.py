@@ -71,6 +71,9 @@ class RedisLimiter:
         self._id_prefix = secrets.token_hex(6) + "."
         self._ids = itertools.count(1)
         self._queue: list[_Call] = []
+        self._inflight = 0  # batches taken from the queue and not yet acknowledged
+        self._drained = asyncio.Event()
+        self._drained.set()
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
@@ -194,16 +197,23 @@ class RedisLimiter:
         await self._redis.set(self.key_prefix(key_id) + "revoked", b"1")
 
     async def flush(self) -> None:
-        """Write every queued settlement now (raises if Redis cannot be reached; nothing is dropped)."""
-        while self._queue:
-            batch = self._take(_SETTLE_BATCH)
-            try:
-                await self._pipeline(batch, None)
-            except BaseException:
-                self._queue[:0] = batch
-                raise
+        """Write every queued settlement and wait for those in flight (raises if Redis cannot be
+        reached; nothing is dropped)."""
+        while True:
+            while self._queue:
+                batch = self._take(_SETTLE_BATCH)
+                ok = False
+                try:
+                    await self._pipeline(batch, None)
+                    ok = True
+                finally:
+                    self._done(batch, ok)
+            if self._inflight == 0:
+                return
+            await self._drained.wait()
 
     def pending_settlements(self) -> int:
+        """Settlements queued and not yet sent."""
         return len(self._queue)
 
     # --- internals -----------------------------------------------------------------------------
@@ -214,7 +224,16 @@ class RedisLimiter:
     def _take(self, n: int) -> list[_Call]:
         batch = self._queue[:n]
         del self._queue[:n]
+        self._inflight += 1
+        self._drained.clear()
         return batch
+
+    def _done(self, batch: list[_Call], ok: bool) -> None:
+        if not ok:
+            self._queue[:0] = batch  # settling is idempotent: re-sending an applied one is harmless
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._drained.set()
 
     async def _call(self, script: Any, keys: list[str], args: list[str | int]) -> list[Any]:
         """Run ``script``, with any queued settlements pipelined ahead of it: one round trip."""
@@ -222,11 +241,13 @@ class RedisLimiter:
             reply: list[Any] = await script(keys=keys, args=args)
             return reply
         batch = self._take(_SETTLE_BATCH)
+        ok = False
         try:
-            return await self._pipeline(batch, (script.sha, keys, args))
-        except BaseException:
-            self._queue[:0] = batch  # settling is idempotent: re-sending an applied one is harmless
-            raise
+            reply = await self._pipeline(batch, (script.sha, keys, args))
+            ok = True
+            return reply
+        finally:
+            self._done(batch, ok)
 
     async def _pipeline(self, batch: Sequence[_Call], last: tuple[str, list[str], list[str | int]] | None
                         ) -> list[Any]:
@@ -267,6 +288,10 @@ class RedisLimiter:
                     backoff = 0.05
                 except UNAVAILABLE as exc:
                     self._note_down(exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                except Exception:
+                    log.exception("settlement flush failed; retrying")
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
 

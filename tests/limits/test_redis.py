@@ -1,0 +1,315 @@
+"""What only the Redis limiter promises: one round trip, Redis's clock, TTLs, revocation markers,
+several instances sharing it, settlements never lost, and a documented policy when Redis is down.
+
+Outage tests run their own throwaway ``redis-server`` (never the shared one), killed and restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from quotagate.keys.models import PERIODS
+from quotagate.limits import scripts
+from quotagate.limits.errors import LimiterUnavailable
+from quotagate.limits.periods import period_bounds
+from quotagate.limits.redis import RedisLimiter
+from tests.limits.conftest import REDIS_URL, make_key, redis_prefix
+from tests.support import free_port
+
+pytestmark = [pytest.mark.anyio, pytest.mark.skipif(not REDIS_URL, reason="QUOTAGATE_TEST_REDIS_URL=''")]
+
+
+class RedisServer:
+    """A redis-server subprocess of this test's own, on a free port."""
+
+    def __init__(self, directory: Path, persistent: bool = False) -> None:
+        self.port = free_port()
+        self.dir = directory
+        self.persistent = persistent
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        durability = (["--appendonly", "yes", "--appendfsync", "always"] if self.persistent
+                      else ["--appendonly", "no"])
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.dir),
+             "--daemonize", "no", *durability], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def persistent_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path, persistent=True)
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+async def shared() -> AsyncIterator[RedisLimiter]:
+    """A limiter on the shared Redis, on Redis's own clock, under a prefix of its own."""
+    async with redis_prefix() as prefix:
+        limiter = RedisLimiter.from_url(REDIS_URL, prefix=prefix)
+        yield limiter
+        await limiter.close()
+
+
+# --- the script's own calendar ------------------------------------------------------------------
+
+
+async def test_lua_periods_match_python(shared: RedisLimiter) -> None:
+    rng = random.Random(5)
+    moments = [rng.randrange(0, 4_102_444_800) for _ in range(3000)]
+    moments += [period_bounds("month", t)[0] + d for t in range(0, 4_102_444_800, 86_400 * 29) for d in (-1, 0)]
+    bounds = shared.client.register_script(scripts.BOUNDS)
+    pipe = shared.client.pipeline(transaction=False)
+    cases = [(p, t) for t in moments for p in PERIODS]
+    for p, t in cases:
+        await bounds(args=[p, t], client=pipe)
+    results = await pipe.execute()
+    for (p, t), got in zip(cases, results, strict=True):
+        assert tuple(got) == period_bounds(p, t), (p, t)
+
+
+# --- one round trip, Redis's clock, TTLs -------------------------------------------------------
+
+
+async def test_one_round_trip_per_admission(own_redis: RedisServer) -> None:
+    limiter = RedisLimiter.from_url(own_redis.url, settle_delay=60)
+    probe = Redis.from_url(own_redis.url)
+    try:
+        key = make_key(rpm=1000, tpm=10**6, token_limit=10**7)
+        await limiter.settle(key, await limiter.admit(key, 1, 1), 1)
+        await limiter.flush()  # the scripts are loaded (once per Redis server)
+        async with probe.monitor() as monitor:
+            await probe.ping()  # MONITOR is on: the connection is ready
+            for i in range(20):
+                adm = await limiter.admit(key, 10, 10)
+                assert adm.admitted
+                if i % 2:
+                    await limiter.settle(key, adm, 5)  # rides with the next admission
+            await limiter.admit(make_key(), 1, 1)  # also carries the last queued settlement
+            seen = []
+            while True:
+                cmd = await asyncio.wait_for(monitor.next_command(), 5)
+                name = cmd["command"].split()[0].upper()
+                if cmd["client_type"] != "lua" and name not in ("HELLO", "PING"):  # the probe's own
+                    seen.append(name)
+                if seen.count("EVALSHA") == 21 + 10:
+                    break
+        # 21 admissions and 10 settlements, and nothing else (no SCRIPT EXISTS, no second command)
+        assert set(seen) == {"EVALSHA"}
+        assert limiter.pending_settlements() == 0
+    finally:
+        await probe.aclose()
+        await limiter.close()
+
+
+async def test_uses_redis_clock_and_every_key_expires(shared: RedisLimiter) -> None:
+    key = make_key(rpm=10, tpm=10_000, token_limit=10_000, period="month")
+    a = await shared.admit(key, 100, 100)
+    server_now = float((await shared.client.time())[0])
+    assert a.admitted and a.budget is not None
+    _, end = period_bounds("month", server_now)
+    assert a.budget.resets_at == end
+    await shared.settle(key, a, 50)
+    await shared.flush()
+    names = [k async for k in shared.client.scan_iter(match=shared.key_prefix(key.id) + "*")]
+    assert {n.decode().rsplit(":", 1)[-1] for n in names} >= {"rpm", "tpm", "tpmh", "month"}
+    for name in names:
+        ttl = await shared.client.pttl(name)
+        assert ttl > 0, name
+        if name.endswith((b"rpm", b"tpm", b"tpmh")):
+            assert ttl <= 61_000
+        else:
+            assert ttl <= (end - server_now + 61) * 1000
+
+
+# --- revocation --------------------------------------------------------------------------------
+
+
+async def test_a_revocation_marker_refuses_the_key_everywhere(shared: RedisLimiter) -> None:
+    other = RedisLimiter(shared.client, prefix=shared.key_prefix("x").split(":")[0])  # a second instance
+    for key in (make_key(), make_key(rpm=5, token_limit=1000)):
+        assert (await other.admit(key, 1, 1)).admitted
+        await shared.mark_revoked(key.id)
+        await shared.mark_revoked(key.id)  # idempotent
+        refused = await other.admit(key, 1, 1)
+        assert not refused.admitted and refused.refusal == "key_revoked" and refused.reservation is None
+        assert await shared.client.pttl(shared.key_prefix(key.id) + "revoked") == -1  # for good
+
+
+# --- several instances -------------------------------------------------------------------------
+
+
+async def test_two_instances_never_exceed_any_limit() -> None:
+    async with redis_prefix() as prefix:
+        a = RedisLimiter.from_url(REDIS_URL, prefix=prefix)
+        b = RedisLimiter.from_url(REDIS_URL, prefix=prefix)
+        try:
+            rng = random.Random(1)
+            budget_key = make_key(token_limit=60_000, period="month")
+            tpm_key = make_key(tpm=50_000)
+            rpm_key = make_key(rpm=173)
+            calls = []
+            for i in range(500):
+                lim = a if i % 2 else b
+                for key in (budget_key, tpm_key, rpm_key):
+                    calls.append((key.id, lim.admit(key, rng.randint(1, 200), rng.randint(1, 400))))
+            results = await asyncio.gather(*(c for _, c in calls))
+            by_key: dict[str, list[int]] = {}
+            for (kid, _), adm in zip(calls, results, strict=True):
+                if adm.admitted:
+                    by_key.setdefault(kid, []).append(adm.reserved_tokens)
+            assert 60_000 - 201 < sum(by_key[budget_key.id]) <= 60_000
+            assert 50_000 - 201 < sum(by_key[tpm_key.id]) <= 50_000
+            assert len(by_key[rpm_key.id]) == 173
+            # and the stored state agrees with what was handed out
+            state = await a.state(budget_key)
+            assert state.budget is not None and state.budget.reserved == sum(by_key[budget_key.id])
+        finally:
+            await a.close()
+            await b.close()
+
+
+async def test_concurrent_settlements_from_two_instances_add_up() -> None:
+    async with redis_prefix() as prefix:
+        a = RedisLimiter.from_url(REDIS_URL, prefix=prefix)
+        b = RedisLimiter.from_url(REDIS_URL, prefix=prefix)
+        key = make_key(tpm=10**6, token_limit=30_000, period="month")
+        rng = random.Random(2)
+
+        async def one(lim: RedisLimiter) -> int:
+            adm = await lim.admit(key, rng.randint(1, 50), rng.randint(1, 200))
+            if not adm.admitted:
+                return 0
+            await asyncio.sleep(rng.random() / 100)
+            actual = rng.randint(0, adm.reserved_tokens)
+            await lim.settle(key, adm, actual)
+            await lim.settle(key, adm, actual + 1)  # a duplicate must change nothing
+            return actual
+
+        try:
+            charged = sum(await asyncio.gather(*(one(a if i % 2 else b) for i in range(500))))
+            await a.flush()
+            await b.flush()
+            state = await a.state(key)
+            assert state.budget is not None
+            assert (state.budget.used, state.budget.reserved) == (charged, 0)
+            assert state.tokens_in_window == charged
+        finally:
+            await a.close()
+            await b.close()
+
+
+# --- Redis down --------------------------------------------------------------------------------
+
+
+async def test_redis_down_fails_closed_then_recovers_without_restart(own_redis: RedisServer,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    limiter = RedisLimiter.from_url(own_redis.url)
+    try:
+        key = make_key(rpm=100)
+        assert (await limiter.admit(key, 1, 1)).admitted
+        own_redis.kill()
+        with pytest.raises(LimiterUnavailable) as info:
+            await limiter.admit(key, 1, 1)
+        assert info.value.code == "limiter_unavailable" and info.value.retry_after > 0
+        with pytest.raises(LimiterUnavailable):
+            await limiter.state(key)
+        assert limiter.unavailable_total == 1
+        assert any("Redis limiter unavailable" in r.getMessage() for r in caplog.records)
+        own_redis.start()  # empty: no data, no scripts loaded
+        adm = await limiter.admit(key, 1, 1)
+        assert adm.admitted and adm.remaining_requests == 99
+        assert any("reachable again" in r.getMessage() for r in caplog.records)
+    finally:
+        await limiter.close()
+
+
+async def test_failure_policies(own_redis: RedisServer) -> None:
+    rates_only, budgeted, free = make_key(rpm=5, tpm=100), make_key(rpm=5, token_limit=100), make_key()
+    own_redis.kill()
+    closed = RedisLimiter.from_url(own_redis.url)
+    open_rates = RedisLimiter.from_url(own_redis.url, failure_policy="open-rates")
+    open_all = RedisLimiter.from_url(own_redis.url, failure_policy="open")
+    try:
+        for key in (rates_only, budgeted, free):
+            with pytest.raises(LimiterUnavailable):
+                await closed.admit(key, 1, 1)
+        adm = await open_rates.admit(rates_only, 1, 1)
+        assert adm.admitted and adm.reservation is None and adm.granted is None
+        with pytest.raises(LimiterUnavailable):
+            await open_rates.admit(budgeted, 1, 1)
+        assert (await open_all.admit(budgeted, 1, 1)).admitted
+        with pytest.raises(ValueError, match="policy"):
+            RedisLimiter(open_all.client, failure_policy="sometimes")  # type: ignore[arg-type]
+    finally:
+        for lim in (closed, open_rates, open_all):
+            await lim.close()
+
+
+async def test_settlements_survive_an_outage(persistent_redis: RedisServer) -> None:
+    limiter = RedisLimiter.from_url(persistent_redis.url, settle_delay=0.001)
+    try:
+        key = make_key(token_limit=1000, period="month")
+        adm = await limiter.admit(key, 100, 400)
+        assert adm.admitted and adm.reserved_tokens == 500
+        persistent_redis.kill()
+        await limiter.settle(key, adm, 123)
+        await asyncio.sleep(0.2)  # the background flush fails, retries, keeps it queued
+        assert limiter.pending_settlements() == 1
+        persistent_redis.start()  # the same data back (append-only file)
+        deadline = time.monotonic() + 10
+        while limiter.pending_settlements() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        state = await limiter.state(key)
+        assert state.budget is not None and (state.budget.used, state.budget.reserved) == (123, 0)
+    finally:
+        await limiter.close()
+
+
+async def test_close_flushes_queued_settlements(shared: RedisLimiter) -> None:
+    other = RedisLimiter.from_url(REDIS_URL, prefix=shared.key_prefix("x").split(":")[0], settle_delay=60)
+    key = make_key(tpm=10_000)
+    adm = await other.admit(key, 100, 100)
+    await other.settle(key, adm, 7)
+    assert other.pending_settlements() == 1
+    await other.close()
+    assert (await shared.state(key)).tokens_in_window == 7
