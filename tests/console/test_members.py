@@ -1,0 +1,238 @@
+"""Projects and members: roles owner/member/viewer, the last owner, the role matrix, instance admins."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.console.conftest import UserFactory, email_of
+from tests.support import Console
+
+
+@pytest.fixture(scope="module")
+def team(make_user: UserFactory) -> dict[str, Console]:
+    return {role: make_user(role) for role in ("owner", "member", "viewer", "stranger")} | {
+        "admin": make_user("admin", admin=True)}
+
+
+@pytest.fixture
+def shared(team: dict[str, Console]) -> dict[str, Any]:
+    """A project of team["owner"] with the member and the viewer in it, and one key."""
+    owner = team["owner"]
+    project = owner.project("shared")
+    for role in ("member", "viewer"):
+        owner.ok("POST", f"/v1/projects/{project['id']}/members", 201,
+                 json={"email": email_of(team[role]), "role": role})
+    key = owner.mint(project["id"], name="shared-key")
+    return {"project": project, "key": key}
+
+
+def test_creating_a_project_makes_the_caller_owner(alice: Console) -> None:
+    project = alice.project("mine")
+    assert project["object"] == "project" and project["id"].startswith("proj_") and project["role"] == "owner"
+    assert project["name"] == "mine" and project["models"] is None
+    members = alice.ok("GET", f"/v1/projects/{project['id']}/members")["data"]
+    assert [(m["email"], m["role"]) for m in members] == [(email_of(alice), "owner")]
+    listed = alice.ok("GET", "/v1/projects")
+    assert listed["object"] == "list" and project["id"] in [p["id"] for p in listed["data"]]
+    assert alice.ok("GET", f"/v1/projects/{project['id']}") == project
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({}, "name"), ({"name": ""}, "name"), ({"name": 5}, "name"), ({"name": "x" * 201}, "name"),
+    ({"name": "a\u0000b"}, "name"), ({"name": "ok", "models": []}, "models"),
+    ({"name": "ok", "models": ["gpt-4o"]}, "models"), ({"name": "ok", "plan": "pro"}, "plan"),
+])
+def test_project_validation(alice: Console, body: dict[str, Any], field: str) -> None:
+    r = alice.request("POST", "/v1/projects", json=body)
+    assert r.status_code == 400 and r.json()["error"]["field"] == field, r.text
+
+
+def test_members_list_add_change_remove(alice: Console, make_user: UserFactory) -> None:
+    dave = make_user("dave")
+    dave_email = email_of(dave)
+    pid = alice.project("team")["id"]
+    assert dave.request("GET", f"/v1/projects/{pid}").status_code == 404
+    added = alice.ok("POST", f"/v1/projects/{pid}/members", 201, json={"email": dave_email.upper(), "role": "viewer"})
+    assert added["object"] == "project_member" and added["email"] == dave_email and added["role"] == "viewer"
+    assert dave.ok("GET", f"/v1/projects/{pid}")["role"] == "viewer"
+    members = alice.ok("GET", f"/v1/projects/{pid}/members")["data"]
+    assert sorted((m["email"], m["role"]) for m in members) == sorted([(email_of(alice), "owner"),
+                                                                       (dave_email, "viewer")])
+    r = alice.request("POST", f"/v1/projects/{pid}/members", json={"email": dave_email, "role": "member"})
+    assert r.status_code == 409  # already a member: change the role with PATCH
+    changed = alice.ok("PATCH", f"/v1/projects/{pid}/members/{added['user_id']}", json={"role": "member"})
+    assert changed["role"] == "member"
+    assert dave.ok("GET", f"/v1/projects/{pid}")["role"] == "member"
+    alice.ok("DELETE", f"/v1/projects/{pid}/members/{added['user_id']}", 204)
+    assert dave.request("GET", f"/v1/projects/{pid}").status_code == 404
+    assert pid not in [p["id"] for p in dave.ok("GET", "/v1/projects")["data"]]
+    r = alice.request("DELETE", f"/v1/projects/{pid}/members/{added['user_id']}")
+    assert r.status_code == 404
+
+
+@pytest.mark.parametrize(("body", "status", "field"), [
+    ({"email": "nobody-here@example.com", "role": "member"}, 404, "email"),
+    ({"email": "not-an-email", "role": "member"}, 400, "email"),
+    ({"email": "a\u0000b@example.com", "role": "member"}, 400, "email"),
+    ({"email": "x@example.com", "role": "admin"}, 400, "role"),
+    ({"email": "x@example.com", "role": "Owner"}, 400, "role"),
+    ({"role": "member"}, 400, "email"),
+    ({"email": "x@example.com", "role": "member", "extra": 1}, 400, "extra"),
+])
+def test_add_member_validation(alice: Console, body: dict[str, Any], status: int, field: str) -> None:
+    pid = alice.project("member-validation")["id"]
+    r = alice.request("POST", f"/v1/projects/{pid}/members", json=body)
+    assert r.status_code == status and r.json()["error"]["field"] == field, r.text
+    assert len(alice.ok("GET", f"/v1/projects/{pid}/members")["data"]) == 1
+
+
+def test_a_project_never_loses_its_last_owner(alice: Console, make_user: UserFactory) -> None:
+    erin = make_user("erin")
+    pid = alice.project("owned")["id"]
+    me = alice.ok("GET", "/v1/me")["id"]
+    for method, body in (("PATCH", {"role": "member"}), ("PATCH", {"role": "viewer"}), ("DELETE", None)):
+        r = alice.request(method, f"/v1/projects/{pid}/members/{me}", json=body)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "conflict", r.text
+    erin_member = alice.ok("POST", f"/v1/projects/{pid}/members", 201, json={"email": email_of(erin),
+                                                                              "role": "owner"})
+    # with a second owner, the first may step down; then the second is the last and is protected
+    assert alice.ok("PATCH", f"/v1/projects/{pid}/members/{me}", json={"role": "member"})["role"] == "member"
+    r = erin.request("PATCH", f"/v1/projects/{pid}/members/{erin_member['user_id']}", json={"role": "viewer"})
+    assert r.status_code == 409
+    r = erin.request("DELETE", f"/v1/projects/{pid}/members/{erin_member['user_id']}")
+    assert r.status_code == 409
+    roles = {m["email"]: m["role"] for m in erin.ok("GET", f"/v1/projects/{pid}/members")["data"]}
+    assert sorted(roles.values()) == ["member", "owner"]
+
+
+def test_anyone_may_leave_a_project(team: dict[str, Console], shared: dict[str, Any]) -> None:
+    pid = shared["project"]["id"]
+    viewer_id = team["viewer"].ok("GET", "/v1/me")["id"]
+    team["viewer"].ok("DELETE", f"/v1/projects/{pid}/members/{viewer_id}", 204)
+    assert team["viewer"].request("GET", f"/v1/projects/{pid}").status_code == 404
+
+
+def _attempts(shared: dict[str, Any], target_user_id: str, email: str) -> dict[str, tuple[str, str, Any]]:
+    """Every write of the console API on one project, by name: (method, path, body)."""
+    pid, kid = shared["project"]["id"], shared["key"]["id"]
+    return {
+        "rename project": ("PATCH", f"/v1/projects/{pid}", {"name": "hijacked"}),
+        "add member": ("POST", f"/v1/projects/{pid}/members", {"email": email, "role": "viewer"}),
+        "change member": ("PATCH", f"/v1/projects/{pid}/members/{target_user_id}", {"role": "owner"}),
+        "remove member": ("DELETE", f"/v1/projects/{pid}/members/{target_user_id}", None),
+        "mint": ("POST", f"/v1/projects/{pid}/inference/keys", {"name": "x"}),
+        "edit key": ("PATCH", f"/v1/inference/keys/{kid}", {"rpm": 1}),
+        "rotate key": ("POST", f"/v1/inference/keys/{kid}/rotate", {"grace_period_seconds": 60}),
+        "revoke key": ("DELETE", f"/v1/inference/keys/{kid}", None),
+    }
+
+
+READS = ("/v1/projects/{pid}", "/v1/projects/{pid}/members", "/v1/projects/{pid}/inference/keys",
+         "/v1/projects/{pid}/inference/keys?include_archived=true", "/v1/projects/{pid}/audit-log",
+         "/v1/inference/keys/{kid}")
+
+
+def test_viewer_reads_but_cannot_write(team: dict[str, Console], shared: dict[str, Any],
+                                       make_user: UserFactory) -> None:
+    viewer = team["viewer"]
+    pid, kid = shared["project"]["id"], shared["key"]["id"]
+    for path in READS:
+        assert viewer.request("GET", path.format(pid=pid, kid=kid)).status_code == 200, path
+    member_id = team["member"].ok("GET", "/v1/me")["id"]
+    for name, (method, path, body) in _attempts(shared, member_id, email_of(team["stranger"])).items():
+        r = viewer.request(method, path, json=body)
+        assert r.status_code == 403, (name, r.text)
+        assert r.json()["error"]["code"] == "forbidden"
+    # even with a bad body, the role is checked first
+    r = viewer.request("POST", f"/v1/projects/{pid}/inference/keys", json={"rpm": "bad"})
+    assert r.status_code == 403
+    assert team["owner"].ok("GET", f"/v1/inference/keys/{kid}")["status"] == "active"
+    assert len(team["owner"].ok("GET", f"/v1/projects/{pid}/inference/keys")["data"]) == 1
+
+
+def test_member_manages_keys_but_not_members(team: dict[str, Console], shared: dict[str, Any]) -> None:
+    member = team["member"]
+    pid = shared["project"]["id"]
+    viewer_id = team["viewer"].ok("GET", "/v1/me")["id"]
+    attempts = _attempts(shared, viewer_id, email_of(team["stranger"]))
+    for name in ("rename project", "add member", "change member", "remove member"):
+        method, path, body = attempts[name]
+        r = member.request(method, path, json=body)
+        assert r.status_code == 403, (name, r.text)
+    key = member.mint(pid, name="members-key", rpm=3)
+    member.ok("PATCH", f"/v1/inference/keys/{key['id']}", json={"rpm": 4})
+    rotated = member.ok("POST", f"/v1/inference/keys/{key['id']}/rotate", 201, json={})
+    member.ok("DELETE", f"/v1/inference/keys/{rotated['id']}")
+    member.ok("POST", f"/v1/inference/keys/{rotated['id']}/archive")
+    member.ok("POST", f"/v1/inference/keys/{rotated['id']}/unarchive")
+    log = member.ok("GET", f"/v1/projects/{pid}/audit-log")["data"]
+    assert log[0]["actor"]["email"] == email_of(member)
+
+
+def test_owner_and_instance_admin_may_do_everything(team: dict[str, Console], shared: dict[str, Any]) -> None:
+    pid = shared["project"]["id"]
+    viewer_id = team["viewer"].ok("GET", "/v1/me")["id"]
+    for who in ("admin", "owner"):
+        user = team[who]
+        assert user.ok("GET", f"/v1/projects/{pid}")["role"] == "owner"
+        key = user.mint(pid, name=f"{who}-key")
+        user.ok("PATCH", f"/v1/inference/keys/{key['id']}", json={"rpm": 9})
+        user.ok("DELETE", f"/v1/inference/keys/{key['id']}")
+        user.ok("PATCH", f"/v1/projects/{pid}", json={"name": f"renamed by {who}"})
+        user.ok("PATCH", f"/v1/projects/{pid}/members/{viewer_id}", json={"role": "member"})
+        user.ok("PATCH", f"/v1/projects/{pid}/members/{viewer_id}", json={"role": "viewer"})
+    # the admin sees every project without being a member of it
+    assert pid in [p["id"] for p in team["admin"].ok("GET", "/v1/projects")["data"]]
+    assert email_of(team["admin"]) not in [m["email"] for m in
+                                           team["owner"].ok("GET", f"/v1/projects/{pid}/members")["data"]]
+    team["admin"].ok("DELETE", f"/v1/projects/{pid}/members/{viewer_id}", 204)
+
+
+def test_a_stranger_gets_404_everywhere(team: dict[str, Console], shared: dict[str, Any]) -> None:
+    """Not 403: another project's resources are never revealed, whatever the method or body."""
+    stranger = team["stranger"]
+    pid, kid = shared["project"]["id"], shared["key"]["id"]
+    for path in (*READS, "/v1/inference/keys/{kid}/usage", "/v1/inference/keys/{kid}/activity"):
+        r = stranger.request("GET", path.format(pid=pid, kid=kid))
+        assert r.status_code == 404, (path, r.text)
+        assert "shared" not in r.text and shared["key"]["prefix"] not in r.text
+    owner_id = team["owner"].ok("GET", "/v1/me")["id"]
+    stranger_id = stranger.ok("GET", "/v1/me")["id"]
+    attempts = _attempts(shared, owner_id, email_of(stranger))
+    attempts.update({
+        "archive": ("POST", f"/v1/inference/keys/{kid}/archive", None),
+        "unarchive": ("POST", f"/v1/inference/keys/{kid}/unarchive", None),
+        "remove self": ("DELETE", f"/v1/projects/{pid}/members/{stranger_id}", None),
+        "bad mint body": ("POST", f"/v1/projects/{pid}/inference/keys", {"rpm": -1}),
+        "bad edit body": ("PATCH", f"/v1/inference/keys/{kid}", {"nonsense": True}),
+        "bad rotate body": ("POST", f"/v1/inference/keys/{kid}/rotate", {"grace_period_seconds": -1}),
+        "bad member body": ("POST", f"/v1/projects/{pid}/members", {"email": "bad"}),
+    })
+    for name, (method, path, body) in attempts.items():
+        r = stranger.request(method, path, json=body)
+        assert r.status_code == 404, (name, r.text)
+        assert r.json()["error"]["code"] == "not_found"
+    # the stranger's project list does not include it, and nothing changed
+    assert pid not in [p["id"] for p in stranger.ok("GET", "/v1/projects")["data"]]
+    owner = team["owner"]
+    assert owner.ok("GET", f"/v1/projects/{pid}")["name"] == "shared"
+    key = owner.ok("GET", f"/v1/inference/keys/{kid}")
+    assert key["status"] == "active" and key["rpm"] is None and key["archived"] is False
+    assert len(owner.ok("GET", f"/v1/projects/{pid}/members")["data"]) == 3
+    assert len(owner.ok("GET", f"/v1/projects/{pid}/inference/keys")["data"]) == 1
+    assert all(e["actor"]["email"] != email_of(stranger)
+               for e in owner.ok("GET", f"/v1/projects/{pid}/audit-log")["data"])
+
+
+def test_a_stranger_cannot_tell_a_hidden_project_from_a_missing_one(team: dict[str, Console],
+                                                                   shared: dict[str, Any]) -> None:
+    stranger = team["stranger"]
+    real = stranger.request("GET", f"/v1/projects/{shared['project']['id']}")
+    fake = stranger.request("GET", "/v1/projects/proj_00000000000000000000")
+    assert real.status_code == fake.status_code == 404
+    assert real.json()["error"]["code"] == fake.json()["error"]["code"]
+    real_key = stranger.request("DELETE", f"/v1/inference/keys/{shared['key']['id']}")
+    fake_key = stranger.request("DELETE", "/v1/inference/keys/key_00000000000000000000")
+    assert real_key.status_code == fake_key.status_code == 404
