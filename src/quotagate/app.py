@@ -23,7 +23,7 @@ from quotagate.console.api import ConsoleAPI
 from quotagate.console.http import JSON, http_exception_handler
 from quotagate.keys.events import KeyEvents
 from quotagate.keys.service import KeyService, project_keys_invalidator
-from quotagate.limits import build_limiter
+from quotagate.limits import build_broadcaster, build_limiter
 from quotagate.limits.interfaces import Limiter
 from quotagate.metering import console_routes as metering_console_routes
 from quotagate.metering import install as install_metering
@@ -69,6 +69,11 @@ class Runtime:
         runtime = cls(settings=settings, config=config, engine=engine, events=events, accounts=accounts,
                       keys=keys, audit=AuditLog(engine), limiter=limiter)
         runtime.on_stop.append(limiter.close)
+        broadcaster = build_broadcaster(limiter, events, keys.resolve)  # None without Redis
+        if broadcaster is not None:
+            runtime.on_start.append(broadcaster.start)
+            runtime.on_stop.append(broadcaster.stop)  # runs before the limiter closes (reverse order)
+            runtime.extras["broadcaster"] = broadcaster
         install_metering(runtime)
         return runtime
 

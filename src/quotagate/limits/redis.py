@@ -93,6 +93,10 @@ class RedisLimiter:
     def client(self) -> Redis:
         return self._redis
 
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
     def key_prefix(self, key_id: str) -> str:
         """The prefix of every Redis key kept for ``key_id``: one hash tag per inference key."""
         return f"{self._prefix}:{{{key_id}}}:"
