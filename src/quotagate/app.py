@@ -93,8 +93,12 @@ class Runtime:
 
 
 def build_console_app(runtime: Runtime, extra_routes: list[BaseRoute] | None = None) -> Starlette:
-    """The console listener's ASGI app: the console API (and, later, the web console)."""
+    """The console listener's ASGI app: the console API under /v1 and the web console at /."""
+    from quotagate.web.views import WebConsole
+
     api = ConsoleAPI(runtime.accounts, runtime.keys, runtime.audit)
+    web = WebConsole(runtime.accounts, runtime.keys, lambda: runtime.config.model_ids,
+                     usage=runtime.extras.get("web_usage"))
 
     async def healthz(_request: Request) -> Response:
         return JSON({"status": "ok"})
@@ -103,4 +107,5 @@ def build_console_app(runtime: Runtime, extra_routes: list[BaseRoute] | None = N
     routes: list[BaseRoute] = [Route("/healthz", healthz), *metering_routes,
                                *api.routes(runtime.settings.console_max_body_bytes, extra=usage_handlers)]
     routes.extend(extra_routes or [])
+    routes.extend(web.routes())
     return Starlette(routes=routes, exception_handlers={HTTPException: http_exception_handler})

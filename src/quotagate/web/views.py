@@ -1,0 +1,383 @@
+"""The web console's pages. Each handler turns a form into the same validated input the JSON API uses,
+calls the same service, and renders the result or the service's error next to the field it names."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from quotagate.accounts.models import Actor, Project
+from quotagate.accounts.service import AccountService
+from quotagate.errors import InvalidRequest, NotFound, QuotagateError, Unauthenticated
+from quotagate.ids import utcnow
+from quotagate.keys.models import PERIODS, InferenceKey
+from quotagate.keys.schemas import KeyCreate, KeyUpdate, RotateRequest
+from quotagate.keys.service import KeyService
+from quotagate.validation import parse_model
+from quotagate.web import charts
+from quotagate.web.session import COOKIE, SESSION_TOKEN_NAME, SignInThrottle, csrf_ok, csrf_token
+
+HERE = Path(__file__).parent
+UsageQuery = Callable[[Actor, str, datetime, datetime, str], dict[str, Any]]
+
+RANGES = {"hour": (timedelta(hours=1), "minute"), "day": (timedelta(days=1), "hour"),
+          "month": (timedelta(days=30), "day")}
+LIMIT_FIELDS = ("rpm", "tpm", "token_limit")
+
+
+def limits_text(key: InferenceKey) -> list[str]:
+    """Limits in human form: "600 rpm", "200k tpm", "5M tokens / month"."""
+    out = []
+    if key.rpm:
+        out.append(f"{charts.human(key.rpm)} rpm")
+    if key.tpm:
+        out.append(f"{charts.human(key.tpm)} tpm")
+    if key.token_limit:
+        out.append(f"{charts.human(key.token_limit)} tokens / {key.token_limit_period}")
+    return out or ["unlimited"]
+
+
+STEP = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1)}
+
+
+def fill_series(points: list[dict[str, Any]], start: datetime, end: datetime,
+                granularity: str) -> list[tuple[datetime, dict[str, Any]]]:
+    """Every bucket from ``start`` to ``end``, with zeros where there was no traffic, so bars line up
+    with time."""
+    step = STEP[granularity]
+    by_start = {}
+    for p in points:
+        when = p["start"]
+        if isinstance(when, str):
+            when = datetime.fromisoformat(when.replace("Z", "+00:00"))
+        by_start[when] = p
+    epoch = datetime(1970, 1, 1, tzinfo=start.tzinfo)
+    first = epoch + ((start - epoch) // step) * step
+    out = []
+    when = first
+    while when < end:
+        out.append((when, by_start.get(when, {"requests": 0, "total_tokens": 0})))
+        when += step
+    return out
+
+
+class Page:
+    """One request's context: the signed-in actor (if any), the session secret and the CSRF token."""
+
+    def __init__(self, request: Request, actor: Actor | None, secret: str | None) -> None:
+        self.request = request
+        self.actor = actor
+        self.secret = secret
+        self.csrf = csrf_token(secret) if secret else ""
+
+
+class WebConsole:
+    def __init__(self, accounts: AccountService, keys: KeyService, catalog: Callable[[], frozenset[str]],
+                 usage: UsageQuery | None = None, throttle: SignInThrottle | None = None) -> None:
+        self.accounts = accounts
+        self.keys = keys
+        self._catalog = catalog
+        self.usage = usage
+        self.throttle = throttle or SignInThrottle()
+        self.templates = Jinja2Templates(directory=str(HERE / "templates"))
+        self.templates.env.globals.update(human=charts.human, limits_text=limits_text, periods=PERIODS)
+
+    # -- plumbing ----------------------------------------------------------------------------
+    async def _page(self, request: Request) -> Page:
+        secret = request.cookies.get(COOKIE)
+        if not secret:
+            return Page(request, None, None)
+        try:
+            user, token_id = await run_in_threadpool(self.accounts.authenticate_token, secret)
+        except Unauthenticated:
+            return Page(request, None, None)
+        ip = request.client.host if request.client else None
+        actor = Actor(user=user, client_ip=ip, user_agent=request.headers.get("user-agent"), token_id=token_id)
+        return Page(request, actor, secret)
+
+    def render(self, page: Page, template: str, status: int = 200, **context: Any) -> HTMLResponse:
+        response = self.templates.TemplateResponse(
+            page.request, template, {"actor": page.actor, "csrf": page.csrf, **context}, status_code=status)
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Content-Security-Policy"] = ("default-src 'self'; img-src 'self' data:; "
+                                                       "style-src 'self'; script-src 'self'; frame-ancestors 'none'")
+        response.headers["Referrer-Policy"] = "same-origin"
+        return response
+
+    def page(self, *, write: bool = False) -> Callable[[Callable[..., Awaitable[Response]]],
+                                                     Callable[[Request], Awaitable[Response]]]:
+        """Decorate a handler: require a signed-in user (else redirect to sign in), check the CSRF token
+        of a write, and render a service error as an error page."""
+
+        def wrap(handler: Callable[..., Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+            async def run(request: Request) -> Response:
+                page = await self._page(request)
+                if page.actor is None or page.secret is None:
+                    if request.method == "GET":
+                        return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
+                    return RedirectResponse("/login", status_code=303)
+                form: FormData | None = None
+                if write:
+                    form = await request.form(max_files=0, max_fields=200)
+                    presented = form.get("csrf")
+                    if not csrf_ok(page.secret, presented if isinstance(presented, str) else None):
+                        return self.render(page, "error.html", 403, title="Form expired",
+                                           message="This form is stale or came from another site. "
+                                                   "Reload the page and try again.")
+                try:
+                    return await handler(page, form) if write else await handler(page)
+                except NotFound as exc:
+                    return self.render(page, "error.html", 404, title="Not found", message=exc.message)
+                except QuotagateError as exc:
+                    return self.render(page, "error.html", exc.status, title="Not allowed", message=exc.message)
+            return run
+        return wrap
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await run_in_threadpool(fn, *args, **kwargs)
+
+    # -- sign in and out -----------------------------------------------------------------------
+    async def login_form(self, request: Request) -> Response:
+        page = await self._page(request)
+        if page.actor is not None:
+            return RedirectResponse("/", status_code=303)
+        return self.render(page, "login.html", next=request.query_params.get("next", "/"))
+
+    async def login(self, request: Request) -> Response:
+        form = await request.form(max_files=0, max_fields=10)
+        email = str(form.get("email", "")).strip().lower()
+        password = str(form.get("password", ""))
+        nxt = str(form.get("next", "/"))
+        nxt = nxt if nxt.startswith("/") and not nxt.startswith("//") else "/"
+        page = Page(request, None, None)
+        ip = request.client.host if request.client else None
+        wait = self.throttle.retry_after(email, ip)
+        if wait > 0:
+            return self.render(page, "login.html", 429, email=email, next=nxt,
+                               error=f"Too many failed attempts. Try again in {int(wait) + 1} seconds.")
+        try:
+            user = await self.call(self.accounts.authenticate_password, email, password)
+        except (Unauthenticated, InvalidRequest):
+            self.throttle.failed(email, ip)
+            return self.render(page, "login.html", 401, email=email, next=nxt, error="Wrong email or password.")
+        self.throttle.succeeded(email)
+        _token, secret = await self.call(self.accounts.create_token, user, SESSION_TOKEN_NAME)
+        response = RedirectResponse(nxt, status_code=303)
+        response.set_cookie(COOKIE, secret, httponly=True, samesite="lax", secure=request.url.scheme == "https",
+                            max_age=14 * 86400, path="/")
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        page = await self._page(request)
+        form = await request.form(max_files=0, max_fields=10)
+        response = RedirectResponse("/login", status_code=303)
+        if page.actor is not None and page.secret and csrf_ok(page.secret, str(form.get("csrf", ""))):
+            await self.call(self.accounts.revoke_token, page.actor.user, page.actor.token_id)
+            response.delete_cookie(COOKIE, path="/")
+        return response
+
+    # -- projects ------------------------------------------------------------------------------
+    async def home(self, page: Page) -> Response:
+        assert page.actor is not None
+        projects = await self.call(self.accounts.list_projects, page.actor)
+        if projects:
+            return RedirectResponse(f"/projects/{projects[0].id}/keys", status_code=303)
+        return RedirectResponse("/projects", status_code=303)
+
+    async def projects(self, page: Page) -> Response:
+        assert page.actor is not None
+        projects = await self.call(self.accounts.list_projects, page.actor)
+        return self.render(page, "projects.html", projects=projects, project=None)
+
+    async def go_to_project(self, page: Page) -> Response:
+        """The project picker without JavaScript: a GET form whose value is the page to open."""
+        target = page.request.query_params.get("project", "/projects")
+        return RedirectResponse(target if target.startswith("/projects") else "/projects", status_code=303)
+
+    async def create_project(self, page: Page, form: FormData) -> Response:
+        from quotagate.accounts.schemas import ProjectCreate
+
+        assert page.actor is not None
+        try:
+            body = parse_model(ProjectCreate, {"name": str(form.get("name", ""))})
+            project = await self.call(self.accounts.create_project, page.actor, body)
+        except InvalidRequest as exc:
+            projects = await self.call(self.accounts.list_projects, page.actor)
+            return self.render(page, "projects.html", 400, projects=projects, project=None,
+                               errors={exc.field or "name": exc.message})
+        return RedirectResponse(f"/projects/{project.id}/keys", status_code=303)
+
+    # -- keys ----------------------------------------------------------------------------------
+    async def _keys_page(self, page: Page, project_id: str, status: int = 200, **extra: Any) -> Response:
+        assert page.actor is not None
+        project: Project = await self.call(self.accounts.get_project, page.actor, project_id)
+        show_archived = page.request.query_params.get("archived") in ("1", "true", "on")
+        keys = await self.call(self.keys.list_keys, page.actor, project_id, include_archived=show_archived)
+        projects = await self.call(self.accounts.list_projects, page.actor)
+        models = sorted(project.models) if project.models is not None else sorted(self._catalog())
+        return self.render(page, "keys.html", status, project=project, projects=projects, keys=keys,
+                           show_archived=show_archived, models=models, now=utcnow(),
+                           can_write=project.role != "viewer", **extra)
+
+    async def keys_list(self, page: Page) -> Response:
+        return await self._keys_page(page, page.request.path_params["projectId"])
+
+    @staticmethod
+    def _key_fields(form: FormData, *, partial: bool) -> dict[str, Any]:
+        """Form fields as the JSON API's body: numbers as ints, blanks as absent (or null when editing)."""
+        data: dict[str, Any] = {}
+        name = str(form.get("name", "")).strip()
+        if name or not partial:
+            data["name"] = name
+        for field in LIMIT_FIELDS:
+            raw = str(form.get(field, "")).strip().replace(",", "").replace("_", "")
+            if raw:
+                data[field] = int(raw) if raw.isdigit() else raw
+            elif partial:
+                data[field] = None
+        period = str(form.get("token_limit_period", "")).strip()
+        if period:
+            data["token_limit_period"] = period
+        elif partial:
+            data["token_limit_period"] = None
+        models = [str(m) for m in form.getlist("allowed_models")]
+        if models:
+            data["allowed_models"] = models
+        elif partial:
+            data["allowed_models"] = None
+        expires = str(form.get("expires_at", "")).strip()
+        if expires:
+            # <input type="datetime-local"> has no zone; the form labels it UTC.
+            data["expires_at"] = expires if expires.endswith("Z") or "+" in expires else expires + "Z"
+        elif partial:
+            data["expires_at"] = None
+        return data
+
+    async def create_key(self, page: Page, form: FormData) -> Response:
+        project_id = page.request.path_params["projectId"]
+        data = self._key_fields(form, partial=False)
+        try:
+            body = parse_model(KeyCreate, data)
+            key, secret = await self.call(self.keys.mint, page.actor, project_id, body)
+        except InvalidRequest as exc:
+            return await self._keys_page(page, project_id, 400, form_values=data, open_create=True,
+                                         errors={(exc.field or "form").split(".")[0]: exc.message})
+        return await self._keys_page(page, project_id, 201, created=key, secret=secret)
+
+    async def key_detail(self, page: Page) -> Response:
+        return await self._key_page(page, page.request.path_params["keyId"])
+
+    async def _key_page(self, page: Page, key_id: str, status: int = 200, **extra: Any) -> Response:
+        assert page.actor is not None
+        key: InferenceKey = await self.call(self.keys.get, page.actor, key_id)
+        project: Project = await self.call(self.accounts.get_project, page.actor, key.project_id)
+        projects = await self.call(self.accounts.list_projects, page.actor)
+        rng = page.request.query_params.get("range", "day")
+        if rng not in RANGES:
+            rng = "day"
+        usage = activity = None
+        charts_svg: dict[str, str] = {}
+        if self.usage is not None:
+            span, granularity = RANGES[rng]
+            end = utcnow()
+            usage = await self.call(self.usage, page.actor, key_id, end - span, end, granularity)
+            series = fill_series(usage.get("series", []), end - span, end, granularity)
+            charts_svg["requests"] = charts.bar_chart(
+                [(when, p["requests"]) for when, p in series], title="Requests over time", unit="requests")
+            charts_svg["tokens"] = charts.bar_chart(
+                [(when, p["total_tokens"]) for when, p in series], title="Tokens over time", unit="tokens")
+            budget = (usage.get("limits") or {}).get("budget")
+            if budget:
+                charts_svg["budget"] = charts.meter_bar(budget["used"], budget["limit"],
+                                                        label=f"Budget used this {budget['period']}")
+            activity = usage.get("activity", [])
+        models = sorted(project.models) if project.models is not None else sorted(self._catalog())
+        return self.render(page, "key.html", status, key=key, project=project, projects=projects, now=utcnow(),
+                           can_write=project.role != "viewer", usage=usage, activity=activity, charts=charts_svg,
+                           range=rng, models=models, **extra)
+
+    async def key_action(self, page: Page, form: FormData) -> Response:
+        key_id, action = page.request.path_params["keyId"], page.request.path_params["action"]
+        if action == "revoke":
+            await self.call(self.keys.revoke, page.actor, key_id)
+        elif action in ("archive", "unarchive"):
+            await self.call(self.keys.set_archived, page.actor, key_id, action == "archive")
+        elif action == "edit":
+            data = self._key_fields(form, partial=True)
+            try:
+                await self.call(self.keys.update, page.actor, key_id, parse_model(KeyUpdate, data))
+            except InvalidRequest as exc:
+                return await self._key_page(page, key_id, 400,
+                                            errors={(exc.field or "form").split(".")[0]: exc.message})
+        elif action == "rotate":
+            raw = str(form.get("grace_period_seconds", "0")).strip() or "0"
+            try:
+                body = parse_model(RotateRequest, {"grace_period_seconds": int(raw) if raw.isdigit() else raw})
+                new, secret, _old = await self.call(self.keys.rotate, page.actor, key_id, body)
+            except InvalidRequest as exc:
+                return await self._key_page(page, key_id, 400, errors={"grace_period_seconds": exc.message})
+            return await self._key_page(page, new.id, 201, created=new, secret=secret)
+        else:
+            raise NotFound("no such action")
+        nxt = str(form.get("next", ""))
+        safe = nxt.startswith("/") and not nxt.startswith("//")
+        return RedirectResponse(nxt if safe else f"/keys/{key_id}", status_code=303)
+
+    # -- access tokens -------------------------------------------------------------------------
+    async def tokens(self, page: Page) -> Response:
+        return await self._tokens_page(page)
+
+    async def _tokens_page(self, page: Page, status: int = 200, **extra: Any) -> Response:
+        assert page.actor is not None
+        tokens = await self.call(self.accounts.list_tokens, page.actor.user)
+        projects = await self.call(self.accounts.list_projects, page.actor)
+        return self.render(page, "tokens.html", status, tokens=tokens, projects=projects, project=None,
+                           current_token=page.actor.token_id, **extra)
+
+    async def token_action(self, page: Page, form: FormData) -> Response:
+        from quotagate.accounts.schemas import TokenCreate
+
+        assert page.actor is not None
+        if page.request.path_params.get("tokenId"):
+            await self.call(self.accounts.revoke_token, page.actor.user, page.request.path_params["tokenId"])
+            return RedirectResponse("/tokens", status_code=303)
+        try:
+            body: BaseModel = parse_model(TokenCreate, {"name": str(form.get("name", "")).strip() or "console"})
+        except InvalidRequest as exc:
+            return await self._tokens_page(page, 400, errors={"name": exc.message})
+        assert isinstance(body, TokenCreate)
+        token, secret = await self.call(self.accounts.create_token, page.actor.user, body.name)
+        return await self._tokens_page(page, 201, created=token, secret=secret)
+
+    # -- routing -------------------------------------------------------------------------------
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/", self.page()(self.home)),
+            Route("/login", self.login_form, methods=["GET"]),
+            Route("/login", self.login, methods=["POST"]),
+            Route("/logout", self.logout, methods=["POST"]),
+            Route("/projects", self.page()(self.projects), methods=["GET"]),
+            Route("/projects/go", self.page()(self.go_to_project), methods=["GET"]),
+            Route("/projects", self.page(write=True)(self.create_project), methods=["POST"]),
+            Route("/projects/{projectId}/keys", self.page()(self.keys_list), methods=["GET"]),
+            Route("/projects/{projectId}/keys", self.page(write=True)(self.create_key), methods=["POST"]),
+            Route("/keys/{keyId}", self.page()(self.key_detail), methods=["GET"]),
+            Route("/keys/{keyId}/{action}", self.page(write=True)(self.key_action), methods=["POST"]),
+            Route("/tokens", self.page()(self.tokens), methods=["GET"]),
+            Route("/tokens", self.page(write=True)(self.token_action), methods=["POST"]),
+            Route("/tokens/{tokenId}/revoke", self.page(write=True)(self.token_action), methods=["POST"]),
+            Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+        ]
