@@ -13,7 +13,7 @@ def human(n: float) -> str:
         if abs(n) >= div:
             value = n / div
             return f"{value:.0f}{suffix}" if value == int(value) or value >= 100 else f"{value:.1f}{suffix}"
-    return f"{n:.0f}"
+    return f"{n:.0f}" if n == int(n) else f"{n:.1f}"
 
 
 def bar_chart(points: Sequence[tuple[datetime, float]], *, title: str, unit: str, width: int = 640,
