@@ -30,8 +30,8 @@ class Settings(BaseModel):
     database_url: str | None = Field(default=None, description="sqlite:///… (default) or postgresql://…")
     redis_url: str | None = Field(default=None, description="shared limiter and revocation broadcast")
     redis_failure_policy: Literal["closed", "open-rates", "open"] = Field(
-        default="closed", description="with Redis unreachable: refuse limited keys (closed), admit keys with "
-        "only rpm/tpm (open-rates), or admit every key unchecked (open)")
+        default="closed", description="with Redis unreachable: refuse requests (closed), admit keys without a "
+        "token budget unchecked (open-rates), or admit every key unchecked (open)")
     host: str = "127.0.0.1"
     console_port: int = Field(default=8400, ge=0, le=65535)
     llm_port: int = Field(default=8401, ge=0, le=65535)

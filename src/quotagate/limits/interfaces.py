@@ -15,7 +15,11 @@ It reserves ``prompt_tokens + granted`` tokens, where ``granted`` (the completio
 the request is refused and nothing is reserved or counted. Refused requests are never charged.
 
 ``settle`` replaces a reservation by the actual tokens (which may be 0 for a failed request); it is
-idempotent per reservation. Keys with no limits at all are admitted without any state being kept.
+idempotent per reservation. The Redis backend applies it asynchronously (queued, then sent with this
+instance's next admission or a moment later), so the same instance always sees it, others within
+milliseconds. Keys with no limits at all are admitted without any state being kept.
+``admit`` and ``state`` raise ``limits.errors.LimiterUnavailable`` when the shared backend cannot be
+reached and its failure policy refuses blind admissions (the LLM API answers 503).
 Backends: ``memory`` (one process) and ``redis`` (shared by many instances, Redis's clock).
 """
 
