@@ -14,20 +14,24 @@ from quotagate.metering.interfaces import UsageEvent
 from quotagate.metering.journal import Journal
 from quotagate.metering.meter import JournalMeter
 from quotagate.metering.shipper import Shipper, ShipperOptions
-from quotagate.metering.store import decode, encode, store_batch
+from quotagate.metering.store import DAY, HOUR, LEVELS, MINUTE, decode, encode, store_batch
 from quotagate.store.tables import inference_keys, usage_buckets, usage_events
 from tests.metering.conftest import Key, add_key, event
 
 
 def totals(engine: Engine) -> tuple[int, int, int, int, int, int]:
+    """(activity rows, then the buckets' requests, prompt, completion, errors, rate_limited), checking
+    that the minute, hour and day levels agree."""
+    b = usage_buckets.c
     with engine.connect() as conn:
         events = conn.execute(select(func.count()).select_from(usage_events)).scalar_one()
-        row = conn.execute(select(func.coalesce(func.sum(usage_buckets.c.requests), 0),
-                                  func.coalesce(func.sum(usage_buckets.c.prompt_tokens), 0),
-                                  func.coalesce(func.sum(usage_buckets.c.completion_tokens), 0),
-                                  func.coalesce(func.sum(usage_buckets.c.errors), 0),
-                                  func.coalesce(func.sum(usage_buckets.c.rate_limited), 0))).one()
-    return (events, *(int(x) for x in row))  # type: ignore[return-value]
+        levels = {width: tuple(int(x) for x in conn.execute(
+            select(func.coalesce(func.sum(b.requests), 0), func.coalesce(func.sum(b.prompt_tokens), 0),
+                   func.coalesce(func.sum(b.completion_tokens), 0), func.coalesce(func.sum(b.errors), 0),
+                   func.coalesce(func.sum(b.rate_limited), 0)).where(b.width == width)).one())
+            for width in LEVELS}
+    assert levels[MINUTE] == levels[HOUR] == levels[DAY], levels
+    return (events, *levels[MINUTE])  # type: ignore[return-value]
 
 
 def test_codec_round_trip_and_forward_compatibility() -> None:

@@ -1,22 +1,24 @@
 """Reading usage back: series and totals from the buckets, the activity log from the events.
 
-A series at granularity ``width`` groups every bucket by ``bucket_start - bucket_start % width``, whatever
-its own width: minute buckets add up into hours and days, and rolled-up buckets (hours, days) land in the
-point their start falls in. So totals are always exact; a minute series over data older than the minute
-retention shows one point per hour (or day) for it, as that is all the detail kept.
+Every event is in a minute, an hour and a day bucket; minute buckets are kept 48 h and hour buckets 60
+days (``Retention``). A series at granularity ``g`` reads level ``g`` where it is still complete and the
+next coarser level before that, so totals are always exact, a month at hour granularity reads about 720
+rows per model, and a minute series reaching back past 48 h shows one point per hour for that stretch
+(all the detail kept). A bucket belongs to the range its start falls in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import ColumnElement, Engine, and_, func, or_, select
 
 from quotagate.ids import isoformat
-from quotagate.metering.store import NO_MODEL
+from quotagate.metering.store import LEVELS, NO_MODEL, Retention
 from quotagate.store.tables import inference_keys, usage_buckets, usage_events
 
 TOTALS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "errors", "rate_limited")
@@ -36,7 +38,16 @@ def _empty() -> dict[str, int]:
     return dict.fromkeys(TOTALS, 0)
 
 
-def _point(row: Any) -> dict[str, Any]:
+class Sums(NamedTuple):
+    requests: float
+    prompt_tokens: float
+    completion_tokens: float
+    errors: float
+    rate_limited: float
+    latency_ms_sum: float
+
+
+def _point(row: Sums) -> dict[str, Any]:
     prompt, completion = int(row.prompt_tokens), int(row.completion_tokens)
     requests = int(row.requests)
     return {
@@ -65,20 +76,48 @@ def _iso(ts: int) -> str:
 
 
 class UsageQueries:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, retention: Retention | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self._engine = engine
+        self._retention = retention or Retention()
+        self._clock = clock
+
+    def _pieces(self, window: Window) -> list[tuple[int, int, int]]:
+        """(level width, from, to) stretches of the window, each read from one level."""
+        now = self._clock()
+        pieces, upper = [], window.end
+        for width in LEVELS[LEVELS.index(window.width):]:
+            horizon = self._retention.horizon(width, now)
+            lower = window.start if horizon is None else max(window.start, horizon)
+            if lower < upper:
+                pieces.append((width, lower, upper))
+            upper = min(upper, lower)
+            if upper <= window.start:
+                break
+        return pieces
+
+    def _rows(self, where: ColumnElement[bool], window: Window, group: list[Any]) -> list[Any]:
+        b = usage_buckets.c
+        rows: list[Any] = []
+        with self._engine.connect() as conn:
+            for width, lower, upper in self._pieces(window):
+                point = (b.bucket_start - b.bucket_start % window.width).label("point")
+                query = (select(point, *group, *_sums())
+                         .where(where, b.width == width, b.bucket_start >= lower, b.bucket_start < upper)
+                         .group_by(point, *group))
+                rows.extend(conn.execute(query).all())
+        return rows
 
     def _series(self, where: ColumnElement[bool], window: Window) -> tuple[dict[str, int], list[dict[str, Any]]]:
-        b = usage_buckets.c
-        point_start = (b.bucket_start - b.bucket_start % window.width).label("point")
-        query = (select(point_start, b.model, *_sums())
-                 .where(where, b.bucket_start >= window.start, b.bucket_start < window.end)
-                 .group_by(point_start, b.model).order_by(point_start, b.model))
-        with self._engine.connect() as conn:
-            rows = conn.execute(query).all()
+        merged: dict[tuple[int, str], list[float]] = {}
+        for r in self._rows(where, window, [usage_buckets.c.model]):
+            acc = merged.setdefault((int(r.point), r.model), [0, 0, 0, 0, 0, 0.0])
+            for i, v in enumerate((r.requests, r.prompt_tokens, r.completion_tokens, r.errors, r.rate_limited,
+                                   r.latency_ms_sum)):
+                acc[i] += v
         totals, data = _empty(), []
-        for r in rows:
-            point = {"start": _iso(int(r.point)), "model": r.model if r.model != NO_MODEL else None, **_point(r)}
+        for (start, model), v in sorted(merged.items()):
+            point = {"start": _iso(start), "model": model if model != NO_MODEL else None, **_point(Sums(*v))}
             _add(totals, point)
             data.append(point)
         return totals, data
@@ -89,17 +128,24 @@ class UsageQueries:
 
     def project_usage(self, project_id: str, window: Window) -> dict[str, Any]:
         """Totals, the series and a per-key breakdown of a project."""
-        b = usage_buckets.c
         where = usage_buckets.c.project_id == project_id
         totals, data = self._series(where, window)
-        by_key = (select(b.key_id, inference_keys.c.name, inference_keys.c.prefix, *_sums())
-                  .join(inference_keys, inference_keys.c.id == b.key_id, isouter=True)
-                  .where(where, b.bucket_start >= window.start, b.bucket_start < window.end)
-                  .group_by(b.key_id, inference_keys.c.name, inference_keys.c.prefix)
-                  .order_by(func.sum(b.prompt_tokens + b.completion_tokens).desc(), b.key_id))
+        per_key: dict[str, list[float]] = {}
+        for r in self._rows(where, window, [usage_buckets.c.key_id]):
+            acc = per_key.setdefault(r.key_id, [0, 0, 0, 0, 0, 0.0])
+            for i, v in enumerate((r.requests, r.prompt_tokens, r.completion_tokens, r.errors, r.rate_limited,
+                                   r.latency_ms_sum)):
+                acc[i] += v
         with self._engine.connect() as conn:
-            rows = conn.execute(by_key).all()
-        keys = [{"key_id": r.key_id, "name": r.name, "prefix": r.prefix, **_point(r)} for r in rows]
+            names = {r.id: r for r in conn.execute(
+                select(inference_keys.c.id, inference_keys.c.name, inference_keys.c.prefix)
+                .where(inference_keys.c.project_id == project_id)).all()}
+        keys = []
+        for key_id, v in per_key.items():
+            meta = names.get(key_id)
+            keys.append({"key_id": key_id, "name": meta.name if meta else None,
+                         "prefix": meta.prefix if meta else None, **_point(Sums(*v))})
+        keys.sort(key=lambda k: (-k["total_tokens"], k["key_id"]))
         return {"totals": totals, "data": data, "keys": keys}
 
     def activity(self, key_id: str, *, limit: int, before: str | None = None,
@@ -131,10 +177,3 @@ def activity_row(r: Any) -> dict[str, Any]:
         "completion_tokens": r.completion_tokens, "total_tokens": r.prompt_tokens + r.completion_tokens,
         "latency_ms": r.latency_ms, "ttft_ms": r.ttft_ms, "client_ip": r.client_ip, "user_agent": r.user_agent,
     }
-
-
-def merge_totals(parts: Sequence[dict[str, int]]) -> dict[str, int]:
-    totals = _empty()
-    for p in parts:
-        _add(totals, p)
-    return totals

@@ -1,5 +1,5 @@
-"""Writing usage to the store: one transaction per shipped batch, idempotent by request id; and the
-upkeep that rolls old minute buckets into hours and days and drops old activity rows."""
+"""Writing usage to the store: one transaction per shipped batch, idempotent by request id, that adds
+each new event to its minute, hour and day buckets; and the upkeep that drops detail past its retention."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from quotagate.metering.interfaces import UsageEvent
 from quotagate.store.tables import inference_keys, usage_buckets, usage_events
 
 MINUTE, HOUR, DAY = 60, 3600, 86400
+LEVELS = (MINUTE, HOUR, DAY)
 WIDTHS = {"minute": MINUTE, "hour": HOUR, "day": DAY}
 NO_MODEL = ""  # the bucket key of requests that named no model (a primary key column cannot be NULL)
 
@@ -72,27 +73,30 @@ def is_error(status_code: int) -> bool:
     return status_code >= 400 and status_code != 429
 
 
-def minute_buckets(events: Iterable[UsageEvent]) -> list[dict[str, Any]]:
-    """Per-minute bucket rows (width 60) adding up ``events`` that belong to a key, in key order."""
-    acc: dict[tuple[str, int, str], list[Any]] = {}
+def buckets(events: Iterable[UsageEvent]) -> list[dict[str, Any]]:
+    """Bucket rows at every level (minute, hour, day) adding up ``events`` that belong to a key,
+    sorted by primary key."""
+    acc: dict[tuple[str, int, int, str], list[Any]] = {}
     for e in events:
         if e.key_id is None or e.project_id is None:
             continue
-        start = int(e.created_at // MINUTE) * MINUTE
         model = _cut(e.model, 200) or NO_MODEL
-        row = acc.get((e.key_id, start, model))
-        if row is None:
-            row = acc[(e.key_id, start, model)] = [e.project_id, 0, 0, 0, 0, 0, 0.0]
-        row[1] += 1
-        row[2] += e.prompt_tokens
-        row[3] += e.completion_tokens
-        row[4] += is_error(e.status_code)
-        row[5] += is_rate_limited(e.status_code)
-        row[6] += e.latency_ms
+        ts = int(e.created_at)
+        for width in LEVELS:
+            pk = (e.key_id, width, ts - ts % width, model)
+            row = acc.get(pk)
+            if row is None:
+                row = acc[pk] = [e.project_id, 0, 0, 0, 0, 0, 0.0]
+            row[1] += 1
+            row[2] += e.prompt_tokens
+            row[3] += e.completion_tokens
+            row[4] += is_error(e.status_code)
+            row[5] += is_rate_limited(e.status_code)
+            row[6] += e.latency_ms
     return [
-        {"key_id": k, "bucket_start": s, "model": m, "width": MINUTE, "project_id": v[0],
+        {"key_id": k, "width": w, "bucket_start": s, "model": m, "project_id": v[0],
          **dict(zip(_COUNTS, v[1:], strict=True))}
-        for (k, s, m), v in sorted(acc.items())
+        for (k, w, s, m), v in sorted(acc.items())
     ]
 
 
@@ -106,7 +110,7 @@ def add_to_buckets(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     stmt = _insert(conn, usage_buckets)
     excluded = stmt.excluded
     stmt = stmt.on_conflict_do_update(
-        index_elements=["key_id", "bucket_start", "model", "width"],
+        index_elements=["key_id", "width", "bucket_start", "model"],
         set_={c: usage_buckets.c[c] + excluded[c] for c in _COUNTS})
     for i in range(0, len(rows), 500):
         conn.execute(stmt, list(rows[i:i + 500]))
@@ -129,7 +133,7 @@ def store_batch(engine: Engine, events: Sequence[UsageEvent]) -> int:
                     .returning(usage_events.c.request_id))
             inserted.update(conn.execute(stmt).scalars())
         new = [e for e in unique if e.request_id[:64] in inserted]
-        add_to_buckets(conn, minute_buckets(new))
+        add_to_buckets(conn, buckets(new))
         _touch_keys(conn, new)
     return len(new)
 
@@ -149,29 +153,11 @@ def _touch_keys(conn: Connection, events: Iterable[UsageEvent]) -> None:
 
 
 # -- upkeep -------------------------------------------------------------------------------------
-def roll_up(engine: Engine, from_width: int, to_width: int, before: int) -> int:
-    """Fold buckets of ``from_width`` that start before ``before`` into buckets of ``to_width``.
-
-    The rows are deleted with RETURNING and exactly those are added up, in one transaction: a row that a
-    shipper adds meanwhile is either among them or stays for the next run, never lost or counted twice."""
-    before -= before % to_width
+def purge_buckets(engine: Engine, width: int, before: int) -> int:
+    """Drop buckets of ``width`` that start before ``before``: the next level up holds their sums."""
     with engine.begin() as conn:
-        gone = conn.execute(delete(usage_buckets).where(
-            and_(usage_buckets.c.width == from_width, usage_buckets.c.bucket_start < before))
-            .returning(*usage_buckets.c)).all()
-        acc: dict[tuple[str, int, str], list[Any]] = {}
-        for r in gone:
-            start = r.bucket_start - r.bucket_start % to_width
-            row = acc.get((r.key_id, start, r.model))
-            if row is None:
-                row = acc[(r.key_id, start, r.model)] = [r.project_id, 0, 0, 0, 0, 0, 0.0]
-            for i, c in enumerate(_COUNTS, start=1):
-                row[i] += getattr(r, c)
-        add_to_buckets(conn, [
-            {"key_id": k, "bucket_start": s, "model": m, "width": to_width, "project_id": v[0],
-             **dict(zip(_COUNTS, v[1:], strict=True))}
-            for (k, s, m), v in sorted(acc.items())])
-    return len(gone)
+        return conn.execute(delete(usage_buckets).where(
+            and_(usage_buckets.c.width == width, usage_buckets.c.bucket_start < before))).rowcount
 
 
 def purge_events(engine: Engine, older_than: datetime) -> int:
@@ -188,12 +174,33 @@ class Retention:
     hour_buckets: timedelta = timedelta(days=60)
     activity: timedelta = timedelta(days=30)
 
+    def kept(self, width: int) -> timedelta | None:
+        """How long buckets of ``width`` are kept (None: for good)."""
+        return {MINUTE: self.minute_buckets, HOUR: self.hour_buckets}.get(width)
+
+    def horizon(self, width: int, now: float) -> int | None:
+        """The earliest bucket start of level ``width`` sure to be complete at ``now`` (None: all are).
+
+        Upkeep drops rows before ``now - kept`` aligned down to the next level; a query reads this level
+        only from one next-level bucket later, so that it never meets a level that was partly dropped."""
+        kept = self.kept(width)
+        if kept is None:
+            return None
+        coarser = LEVELS[LEVELS.index(width) + 1]
+        cutoff = int(now - kept.total_seconds())
+        return cutoff - cutoff % coarser + coarser
+
 
 def maintain(engine: Engine, now: datetime, retention: Retention) -> dict[str, int]:
-    """One round of upkeep: roll minutes into hours, hours into days, purge old activity."""
+    """One round of upkeep: drop minute and hour buckets past their retention (the level above holds
+    their sums) and activity rows past theirs."""
+    done = {}
     ts = int(now.timestamp())
-    return {
-        "minute_to_hour": roll_up(engine, MINUTE, HOUR, ts - int(retention.minute_buckets.total_seconds())),
-        "hour_to_day": roll_up(engine, HOUR, DAY, ts - int(retention.hour_buckets.total_seconds())),
-        "events_purged": purge_events(engine, now - retention.activity),
-    }
+    for width in (MINUTE, HOUR):
+        kept = retention.kept(width)
+        assert kept is not None
+        coarser = LEVELS[LEVELS.index(width) + 1]
+        cutoff = ts - int(kept.total_seconds())
+        done[f"width_{width}_purged"] = purge_buckets(engine, width, cutoff - cutoff % coarser)
+    done["events_purged"] = purge_events(engine, now - retention.activity)
+    return done

@@ -167,17 +167,18 @@ usage_events = Table(
     Index("ix_usage_events_created", "created_at"),
 )
 
-# Aggregates per key, model and time bucket. ``width`` is the bucket's length in seconds (60, 3600 or
-# 86400): minute buckets are rolled up into hours, and hours into days, as they age. Bucket starts are
-# Unix seconds so that every level regroups with the same portable arithmetic (start - start % width).
+# Aggregates per key, model and time bucket, at three levels: ``width`` is the bucket's length in seconds
+# (60, 3600 or 86400). Every event is added to all three levels when it is shipped; minute rows are
+# dropped after 48 h and hour rows after 60 days, so a query reads one level per stretch of time and a
+# month at hour or day granularity reads 720 or 30 rows. Bucket starts are Unix seconds.
 # ``model`` is '' for requests that named no model.
 usage_buckets = Table(
     "usage_buckets",
     metadata,
     Column("key_id", String(40), primary_key=True),
+    Column("width", Integer, primary_key=True),
     Column("bucket_start", BigInteger, primary_key=True),
     Column("model", String(200), primary_key=True),
-    Column("width", Integer, primary_key=True),
     Column("project_id", String(40), nullable=False),
     Column("requests", BigInteger, nullable=False),
     Column("prompt_tokens", BigInteger, nullable=False),
@@ -185,8 +186,8 @@ usage_buckets = Table(
     Column("errors", BigInteger, nullable=False),
     Column("rate_limited", BigInteger, nullable=False),
     Column("latency_ms_sum", Float, nullable=False),
-    Index("ix_usage_buckets_project_start", "project_id", "bucket_start"),
+    Index("ix_usage_buckets_project", "project_id", "width", "bucket_start"),
     Index("ix_usage_buckets_width_start", "width", "bucket_start"),
-    # On SQLite, cluster the rows by key and time: a month's query reads one contiguous range.
+    # On SQLite, cluster the rows by key, level and time: a query reads one contiguous range per level.
     sqlite_with_rowid=False,
 )

@@ -42,9 +42,9 @@ def upgrade() -> None:
 
     op.create_table('usage_buckets',
     sa.Column('key_id', sa.String(length=40), nullable=False),
+    sa.Column('width', sa.Integer(), nullable=False),
     sa.Column('bucket_start', sa.BigInteger(), nullable=False),
     sa.Column('model', sa.String(length=200), nullable=False),
-    sa.Column('width', sa.Integer(), nullable=False),
     sa.Column('project_id', sa.String(length=40), nullable=False),
     sa.Column('requests', sa.BigInteger(), nullable=False),
     sa.Column('prompt_tokens', sa.BigInteger(), nullable=False),
@@ -52,18 +52,18 @@ def upgrade() -> None:
     sa.Column('errors', sa.BigInteger(), nullable=False),
     sa.Column('rate_limited', sa.BigInteger(), nullable=False),
     sa.Column('latency_ms_sum', sa.Float(), nullable=False),
-    sa.PrimaryKeyConstraint('key_id', 'bucket_start', 'model', 'width', name=op.f('pk_usage_buckets')),
+    sa.PrimaryKeyConstraint('key_id', 'width', 'bucket_start', 'model', name=op.f('pk_usage_buckets')),
     sqlite_with_rowid=False
     )
     with op.batch_alter_table('usage_buckets', schema=None) as batch_op:
-        batch_op.create_index('ix_usage_buckets_project_start', ['project_id', 'bucket_start'], unique=False)
+        batch_op.create_index('ix_usage_buckets_project', ['project_id', 'width', 'bucket_start'], unique=False)
         batch_op.create_index('ix_usage_buckets_width_start', ['width', 'bucket_start'], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table('usage_buckets', schema=None) as batch_op:
         batch_op.drop_index('ix_usage_buckets_width_start')
-        batch_op.drop_index('ix_usage_buckets_project_start')
+        batch_op.drop_index('ix_usage_buckets_project')
     op.drop_table('usage_buckets')
     with op.batch_alter_table('usage_events', schema=None) as batch_op:
         batch_op.drop_index('ix_usage_events_key_created')
