@@ -90,3 +90,12 @@ def test_audit_log_pages_with_limit_and_before(alice: Console) -> None:
     for bad in ("0", "-1", "abc", "100000"):
         r = alice.request("GET", f"/v1/projects/{pid}/audit-log?limit={bad}")
         assert r.status_code == 400 and r.json()["error"]["field"] == "limit"
+
+
+def test_client_ip_is_the_peer_or_a_local_proxys_forwarded_address(alice: Console) -> None:
+    pid = alice.project("audit-proxy")["id"]
+    alice.ok("POST", f"/v1/projects/{pid}/inference/keys", 201, json={"name": "via-proxy"},
+             headers={"X-Forwarded-For": "203.0.113.7"})
+    assert events(alice, pid)[0]["client_ip"] == "203.0.113.7"
+    alice.ok("POST", f"/v1/projects/{pid}/inference/keys", 201, json={"name": "direct"})
+    assert events(alice, pid)[0]["client_ip"] == "127.0.0.1"
