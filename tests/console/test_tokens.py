@@ -96,3 +96,9 @@ def test_unknown_endpoints_and_methods_answer_in_the_error_shape(alice: Console)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = alice.request("PUT", "/v1/projects")
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_head_is_answered_like_get(alice: Console) -> None:
+    r = alice.request("HEAD", "/v1/projects")
+    assert r.status_code == 200 and r.content == b""
+    assert alice.request("HEAD", "/v1/inference/keys/key_nothere").status_code == 404

@@ -168,6 +168,8 @@ class ConsoleAPI:
 
     def _route(self, path: str, methods: dict[str, Handler], body_limit: int) -> Route:
         wrapped = {m: endpoint(h, self.authenticate, body_limit) for m, h in methods.items()}
+        if "GET" in wrapped:
+            wrapped["HEAD"] = wrapped["GET"]  # Starlette routes HEAD to GET routes; answer it like GET
 
         async def dispatch(request: Request) -> object:
             return await wrapped[request.method](request)
