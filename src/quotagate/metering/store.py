@@ -68,9 +68,12 @@ def is_rate_limited(status_code: int) -> bool:
     return status_code == 429
 
 
-def is_error(status_code: int) -> bool:
-    """Errors are the failed and refused requests other than rate limiting (counted apart)."""
-    return status_code >= 400 and status_code != 429
+def is_error(status_code: int, error_code: str | None = None) -> bool:
+    """Errors are the requests that did not succeed, other than those rate limited (counted apart) and
+    streams whose client hung up: refusals, failures, and streams that ended in an error after a 200."""
+    if status_code >= 400:
+        return status_code != 429
+    return error_code is not None and error_code != "client_disconnected"
 
 
 def buckets(events: Iterable[UsageEvent]) -> list[dict[str, Any]]:
@@ -90,7 +93,7 @@ def buckets(events: Iterable[UsageEvent]) -> list[dict[str, Any]]:
             row[1] += 1
             row[2] += e.prompt_tokens
             row[3] += e.completion_tokens
-            row[4] += is_error(e.status_code)
+            row[4] += is_error(e.status_code, e.error_code)
             row[5] += is_rate_limited(e.status_code)
             row[6] += e.latency_ms
     return [
