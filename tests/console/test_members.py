@@ -194,7 +194,8 @@ def test_a_stranger_gets_404_everywhere(team: dict[str, Console], shared: dict[s
     """Not 403: another project's resources are never revealed, whatever the method or body."""
     stranger = team["stranger"]
     pid, kid = shared["project"]["id"], shared["key"]["id"]
-    for path in (*READS, "/v1/inference/keys/{kid}/usage", "/v1/inference/keys/{kid}/activity"):
+    for path in (*READS, "/v1/inference/keys/{kid}/usage", "/v1/inference/keys/{kid}/activity",
+                 "/v1/projects/{pid}/usage"):
         r = stranger.request("GET", path.format(pid=pid, kid=kid))
         assert r.status_code == 404, (path, r.text)
         assert "shared" not in r.text and shared["key"]["prefix"] not in r.text
