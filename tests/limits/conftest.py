@@ -90,7 +90,7 @@ async def redis_prefix() -> AsyncIterator[str]:
     try:
         yield prefix
     finally:
-        client = Redis.from_url(REDIS_URL)
+        client = Redis.from_url(REDIS_URL, socket_timeout=10, socket_connect_timeout=5)
         try:
             keys = [k async for k in client.scan_iter(match=prefix + ":*", count=1000)]
             if keys:

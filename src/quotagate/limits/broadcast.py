@@ -70,9 +70,8 @@ class KeyBroadcaster:
                 await asyncio.wait_for(self._outbox.join(), 2.0)
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:  # bounded: stopping must not hang on an unresponsive Redis
+            await asyncio.wait(self._tasks, timeout=2.0)
         self._tasks = []
         self._loop = None
 

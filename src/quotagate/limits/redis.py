@@ -1,11 +1,12 @@
 """The Redis limiter: one Lua script per admission, shared by every instance, on Redis's clock.
 
 ``admit`` is exactly one round trip (``EVALSHA`` of ``scripts.ADMIT``), which checks the revocation
-marker and checks and reserves rpm, tpm and the budget atomically. ``settle`` only queues: queued
-settlements ride along, pipelined, with this instance's next admission (still one round trip), or are
-flushed by a background task a few milliseconds later if no admission comes. So an instance always
-sees its own settlements, a settlement is never on a response's path, and none is lost while the
-process lives: a failed flush is retried (settling is idempotent) and ``close`` flushes what is left.
+marker and checks and reserves rpm, tpm and the budget atomically. ``settle`` only queues, per key: the
+next admission of the same key carries that key's queued settlements inside its own script call (so an
+instance always sees its own settlements, at no extra round trip), and a background task writes the
+rest a few milliseconds later, all keys in one pipeline. A settlement is never on a response's path and
+none is lost while the process lives: a failed write is retried (settling is idempotent) and ``close``
+flushes what is left.
 
 When Redis cannot be reached, ``failure_policy`` decides (see docs/limits.md): ``closed`` refuses
 every limited key with ``LimiterUnavailable``; ``open-rates`` admits keys whose only limits are rpm/tpm
@@ -20,7 +21,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal, get_args
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -44,8 +45,8 @@ FAILURE_POLICIES: tuple[FailurePolicy, ...] = get_args(FailurePolicy)
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
 
 _REFUSALS: dict[int, Refusal] = {1: "rate_limit_exceeded", 2: "token_limit_exceeded", 3: "key_revoked"}
-_SETTLE_BATCH = 500
-_Call = tuple[list[str], list[str | int]]
+_Settle = tuple[str, str, int]  # reservation id, budget period kind of the admission ('' none), actual tokens
+_Pending = dict[str, list[_Settle]]  # by key id, in order
 
 
 class RedisLimiter:
@@ -70,7 +71,7 @@ class RedisLimiter:
         # Admission ids: unique across instances without coordination.
         self._id_prefix = secrets.token_hex(6) + "."
         self._ids = itertools.count(1)
-        self._queue: list[_Call] = []
+        self._pending: _Pending = {}
         self._inflight = 0  # batches taken from the queue and not yet acknowledged
         self._drained = asyncio.Event()
         self._drained.set()
@@ -81,7 +82,7 @@ class RedisLimiter:
         self.unavailable_total = 0  # admissions that met an unreachable Redis (a metric)
 
     @classmethod
-    def from_url(cls, url: str, *, max_connections: int = 64, **options: Any) -> RedisLimiter:
+    def from_url(cls, url: str, *, max_connections: int = 128, **options: Any) -> RedisLimiter:
         """A limiter with its own connection pool. Commands time out after 2 s; a dead pooled
         connection is retried once on a fresh one (so a restarted Redis costs no refusal)."""
         pool = BlockingConnectionPool.from_url(
@@ -116,11 +117,17 @@ class RedisLimiter:
         rid = f"{self._id_prefix}{next(self._ids)}"
         keys = [k + "revoked", k + "rpm", k + "tpm", k + "tpmh", k + "pend", k + "b:" + (period or "-")]
         args: list[str | int] = [prompt_tokens, max_completion, min_completion, rpm or 0, tpm or 0, limit or 0,
-                                 period or "", rid, self._override()]
+                                 period or "", rid, self._override(), 0]
+        carried = self._carry(key.id, period or "", args)
+        ok = False
         try:
-            reply = await self._call(self._admit_script, keys, args)
+            reply = await self._admit_script(keys=keys, args=args)
+            ok = True
         except UNAVAILABLE as exc:
             return self._unavailable(key, exc)
+        finally:
+            if carried:
+                self._done({key.id: carried}, ok)
         self._up()
         (admitted, code, retry_us, granted, reserved, nreq, rreset, tsum, treset, bused, bres, bend,
          now_us) = (int(x) for x in reply)
@@ -149,9 +156,7 @@ class RedisLimiter:
         if admission.reservation is None:
             return
         rid, _, period = admission.reservation.partition("|")
-        k = self.key_prefix(key.id)
-        self._queue.append(([k + "pend", k + "tpm", k + "tpmh", k + "b:" + (period or "-")],
-                            [rid, max(0, actual_tokens)]))
+        self._pending.setdefault(key.id, []).append((rid, period, max(0, actual_tokens)))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(), name="limiter-settle")
         self._wake.set()
@@ -161,7 +166,9 @@ class RedisLimiter:
         period = key.token_limit_period if key.token_limit is not None else None
         keys = [k + "rpm", k + "tpm", k + "tpmh", k + "b:" + (period or "-")]
         try:
-            reply = await self._call(self._state_script, keys, [period or "", self._override()])
+            if self._pending or self._inflight:
+                await self.flush()  # read this instance's own settlements
+            reply = await self._state_script(keys=keys, args=[period or "", self._override()])
         except UNAVAILABLE as exc:
             raise LimiterUnavailable() from exc
         nreq, tsum, bused, bres, bend = (int(x) for x in reply)
@@ -172,23 +179,30 @@ class RedisLimiter:
                           tpm=key.tpm, tokens_in_window=tsum if key.tpm is not None else 0, budget=budget)
 
     async def close(self) -> None:
-        """Flush queued settlements (trying for a few seconds if Redis is down), then disconnect."""
+        """Flush queued settlements (trying for a few seconds if Redis is down), then disconnect.
+
+        Every wait here is bounded: shutting down must not hang on an unresponsive Redis."""
         if self._closed:
             return
         self._closed = True
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
         deadline = time.monotonic() + 5.0
-        while self._queue and time.monotonic() < deadline:
+        flusher = self._flusher
+        if flusher is not None and not flusher.done():
+            self._wake.set()  # it sees _closed and ends after the write in progress, if any
+            await asyncio.wait({flusher}, timeout=1.0)
+            if not flusher.done():
+                flusher.cancel()
+                await asyncio.wait({flusher}, timeout=1.0)
+        while (self._pending or self._inflight) and time.monotonic() < deadline:
             try:
-                await self.flush()
-            except UNAVAILABLE:
+                await asyncio.wait_for(self.flush(), max(0.1, deadline - time.monotonic()))
+            except (*UNAVAILABLE, TimeoutError):
                 await asyncio.sleep(0.2)
-        if self._queue:
-            log.error("Redis unreachable: %d settlement(s) could not be written before shutdown", len(self._queue))
-        await self._redis.aclose()
+        if self._pending:
+            log.error("Redis unreachable: %d settlement(s) could not be written before shutdown",
+                      self.pending_settlements())
+        with contextlib.suppress(*UNAVAILABLE, TimeoutError):
+            await asyncio.wait_for(self._redis.aclose(), 2.0)
 
     # --- beyond the contract -----------------------------------------------------------------
 
@@ -204,89 +218,87 @@ class RedisLimiter:
         """Write every queued settlement and wait for those in flight (raises if Redis cannot be
         reached; nothing is dropped)."""
         while True:
-            while self._queue:
-                batch = self._take(_SETTLE_BATCH)
+            if self._pending:
+                batch, self._pending = self._pending, {}
+                self._inflight += 1
+                self._drained.clear()
                 ok = False
                 try:
-                    await self._pipeline(batch, None)
+                    await self._write(batch)
                     ok = True
                 finally:
                     self._done(batch, ok)
-            if self._inflight == 0:
+            elif self._inflight == 0:
                 return
-            await self._drained.wait()
+            else:
+                await self._drained.wait()
 
     def pending_settlements(self) -> int:
         """Settlements queued and not yet sent."""
-        return len(self._queue)
+        return sum(len(v) for v in self._pending.values())
 
     # --- internals -----------------------------------------------------------------------------
 
     def _override(self) -> str | int:
         return "" if self._now is None else round(self._now() * 1e6)
 
-    def _take(self, n: int) -> list[_Call]:
-        batch = self._queue[:n]
-        del self._queue[:n]
-        self._inflight += 1
-        self._drained.clear()
-        return batch
+    def _carry(self, key_id: str, period: str, args: list[str | int]) -> list[_Settle]:
+        """Move the key's queued settlements that its admission script can apply into ``args``."""
+        queued = self._pending.pop(key_id, None)
+        if not queued:
+            return []
+        # The script holds the budget key of the key's current period kind only.
+        carried = [s for s in queued if s[1] in ("", period)]
+        rest = [s for s in queued if s[1] not in ("", period)]
+        if rest:
+            self._pending[key_id] = rest
+        if carried:
+            args[9] = len(carried)
+            for rid, _, actual in carried:
+                args += [rid, actual]
+            self._inflight += 1
+            self._drained.clear()
+        return carried
 
-    def _done(self, batch: list[_Call], ok: bool) -> None:
-        if not ok:
-            self._queue[:0] = batch  # settling is idempotent: re-sending an applied one is harmless
+    def _done(self, batch: _Pending, ok: bool) -> None:
+        if not ok:  # put them back ahead of newer ones; re-sending an applied one is harmless
+            for key_id, items in batch.items():
+                self._pending[key_id] = items + self._pending.get(key_id, [])
         self._inflight -= 1
         if self._inflight == 0:
             self._drained.set()
 
-    async def _call(self, script: Any, keys: list[str], args: list[str | int]) -> list[Any]:
-        """Run ``script``, with any queued settlements pipelined ahead of it: one round trip."""
-        if not self._queue:
-            reply: list[Any] = await script(keys=keys, args=args)
-            return reply
-        batch = self._take(_SETTLE_BATCH)
-        ok = False
-        try:
-            reply = await self._pipeline(batch, (script.sha, keys, args))
-            ok = True
-            return reply
-        finally:
-            self._done(batch, ok)
-
-    async def _pipeline(self, batch: Sequence[_Call], last: tuple[str, list[str], list[str | int]] | None
-                        ) -> list[Any]:
+    async def _write(self, batch: _Pending) -> None:
+        """Settle a batch: one pipeline, one script call per settlement."""
+        calls: list[tuple[list[str], list[str | int]]] = []
+        for key_id, items in batch.items():
+            k = self.key_prefix(key_id)
+            for rid, period, actual in items:
+                calls.append(([k + "pend", k + "tpm", k + "tpmh", k + "b:" + (period or "-")], [rid, actual]))
         for attempt in (0, 1):
             pipe = self._redis.pipeline(transaction=False)
-            for keys, args in batch:
+            for keys, args in calls:
                 pipe.evalsha(self._settle_script.sha, len(keys), *keys, *args)
-            if last is not None:
-                sha, keys, args = last
-                pipe.evalsha(sha, len(keys), *keys, *args)
             results = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
                 # Redis restarted or its script cache was flushed: load and send again (idempotent).
-                for script in (self._settle_script, self._admit_script, self._state_script):
-                    await self._redis.script_load(script.script)
+                await self._redis.script_load(self._settle_script.script)
                 continue
-            for result in results[: len(batch)]:
+            for result in results:
+                if isinstance(result, UNAVAILABLE):
+                    raise result
                 if isinstance(result, Exception):
                     log.error("settlement failed: %s", result)
-            if last is None:
-                return []
-            reply = results[-1]
-            if isinstance(reply, Exception):
-                raise reply
-            return list(reply)
-        raise AssertionError("unreachable")
+            return
 
     async def _flush_loop(self) -> None:
         backoff = 0.05
-        while True:
+        while not self._closed:
             await self._wake.wait()
             self._wake.clear()
-            # Give admissions a moment to carry the queue for free.
+            # Give the keys' own admissions a moment to carry their settlements for free.
             await asyncio.sleep(self._settle_delay)
-            while self._queue:
+            while self._pending and not self._closed:
                 try:
                     await self.flush()
                     backoff = 0.05

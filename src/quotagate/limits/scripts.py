@@ -99,14 +99,46 @@ local function budget(bk, period, now)
 end
 """
 
+# Settling one reservation: replace its reserved tokens by the actual ones, once.
+SETTLE_LUA = r"""
+local function settle_one(pend, tz, th, bk, id, actual)
+  local v = redis.call('HGET', pend, id)
+  if not v then return 0 end
+  redis.call('HDEL', pend, id)
+  local sep = string.find(v, ':', 1, true)
+  local reserved, bstart = tonumber(string.sub(v, 1, sep - 1)), tonumber(string.sub(v, sep + 1))
+  if redis.call('ZSCORE', tz, id) then
+    local before = tonumber(redis.call('HGET', th, id) or reserved)
+    redis.call('HSET', th, id, actual)
+    redis.call('HINCRBY', th, '_s', actual - before)
+  end
+  -- Only the counter of the admission's own period: after a rollover the old one is gone or replaced.
+  if bstart > 0 and tonumber(redis.call('HGET', bk, 's')) == bstart then
+    redis.call('HINCRBY', bk, 'r', -reserved)
+    redis.call('HINCRBY', bk, 'u', actual)
+  end
+  return 1
+end
+"""
+
+# KEYS: pend, tpm, tpmh, budget (of the admission's period kind)
+# ARGV: reservation id, actual tokens.  Returns 1 if applied, 0 if already settled (or forgotten).
+SETTLE = SETTLE_LUA + r"""
+return settle_one(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], tonumber(ARGV[2]))
+"""
+
 # KEYS: revoked, rpm, tpm, tpmh, pend, budget
-# ARGV: prompt, max_completion, min_completion, rpm, tpm, limit (0 = none), period, id, now override ('')
+# ARGV: prompt, max_completion, min_completion, rpm, tpm, limit (0 = none), period, id, now override (''),
+#       n, then n pairs (reservation id, actual tokens): this key's queued settlements, applied first
 # Returns {admitted, refusal (0 none, 1 rate, 2 budget, 3 revoked), retry µs, granted (-1: none),
 #          reserved, requests in window, requests reset µs, tokens in window, tokens reset µs,
 #          budget used, budget reserved, budget end (s), now µs}
-ADMIT = PERIODS_LUA + r"""
+ADMIT = PERIODS_LUA + SETTLE_LUA + r"""
 local W = 60000000
 local now = clock(ARGV[9])
+for i = 1, tonumber(ARGV[10] or '0') do
+  settle_one(KEYS[5], KEYS[3], KEYS[4], KEYS[6], ARGV[9 + 2 * i], tonumber(ARGV[10 + 2 * i]))
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0, 3, 0, -1, 0, 0, 0, 0, 0, 0, 0, 0, now} end
 local prompt, maxc, minc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local rpm, tpm, limit, period, id = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
@@ -200,28 +232,6 @@ end
 redis.call('HSET', KEYS[5], id, reserved .. ':' .. bstart)
 if redis.call('PTTL', KEYS[5]) < keep then redis.call('PEXPIRE', KEYS[5], keep) end
 return {1, 0, 0, granted, reserved, nreq, rr, tsum, tr, bused, bres, bend, now}
-"""
-
-# KEYS: pend, tpm, tpmh, budget (of the admission's period kind)
-# ARGV: reservation id, actual tokens.  Returns 1 if applied, 0 if already settled (or forgotten).
-SETTLE = r"""
-local v = redis.call('HGET', KEYS[1], ARGV[1])
-if not v then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-local sep = string.find(v, ':', 1, true)
-local reserved, bstart = tonumber(string.sub(v, 1, sep - 1)), tonumber(string.sub(v, sep + 1))
-local actual = tonumber(ARGV[2])
-if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
-  local before = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or reserved)
-  redis.call('HSET', KEYS[3], ARGV[1], actual)
-  redis.call('HINCRBY', KEYS[3], '_s', actual - before)
-end
--- Only the counter of the admission's own period: after a rollover the old one is gone or replaced.
-if bstart > 0 and tonumber(redis.call('HGET', KEYS[4], 's')) == bstart then
-  redis.call('HINCRBY', KEYS[4], 'r', -reserved)
-  redis.call('HINCRBY', KEYS[4], 'u', actual)
-end
-return 1
 """
 
 # KEYS: rpm, tpm, tpmh, budget.  ARGV: period ('' = no budget), now override ('').
