@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -35,6 +36,14 @@ async def test_key_without_limits_is_admitted_and_keeps_no_state(backend: Backen
     state = await backend.limiter.state(key)
     assert (state.rpm, state.requests_in_window, state.tpm, state.tokens_in_window, state.budget) == (
         None, 0, None, 0, None)
+
+
+async def test_a_revoked_record_is_refused(backend: Backend) -> None:
+    for key in (make_key(), make_key(rpm=5, tpm=100, token_limit=100)):
+        revoked = replace(key, revoked=True)
+        refused = await backend.limiter.admit(revoked, 1, 1)
+        assert not refused.admitted and refused.refusal == "key_revoked" and refused.reservation is None
+        assert not await backend.has_state(key.id)
 
 
 # --- rpm --------------------------------------------------------------------------------------
