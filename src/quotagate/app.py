@@ -24,6 +24,7 @@ from quotagate.console.http import JSON, http_exception_handler
 from quotagate.keys.events import KeyEvents
 from quotagate.keys.service import KeyService, project_keys_invalidator
 from quotagate.limits import build_broadcaster, build_limiter
+from quotagate.limits import register_metrics as register_limiter_metrics
 from quotagate.limits.interfaces import Limiter
 from quotagate.metering import console_routes as metering_console_routes
 from quotagate.metering import install as install_metering
@@ -75,6 +76,7 @@ class Runtime:
             runtime.on_stop.append(broadcaster.stop)  # runs before the limiter closes (reverse order)
             runtime.extras["broadcaster"] = broadcaster
         install_metering(runtime)
+        register_limiter_metrics(limiter, runtime.extras.get("metrics_registry"))
         return runtime
 
     async def start(self) -> None:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from quotagate.limits.broadcast import KeyBroadcaster
 
 __all__ = ["Admission", "Budget", "LimitState", "Limiter", "LimiterUnavailable", "MemoryLimiter", "Refusal",
-           "build_broadcaster", "build_limiter"]
+           "build_broadcaster", "build_limiter", "register_metrics"]
 
 
 def build_limiter(settings: Settings) -> Limiter:
@@ -44,3 +44,13 @@ def build_broadcaster(limiter: Limiter, events: KeyEvents, resolve: Callable[[st
     from quotagate.limits.broadcast import KeyBroadcaster
 
     return KeyBroadcaster(limiter.client, events, resolve, limiter, channel=f"{limiter.prefix}:key-changes")
+
+
+def register_metrics(limiter: Limiter, registry: object) -> None:
+    """Add the limiter's figures to a Prometheus registry (if one is given)."""
+    from prometheus_client import CollectorRegistry
+
+    from quotagate.limits.metrics import LimiterCollector
+
+    if isinstance(registry, CollectorRegistry):
+        registry.register(LimiterCollector(limiter))
