@@ -44,7 +44,8 @@ def qg_env(data_dir: Path, database_url: str, config: Path | None, **extra: str)
     return env
 
 
-def cli(env: dict[str, str], *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+def cli(env: dict[str, str], *args: str, stdin: str | None = None,
+        check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run the real `quotagate` command line."""
     result = subprocess.run([sys.executable, "-m", "quotagate", *args], env=env, input=stdin, text=True,
                             capture_output=True, timeout=120)
