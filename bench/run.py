@@ -1,0 +1,155 @@
+"""The gateway's load benchmark: the direct call vs the gateway with every check on, side by side.
+
+    .venv/bin/python bench/run.py [--duration 10] [--repeat 1]
+
+Starts bench/upstream.py (a fast fixed-answer upstream) and the load generator (Debian's ``wrk``) on
+CPU 1, and ``quotagate serve`` (one worker, SQLite, in-memory limiter, metering on) on CPU 0; mints a
+key with rpm, tpm, a budget and allowed_models, so that every check runs on every request; then runs
+wrk against the upstream directly and through the gateway, non-streaming and streaming, at
+concurrency 1 and 64, and measures time to first token at concurrency 1 with an aiohttp client.
+Prints a Markdown table (see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.support import free_port, wait_for_http  # noqa: E402
+
+PY = sys.executable
+BODY = {"model": "bench", "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
+        "max_tokens": 32}
+LUA = """wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {key}"
+"""
+
+
+def _seconds(text: str) -> float:
+    value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, script: Path, connections: int, duration: int, pid: int | None = None) -> dict[str, float]:
+    cpu0 = cpu_seconds(pid) if pid else 0.0
+    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
+                          "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+    if "Non-2xx" in out:
+        raise SystemExit(f"wrk saw errors against {url}:\n{out}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _seconds(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _seconds(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    cpu = (cpu_seconds(pid) - cpu0) / requests if pid else 0.0
+    return {"rps": rps, "p50": p50, "p99": p99, "cpu": cpu}
+
+
+async def ttft(url: str, key: str, count: int) -> list[float]:
+    """Time to the first content chunk of ``count`` sequential streams."""
+    body = json.dumps({**BODY, "stream": True}).encode()
+    times = []
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}",
+                                              "Content-Type": "application/json"}) as session:
+        for _ in range(count + 50):
+            t0 = time.perf_counter()
+            async with session.post(url, data=body) as r:
+                async for line in r.content:
+                    if b'"content"' in line:
+                        times.append(time.perf_counter() - t0)
+                        break
+                await r.read()
+    return times[50:]  # after warm-up
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="non-streaming at concurrency 64 only")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="qg-bench-"))
+    up_port, console_port, llm_port = free_port(), free_port(), free_port()
+    procs = [subprocess.Popen(["taskset", "-c", "1", PY, str(ROOT / "bench" / "upstream.py"), str(up_port)])]
+    config = tmp / "bench.toml"
+    config.write_text(f'[[models]]\nid = "bench"\ntype = "chat"\nupstreams = ["http://127.0.0.1:{up_port}/v1"]\n')
+    env = {**os.environ, "QUOTAGATE_DATA_DIR": str(tmp / "data"), "QUOTAGATE_CONFIG": str(config),
+           "QUOTAGATE_CONSOLE_PORT": str(console_port), "QUOTAGATE_LLM_PORT": str(llm_port),
+           "QUOTAGATE_LOG_LEVEL": "warning"}
+    env.pop("QUOTAGATE_DATABASE_URL", None)
+    env.pop("QUOTAGATE_REDIS_URL", None)
+    try:
+        procs.append(subprocess.Popen(["taskset", "-c", "0", PY, "-m", "quotagate", "serve"], env=env))
+        wait_for_http(f"http://127.0.0.1:{llm_port}/healthz", proc=procs[-1])
+        wait_for_http(f"http://127.0.0.1:{up_port}/", proc=procs[0])
+        cli = [PY, "-m", "quotagate"]
+        subprocess.run([*cli, "users", "create", "bench@example.com", "--admin"], env=env, check=True,
+                       capture_output=True)
+        token = subprocess.run([*cli, "tokens", "create", "bench@example.com"], env=env, check=True,
+                               capture_output=True, text=True).stdout.strip()
+        console = httpx.Client(base_url=f"http://127.0.0.1:{console_port}",
+                               headers={"Authorization": f"Bearer {token}"})
+        project = console.post("/v1/projects", json={"name": "bench"}).json()["id"]
+        key = console.post(f"/v1/projects/{project}/inference/keys", json={
+            "name": "bench", "rpm": 100_000_000, "tpm": 1_000_000_000_000, "token_limit": 1_000_000_000_000,
+            "token_limit_period": "month", "allowed_models": ["bench"]}).json()["secret"]
+        direct = f"http://127.0.0.1:{up_port}/v1/chat/completions"
+        gateway = f"http://127.0.0.1:{llm_port}/v1/chat/completions"
+        rows = []
+        for stream in (False,) if args.quick else (False, True):
+            body = json.dumps({**BODY, "stream": stream})
+            script = tmp / f"post-{stream}.lua"
+            script.write_text(LUA.format(body=body, key=key))
+            for conns in (64,) if args.quick else (1, 64):
+                for _ in range(args.repeat):
+                    wrk(gateway, script, conns, 2)  # warm-up
+                    d = wrk(direct, script, conns, args.duration)
+                    g = wrk(gateway, script, conns, args.duration, pid=procs[1].pid)
+                    rows.append((stream, conns, d, g))
+        t_direct = asyncio.run(ttft(direct, key, 100 if args.quick else 500))
+        t_gw = asyncio.run(ttft(gateway, key, 100 if args.quick else 500))
+        print(f"\nload average before the table: {os.getloadavg()}")
+        print("| mode | conc. | direct req/s | gateway req/s | ratio | direct p50 / p99 | gateway p50 / p99 |"
+              " added p50 / p99 | gateway CPU per request (→ req/s per core) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for stream, conns, d, g in rows:
+            print(f"| {'stream' if stream else 'non-stream'} | {conns} | {d['rps']:,.0f} | {g['rps']:,.0f} | "
+                  f"{g['rps'] / d['rps']:.2f} | {d['p50'] * 1e3:.2f} / {d['p99'] * 1e3:.2f} ms | "
+                  f"{g['p50'] * 1e3:.2f} / {g['p99'] * 1e3:.2f} ms | "
+                  f"{(g['p50'] - d['p50']) * 1e3:+.2f} / {(g['p99'] - d['p99']) * 1e3:+.2f} ms | "
+                  f"{g['cpu'] * 1e6:.0f} µs (→ {1 / g['cpu']:,.0f}) |")
+        q = statistics.quantiles
+        print(f"\ntime to first token, concurrency 1, {len(t_gw)} streams: direct p50 "
+              f"{statistics.median(t_direct) * 1e3:.3f} ms p99 {q(t_direct, n=100)[98] * 1e3:.3f} ms; gateway p50 "
+              f"{statistics.median(t_gw) * 1e3:.3f} ms p99 {q(t_gw, n=100)[98] * 1e3:.3f} ms; added p50 "
+              f"{(statistics.median(t_gw) - statistics.median(t_direct)) * 1e3:+.3f} ms")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=15)
+
+
+if __name__ == "__main__":
+    main()
