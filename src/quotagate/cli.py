@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from collections.abc import Callable
@@ -117,7 +116,11 @@ def serve(
 
     rt = runtime(s)
     try:
-        asyncio.run(run(rt))
+        # uvloop, as make_server asks for: uvicorn only installs it when it creates the loop itself,
+        # and serve_all runs the servers inside this one.
+        import uvloop
+
+        uvloop.run(run(rt))
     finally:
         rt.close()
 
