@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, Table, and_, delete, or_, update
+from sqlalchemy import Connection, Engine, Table, and_, delete, or_, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from quotagate.metering.interfaces import UsageEvent
@@ -115,8 +115,37 @@ def add_to_buckets(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     stmt = stmt.on_conflict_do_update(
         index_elements=["key_id", "width", "bucket_start", "model"],
         set_={c: usage_buckets.c[c] + excluded[c] for c in _COUNTS})
-    for i in range(0, len(rows), 500):
-        conn.execute(stmt, list(rows[i:i + 500]))
+    conn.execute(stmt, list(rows))
+
+
+_EVENT_COLUMNS = ("request_id", "created_at", "key_id", "project_id", "model", "endpoint", "status_code",
+                  "error_code", "stream", "prompt_tokens", "completion_tokens", "latency_ms", "ttft_ms",
+                  "client_ip", "user_agent")
+_PG_TYPES = ("text", "timestamptz", "text", "text", "text", "text", "integer", "text", "boolean", "bigint",
+             "bigint", "float8", "float8", "text", "text")
+_COLUMN_LIST = ", ".join(_EVENT_COLUMNS)
+# The whole batch travels as one parameter per column (PostgreSQL: arrays, unnested) or one JSON array
+# (SQLite: json_each), so the statement text is the same for every batch: prepared once, and no driver
+# re-parses a statement with thousands of placeholders (which cost ~200 µs per event).
+# Built from the constant column names above, never from input (hence the S608 waivers).
+_PG_ARGS = ", ".join(f"CAST(:{c} AS {t}[])" for c, t in zip(_EVENT_COLUMNS, _PG_TYPES, strict=True))
+_PG_INSERT = text(f"INSERT INTO usage_events ({_COLUMN_LIST}) SELECT * FROM unnest({_PG_ARGS}) "  # noqa: S608
+                  "ON CONFLICT (request_id) DO NOTHING RETURNING request_id")
+_JSON_ARGS = ", ".join(f"json_extract(j.value, '$[{i}]')" for i in range(len(_EVENT_COLUMNS)))
+_SQLITE_INSERT = text(f"INSERT INTO usage_events ({_COLUMN_LIST}) SELECT {_JSON_ARGS} "  # noqa: S608
+                      "FROM json_each(:rows) AS j WHERE true ON CONFLICT (request_id) DO NOTHING RETURNING request_id")
+_SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"  # how SQLAlchemy's DateTime stores naive UTC on SQLite
+
+
+def _insert_events(conn: Connection, rows: Sequence[dict[str, Any]]) -> set[str]:
+    """Insert the event rows that are not stored yet; returns the request ids actually inserted."""
+    if conn.dialect.name == "postgresql":
+        params = {c: [r[c] for r in rows] for c in _EVENT_COLUMNS}
+        return set(conn.execute(_PG_INSERT, params).scalars())
+    payload = orjson.dumps([
+        [r["created_at"].astimezone(UTC).strftime(_SQLITE_TIME) if c == "created_at" else r[c]
+         for c in _EVENT_COLUMNS] for r in rows])
+    return set(conn.execute(_SQLITE_INSERT, {"rows": payload.decode()}).scalars())
 
 
 def store_batch(engine: Engine, events: Sequence[UsageEvent]) -> int:
@@ -128,13 +157,7 @@ def store_batch(engine: Engine, events: Sequence[UsageEvent]) -> int:
     if not unique:
         return 0
     with engine.begin() as conn:
-        inserted: set[str] = set()
-        for i in range(0, len(unique), 400):
-            part = unique[i:i + 400]
-            stmt = (_insert(conn, usage_events).values([_event_row(e) for e in part])
-                    .on_conflict_do_nothing(index_elements=["request_id"])
-                    .returning(usage_events.c.request_id))
-            inserted.update(conn.execute(stmt).scalars())
+        inserted = _insert_events(conn, [_event_row(e) for e in unique])
         new = [e for e in unique if e.request_id[:64] in inserted]
         add_to_buckets(conn, buckets(new))
         _touch_keys(conn, new)
