@@ -23,8 +23,12 @@ class _Server(uvicorn.Server):
         yield
 
 
-def make_server(app: Any, host: str, port: int, log_level: str, *, access_log: bool = False) -> uvicorn.Server:
+def make_server(app: Any, host: str, port: int, log_level: str, *, access_log: bool = False,
+                proxy_headers: bool = True) -> uvicorn.Server:
+    """A uvicorn server on uvloop + httptools. ``proxy_headers`` trusts X-Forwarded-For from a proxy on
+    127.0.0.1 (uvicorn's default); the LLM listener turns it off to keep its middleware off the hot path."""
     config = uvicorn.Config(app, host=host, port=port, loop="uvloop", http="httptools", lifespan="on",
+                            proxy_headers=proxy_headers,
                             log_level=log_level, access_log=access_log, server_header=False,
                             date_header=False, timeout_graceful_shutdown=10)
     return _Server(config)
