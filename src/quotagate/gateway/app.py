@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,7 @@ from quotagate.gateway.streaming import StreamRelay
 from quotagate.gateway.usage import charge, reported, usage_object
 from quotagate.keys.models import KeyRecord
 from quotagate.keys.secrets import INFERENCE_KEY_KIND, hash_secret, is_well_formed
+from quotagate.limits.errors import LimiterUnavailable
 from quotagate.limits.interfaces import Admission
 from quotagate.metering.interfaces import UsageEvent
 from quotagate.upstreams.client import UpstreamClient, UpstreamError
@@ -49,8 +51,17 @@ _NOT_ADMITTED = Admission(admitted=True)
 LAST_USED_FLUSH_SECONDS = 10.0
 
 
-def _request_id() -> str:
-    return "req_" + secrets.token_hex(12)
+class RequestIds:
+    """Request ids (``req_`` and 96 random bits): unique across processes without any coordination.
+
+    Drawn from a PRNG seeded from the OS once per process: ``secrets`` costs a system call per id, and a
+    request id needs uniqueness, not secrecy (it is shown to the client anyway)."""
+
+    def __init__(self) -> None:
+        self._bits = random.Random(secrets.randbits(128)).getrandbits
+
+    def __call__(self) -> str:
+        return f"req_{self._bits(96):024x}"
 
 
 class Call:
@@ -59,8 +70,8 @@ class Call:
     __slots__ = ("admission", "client_ip", "endpoint", "key", "model", "rate_headers", "request_id", "started",
                  "stream", "t0", "user_agent")
 
-    def __init__(self, endpoint: str, scope: Scope) -> None:
-        self.request_id = _request_id()
+    def __init__(self, endpoint: str, scope: Scope, request_id: str) -> None:
+        self.request_id = request_id
         self.started = time.time()
         self.t0 = time.perf_counter()
         self.endpoint = endpoint
@@ -77,8 +88,10 @@ class Call:
 class LLMApp:
     def __init__(self, rt: Runtime) -> None:
         self._rt = rt
+        self._request_id = RequestIds()
         self._keys = KeyCache(rt.keys.resolve)
         rt.events.subscribe(self._keys.invalidate)
+        rt.extras["key_cache"] = self._keys  # hits/misses for /metrics
         self._models = rt.config.models
         self._upstreams = UpstreamClient(rt.config.models, rt.config.gateway)
         self._max_body = rt.settings.llm_max_body_bytes
@@ -134,13 +147,13 @@ class LLMApp:
         elif path == "/v1/models" or path.startswith("/v1/models/"):
             endpoint, handler, allowed = "models", self._list_models, "GET"
         elif path == "/healthz" and method in ("GET", "HEAD"):
-            await self._plain(send, 200, b'{"status":"ok"}', [(b"x-request-id", _request_id().encode())])
+            await self._plain(send, 200, b'{"status":"ok"}', [(b"x-request-id", self._request_id().encode())])
             return
         else:
             err = ApiError(404, "unknown_url", f"Unknown request URL: {method} {path}.")
-            await self._plain(send, 404, err.body(), [(b"x-request-id", _request_id().encode())])
+            await self._plain(send, 404, err.body(), [(b"x-request-id", self._request_id().encode())])
             return
-        call = Call(endpoint, scope)
+        call = Call(endpoint, scope, self._request_id())
         try:
             if method != allowed:
                 raise ApiError(405, "method_not_allowed", f"{method} is not allowed on {path}; use {allowed}")
@@ -149,6 +162,10 @@ class LLMApp:
             await handler(call, key, scope, receive, send)
         except ApiError as exc:
             await self._error(call, send, exc)
+        except LimiterUnavailable as exc:
+            # The shared limiter (Redis) is down and its failure policy refuses: nothing was forwarded.
+            await self._error(call, send, ApiError(503, exc.code, "Rate limits cannot be checked right now; "
+                                                   "retry shortly.", retry_after=exc.retry_after))
         except Exception:
             log.exception("request %s failed", call.request_id)
             await self._error(call, send, ApiError(500, "internal_error", "the gateway failed on this request; "
@@ -173,11 +190,11 @@ class LLMApp:
 
     async def _error(self, call: Call, send: Send, exc: ApiError) -> None:
         extra: Headers = []
-        if exc.status == 429:
+        if exc.status == 429 or exc.retry_after is not None:
             extra = rl.retry_after(exc.retry_after or 1.0)
             if (exc.retry_after or 0) > 60:
                 extra.append((b"x-should-retry", b"false"))
-        if call.key is not None and not call.rate_headers and self._rt.limiter is not None:
+        if exc.status != 503 and call.key is not None and not call.rate_headers and self._rt.limiter is not None:
             with contextlib.suppress(Exception):
                 call.rate_headers = rl.from_state(await self._rt.limiter.state(call.key))
         await self._respond(call, send, exc.status, exc.body(), error_code=exc.code, extra=extra)
@@ -274,6 +291,10 @@ class LLMApp:
         adm = await limiter.admit(key, prompt, max_completion, min_completion)
         call.rate_headers = rl.from_admission(adm)
         if not adm.admitted:
+            if adm.refusal == "key_revoked":
+                # Revoked elsewhere (with Redis: another instance's marker) before this cache heard of it.
+                self._keys.revoked(key.secret_hash)
+                raise ApiError(401, "key_revoked", "This API key has been revoked.")
             if adm.refusal == "token_limit_exceeded":
                 raise ApiError(429, "token_limit_exceeded", "This key's token budget for the current "
                                f"{key.token_limit_period} is used up (or too small for this request).",
@@ -291,7 +312,9 @@ class LLMApp:
     # -- endpoints -----------------------------------------------------------------------------
     async def _list_models(self, call: Call, key: KeyRecord, scope: Scope, receive: Receive, send: Send) -> None:
         if self._rt.limiter is not None:
-            call.rate_headers = rl.from_state(await self._rt.limiter.state(key))
+            # The headers are informative here: a limiter that is down leaves them out (no 503 to list models).
+            with contextlib.suppress(LimiterUnavailable):
+                call.rate_headers = rl.from_state(await self._rt.limiter.state(key))
         path: str = scope["path"]
         if path.startswith("/v1/models/"):
             model = path[len("/v1/models/"):]

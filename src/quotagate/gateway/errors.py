@@ -9,6 +9,9 @@
      ├── status 413  payload_too_large
      ├── status 429  rate_limit_exceeded / token_limit_exceeded (always with Retry-After)
      ├── status 502  upstream_error
+     ├── status 503  limiter_unavailable   the shared limiter (Redis) is down and its failure policy
+     │                                     refuses (always with Retry-After; nothing was forwarded)
+     │               service_unavailable   the key store could not be reached on a key-cache miss
      └── status 504  upstream_timeout
 
 One class carries them all (status, code, type); the helpers below name the common ones, so that the
@@ -21,11 +24,11 @@ import orjson
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
-          429: "rate_limit_error", 502: "upstream_error", 503: "upstream_error", 504: "upstream_error"}
+          429: "rate_limit_error", 502: "upstream_error", 503: "server_error", 504: "upstream_error"}
 
 
 class ApiError(Exception):
-    """An error the LLM API answers with; ``retry_after`` (seconds) goes into Retry-After on 429."""
+    """An error the LLM API answers with; ``retry_after`` (seconds) goes into Retry-After (always on 429)."""
 
     def __init__(self, status: int, code: str, message: str, *, param: str | None = None,
                  retry_after: float | None = None) -> None:

@@ -12,11 +12,17 @@ touches the store.
   entry older than ``refresh_after`` seconds is reloaded in the background when it is next used
   (stale-while-revalidate); the request that notices it is not delayed. So another process's
   revocation takes effect here at most ``refresh_after`` seconds plus one request later.
+- ``revoked`` is the other way a revocation arrives: the limiter refused the key as revoked (with Redis,
+  another instance's revocation marker) before any event reached this cache. The entry is turned into a
+  revoked copy at once (later requests are refused without a limiter call) and reloaded from the store.
+- ``hits`` (answered from the cache, known or unknown) and ``misses`` (went to the store) are counted
+  for the metrics (``quotagate_key_cache_*``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -51,6 +57,8 @@ class KeyCache:
         self._pending: dict[str, _Load] = {}
         self._lock = threading.Lock()
         self._background: set[asyncio.Task[None]] = set()
+        self.hits = 0
+        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -59,18 +67,35 @@ class KeyCache:
         """The key with that secret hash, or None if there is none. Raises if the store fails on a miss."""
         entry = self._entries.get(secret_hash)
         if entry is not None:
+            self.hits += 1
             record, loaded = entry
-            if self._clock() - loaded > self._refresh_after and secret_hash not in self._pending:
-                task = asyncio.get_running_loop().create_task(self._refresh(secret_hash))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+            if self._clock() - loaded > self._refresh_after:
+                self._refresh_soon(secret_hash)
             return record
         until = self._negative.get(secret_hash)
         if until is not None:
             if until > self._clock():
+                self.hits += 1
                 return None
             self._negative.pop(secret_hash, None)
+        self.misses += 1
         return await self._load(secret_hash)
+
+    def revoked(self, secret_hash: str) -> None:
+        """The key was found revoked elsewhere (the limiter said so): refuse it from the cache from now
+        on, and reload it from the store in the background (call on the event loop)."""
+        with self._lock:
+            entry = self._entries.get(secret_hash)
+            if entry is not None and not entry[0].revoked:
+                self._entries[secret_hash] = (dataclasses.replace(entry[0], revoked=True), entry[1])
+        self._refresh_soon(secret_hash)
+
+    def _refresh_soon(self, secret_hash: str) -> None:
+        if secret_hash in self._pending:
+            return
+        task = asyncio.get_running_loop().create_task(self._refresh(secret_hash))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def invalidate(self, change: KeyChanged) -> None:
         """Drop the key's entry (key events listener; safe to call from any thread)."""
