@@ -20,6 +20,8 @@ from quotagate.metering.interfaces import UsageEvent
 # Seconds; upstream latency of LLM calls ranges from a few ms (embeddings) to minutes (long generations).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 REFUSALS = frozenset({400, 401, 403, 404, 413, 429})
+# 503s the gateway answers itself, before any model server (the limiter or the key store is down).
+GATEWAY_UNAVAILABLE = frozenset({"limiter_unavailable", "service_unavailable"})
 
 Labels = tuple[str, str]  # (model, project)
 
@@ -66,12 +68,13 @@ class UsageMetrics(Collector):
             self._prompt[labels] = self._prompt.get(labels, 0) + e.prompt_tokens
         if e.completion_tokens:
             self._completion[labels] = self._completion.get(labels, 0) + e.completion_tokens
-        if status in REFUSALS:
+        refused = status in REFUSALS or (status == 503 and e.error_code in GATEWAY_UNAVAILABLE)
+        if refused:
             reason = (labels, e.error_code or str(status))
             self._refusals[reason] = self._refusals.get(reason, 0) + 1
         elif status >= 500:
             self._upstream_errors[key] = self._upstream_errors.get(key, 0) + 1
-        if status < 400 or status >= 500:  # forwarded upstream: its latency is the upstream's
+        if not refused and (status < 400 or status >= 500):  # forwarded upstream: its latency is the upstream's
             hist = self._latency.get(labels)
             if hist is None:
                 hist = self._latency[labels] = _Histogram()
