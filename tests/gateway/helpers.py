@@ -6,6 +6,7 @@ from typing import Any
 
 import httpx
 from openai import AsyncOpenAI, OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import Gateway
 
@@ -34,3 +35,14 @@ def budget_remaining(gw: Gateway, secret: str) -> int:
 
 def hi(content: str = "hi") -> list[dict[str, Any]]:
     return [{"role": "user", "content": content}]
+
+
+def metric(gw: Gateway, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` on the gateway's /metrics whose labels include ``labels``."""
+    text = httpx.get(f"{gw.console_url}/metrics", timeout=10).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total

@@ -13,8 +13,9 @@ import pytest
 from quotagate.gateway.keycache import KeyCache
 from quotagate.keys.events import KeyChanged
 from quotagate.keys.models import KeyRecord
+from quotagate.keys.secrets import INFERENCE_KEY_KIND, generate
 from tests.gateway.conftest import Mint
-from tests.gateway.helpers import hi, raw
+from tests.gateway.helpers import hi, metric, raw
 from tests.support import Console, Gateway
 
 
@@ -152,3 +153,18 @@ def test_stale_entries_refresh_in_the_background() -> None:
         pytest.fail("the stale entry was never refreshed")
 
     asyncio.run(go())
+
+
+def test_the_key_cache_counts_hits_and_misses(gw: Gateway, mint: Mint) -> None:
+    secret, _ = mint()
+    unknown = generate(INFERENCE_KEY_KIND)  # well formed, in no store
+    hits, misses = metric(gw, "quotagate_key_cache_hits"), metric(gw, "quotagate_key_cache_misses")
+    with raw(gw, secret) as known, raw(gw, unknown) as stranger:
+        for _ in range(4):
+            assert known.post("/chat/completions", json={"model": "chat", "messages": hi()}).status_code == 200
+        for _ in range(3):
+            assert stranger.get("/models").status_code == 401
+    assert metric(gw, "quotagate_key_cache_misses") - misses == 2  # one load of each
+    assert metric(gw, "quotagate_key_cache_hits") - hits == 5
+    ratio = metric(gw, "quotagate_key_cache_hit_ratio")
+    assert 0 < ratio < 1
