@@ -3,6 +3,7 @@ and real quotagate servers started as subprocesses on free loopback ports."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -41,21 +42,30 @@ def _pg_template() -> Iterator[str | None]:
     admin.dispose()
 
 
+@contextlib.contextmanager
+def fresh_database(directory: Path, template: str | None, tag: str = "t") -> Iterator[str]:
+    """The URL of a fresh, migrated database: SQLite in ``directory``, or (PostgreSQL run) a copy of the
+    migrated template, dropped afterwards."""
+    if template is None:
+        yield f"sqlite:///{directory / 'data' / 'quotagate.db'}"
+        return
+    name = f"qg_{tag}_{secrets.token_hex(6)}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
+    try:
+        yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 @pytest.fixture
 def database_url(tmp_path: Path, _pg_template: str | None) -> Iterator[str]:
     """A fresh, migrated database for one test."""
-    if _pg_template is None:
-        yield f"sqlite:///{tmp_path / 'data' / 'quotagate.db'}"
-        return
-    name = f"qg_t_{secrets.token_hex(6)}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{_pg_template}"'))
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
-    yield f"{base}/{name}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_database(tmp_path, _pg_template) as url:
+        yield url
 
 
 DEFAULT_CONFIG = """

@@ -9,9 +9,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
-from tests.conftest import DEFAULT_CONFIG, PG_ADMIN_URL
+from tests.conftest import DEFAULT_CONFIG, fresh_database
 from tests.support import Console, Gateway, free_port, start_gateway
 
 
@@ -23,18 +22,8 @@ def module_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def module_database_url(module_dir: Path, _pg_template: str | None) -> Iterator[str]:
     """A fresh, migrated database shared by one test module."""
-    if _pg_template is None:
-        yield f"sqlite:///{module_dir / 'data' / 'quotagate.db'}"
-        return
-    name = f"qg_m_{secrets.token_hex(6)}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{_pg_template}"'))
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
-    yield f"{base}/{name}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_database(module_dir, _pg_template, "m") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

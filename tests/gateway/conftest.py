@@ -11,15 +11,13 @@ Tests keep out of each other's way by minting their own keys.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
 
-from tests.conftest import PG_ADMIN_URL
+from tests.conftest import fresh_database
 from tests.fakes.upstream import FakeUpstream
 from tests.support import Console, Gateway, free_port, start_gateway
 
@@ -71,18 +69,9 @@ def module_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def module_database_url(module_dir: Path, _pg_template: str | None) -> Iterator[str]:
-    if _pg_template is None:
-        yield f"sqlite:///{module_dir / 'data' / 'quotagate.db'}"
-        return
-    name = f"qg_g_{secrets.token_hex(6)}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{_pg_template}"'))
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
-    yield f"{base}/{name}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    """A fresh, migrated database shared by one test module."""
+    with fresh_database(module_dir, _pg_template, "g") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
