@@ -112,6 +112,8 @@ def serve(
     s = settings(config=config, data_dir=data_dir, host=host, console_port=console_port, llm_port=llm_port,
                  role=role, database_url=database_url, redis_url=redis_url)
     logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Alembic announces each of its plugins at INFO on every start; the migrations it runs stay visible.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     from quotagate.runner import run
 
     rt = runtime(s)
