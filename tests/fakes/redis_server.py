@@ -13,11 +13,13 @@ from tests.support import free_port
 
 
 class RedisServer:
-    """``redis-server --save "" --appendonly no`` (nothing on disk) in ``directory``, on a free port."""
+    """``redis-server --save "" --appendonly no`` (nothing on disk) in ``directory``, on a free port; with
+    ``persistent``, an append-only file fsynced on every write instead, so a restart keeps every counter."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, persistent: bool = False) -> None:
         self.port = free_port()
         self.dir = directory
+        self.persistent = persistent
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -26,8 +28,9 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         self.dir.mkdir(parents=True, exist_ok=True)
+        durability = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *durability,
              "--dir", str(self.dir), "--daemonize", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
