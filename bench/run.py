@@ -1,13 +1,15 @@
 """The gateway's load benchmark: the direct call vs the gateway with every check on, side by side.
 
-    .venv/bin/python bench/run.py [--duration 10] [--repeat 1]
+    .venv/bin/python bench/run.py [--duration 10] [--repeat 1] [--redis redis://127.0.0.1:6379/0]
 
 Starts bench/upstream.py (a fast fixed-answer upstream) and the load generator (Debian's ``wrk``) on
-CPU 1, and ``quotagate serve`` (one worker, SQLite, in-memory limiter, metering on) on CPU 0; mints a
+CPU 1, and ``quotagate serve`` (one worker, SQLite, metering on; the in-memory limiter, or with
+``--redis URL`` the Redis limiter and the key-change broadcast on that Redis) on CPU 0; mints a
 key with rpm, tpm, a budget and allowed_models, so that every check runs on every request; then runs
 wrk against the upstream directly and through the gateway, non-streaming and streaming, at
 concurrency 1 and 64, and measures time to first token at concurrency 1 with an aiohttp client.
-Prints a Markdown table (see docs/performance.md).
+Prints a Markdown table (see docs/performance.md). In Redis mode the bench key's counters are deleted
+from that Redis afterwards (nothing else is touched; never point it at a Redis you cannot write to).
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="non-streaming at concurrency 64 only")
+    parser.add_argument("--redis", metavar="URL", help="use the Redis limiter on this Redis (default: memory)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="qg-bench-"))
     up_port, console_port, llm_port = free_port(), free_port(), free_port()
@@ -99,6 +102,9 @@ def main() -> None:
            "QUOTAGATE_LOG_LEVEL": "warning"}
     env.pop("QUOTAGATE_DATABASE_URL", None)
     env.pop("QUOTAGATE_REDIS_URL", None)
+    if args.redis:
+        env["QUOTAGATE_REDIS_URL"] = args.redis
+    key_id = None
     try:
         procs.append(subprocess.Popen(["taskset", "-c", "0", PY, "-m", "quotagate", "serve"], env=env))
         wait_for_http(f"http://127.0.0.1:{llm_port}/healthz", proc=procs[-1])
@@ -111,9 +117,10 @@ def main() -> None:
         console = httpx.Client(base_url=f"http://127.0.0.1:{console_port}",
                                headers={"Authorization": f"Bearer {token}"})
         project = console.post("/v1/projects", json={"name": "bench"}).json()["id"]
-        key = console.post(f"/v1/projects/{project}/inference/keys", json={
+        minted = console.post(f"/v1/projects/{project}/inference/keys", json={
             "name": "bench", "rpm": 100_000_000, "tpm": 1_000_000_000_000, "token_limit": 1_000_000_000_000,
-            "token_limit_period": "month", "allowed_models": ["bench"]}).json()["secret"]
+            "token_limit_period": "month", "allowed_models": ["bench"]}).json()
+        key, key_id = minted["secret"], minted["id"]
         direct = f"http://127.0.0.1:{up_port}/v1/chat/completions"
         gateway = f"http://127.0.0.1:{llm_port}/v1/chat/completions"
         rows = []
@@ -129,7 +136,8 @@ def main() -> None:
                     rows.append((stream, conns, d, g))
         t_direct = asyncio.run(ttft(direct, key, 100 if args.quick else 500))
         t_gw = asyncio.run(ttft(gateway, key, 100 if args.quick else 500))
-        print(f"\nload average before the table: {os.getloadavg()}")
+        print(f"\nlimiter: {'Redis at ' + args.redis if args.redis else 'memory'}; "
+              f"load average before the table: {os.getloadavg()}")
         print("| mode | conc. | direct req/s | gateway req/s | ratio | direct p50 / p99 | gateway p50 / p99 |"
               " added p50 / p99 | gateway CPU per request (→ req/s per core) |")
         print("|---|---|---|---|---|---|---|---|---|")
@@ -149,6 +157,21 @@ def main() -> None:
             p.terminate()
         for p in procs:
             p.wait(timeout=15)
+        if args.redis and key_id:
+            forget(args.redis, key_id)
+
+
+def forget(url: str, key_id: str) -> None:
+    """Delete the bench key's counters from Redis (only those: the Redis may be shared)."""
+    from redis import Redis
+
+    client = Redis.from_url(url)
+    try:
+        names = list(client.scan_iter(match=f"qg:{{{key_id}}}:*"))
+        if names:
+            client.delete(*names)
+    finally:
+        client.close()
 
 
 if __name__ == "__main__":
