@@ -44,8 +44,12 @@ wrk.headers["Authorization"] = "Bearer {key}"
 
 
 def _seconds(text: str) -> float:
-    value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
-    return float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
+    """A wrk duration (``812.00us``, ``3.17ms``, ``1.20s``, ``1.00m``) in seconds."""
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
+    if match is None:
+        raise ValueError(f"not a wrk duration: {text!r}")
+    value, unit = match.groups()
+    return float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -60,10 +64,13 @@ def wrk(url: str, script: Path, connections: int, duration: int, pid: int | None
                           "-s", str(script), url], capture_output=True, text=True, check=True).stdout
     if "Non-2xx" in out:
         raise SystemExit(f"wrk saw errors against {url}:\n{out}")
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _seconds(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = _seconds(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    try:
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        p50 = _seconds(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+        p99 = _seconds(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+        requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    except (AttributeError, ValueError) as exc:
+        raise SystemExit(f"could not read wrk's output against {url} ({exc}):\n{out}") from None
     cpu = (cpu_seconds(pid) - cpu0) / requests if pid else 0.0
     return {"rps": rps, "p50": p50, "p99": p99, "cpu": cpu}
 
