@@ -7,14 +7,17 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 from sqlalchemy import Engine, func, select
 
 from quotagate.metering.journal import Journal, frame, list_segments, read_segment
 from quotagate.metering.meter import JournalMeter
+from quotagate.metering.shipper import Shipper
+from quotagate.metering.store import encode
 from quotagate.store.tables import usage_buckets, usage_events
-from tests.metering.conftest import Key
+from tests.metering.conftest import Key, event
 
 
 def test_records_read_back_in_order(tmp_path: Path) -> None:
@@ -22,10 +25,10 @@ def test_records_read_back_in_order(tmp_path: Path) -> None:
     j.open()
     for i in range(100):
         j.append(b"record %d" % i)
-    [(_seq, path, sealed)] = j.segments()
+    [(_seq, path)] = list_segments(tmp_path / "j")[j.writer]
     chunk = read_segment(path, 0, 1000)
     assert chunk.records == [b"record %d" % i for i in range(100)]
-    assert not chunk.damaged and not sealed
+    assert not chunk.damaged
     assert chunk.end == path.stat().st_size
     # Reading on from an offset gives the rest, batch by batch.
     first = read_segment(path, 0, 40)
@@ -38,7 +41,7 @@ def test_a_torn_tail_is_left_out(tmp_path: Path) -> None:
     j.open()
     for i in range(3):
         j.append(b"ok %d" % i)
-    [(_seq, path, _)] = j.segments()
+    [(_seq, path)] = list_segments(tmp_path / "j")[j.writer]
     whole = frame(b"the record a crash interrupted")
     with path.open("ab") as f:
         f.write(whole[:-5])
@@ -51,21 +54,31 @@ def test_a_torn_tail_is_left_out(tmp_path: Path) -> None:
     assert read_segment(path, 0, 100).records == []
 
 
-def test_segments_rotate_and_shipped_ones_are_deleted(tmp_path: Path) -> None:
-    j = Journal(tmp_path / "j", segment_bytes=1000)
+def test_the_writer_seals_by_size_and_age_and_the_shipper_deletes_what_it_shipped(tmp_path: Path, engine: Engine,
+                                                                                  key: Key) -> None:
+    j = Journal(tmp_path / "j", segment_bytes=1000, seal_after=0.05)
     j.open()
-    for _ in range(50):
-        j.append(b"x" * 90)
-    segs = j.segments()
-    assert len(segs) == 5 and all(sealed for _, _, sealed in segs[:-1]) and not segs[-1][2]
-    for seq, _path, sealed in segs[:-1]:
-        assert sealed
-        j.forget(seq)
-    seq, size = j.position()
-    assert j.seal_if_shipped(seq, size, min_bytes=1) is (size > 0)
-    assert len(list_segments(tmp_path / "j")[j.writer]) == 1
-    assert j.close_if_shipped(j.position())
-    assert list(Path(tmp_path / "j").iterdir()) == []
+    for _ in range(20):
+        j.append(encode(event(key)))
+    segs = list_segments(tmp_path / "j")[j.writer]
+    assert len(segs) > 2 and j.position()[0] == segs[-1][0]
+    assert not j.seal_if_old() or j.position()[1] == 0  # nothing to seal in a segment just opened...
+    j.append(encode(event(key)))
+    time.sleep(0.06)
+    assert j.seal_if_old()                               # ...but an old one with records is sealed
+    assert not j.seal_if_old()                           # and an empty one is not
+    # The writer deletes nothing; the shipper deletes the sealed segments once stored, keeps the active one.
+    shipper = Shipper(tmp_path / "j", engine)
+    shipper.ship_once()
+    assert [seq for seq, _ in list_segments(tmp_path / "j")[j.writer]] == [j.position()[0]]
+    assert shipper.stats.shipped == shipper.stats.stored == 21
+    assert shipper.progress_of(j.writer) == (j.position()[0], 0, 0)
+    # Once the writer is gone (its lock free), everything of it goes, lock file included.
+    j.append(encode(event(key)))
+    j.close()
+    shipper.ship_once()
+    assert sorted(p.name for p in (tmp_path / "j").iterdir()) == ["shipped.json"]
+    assert shipper.stats.stored == 22 and shipper.stats.adopted == 1
 
 
 CHILD = textwrap.dedent("""

@@ -62,13 +62,15 @@ def install(rt: Runtime) -> None:
         rt.on_stop.append(meter.close)
         gauges += [
             Gauge("quotagate_journal_backlog_records", "Usage records in the local journal not yet in the store",
-                  lambda: float(meter.shipper.backlog_records())),
+                  lambda: float(meter.backlog_records())),
             Gauge("quotagate_journal_shipped_records", "Usage records shipped to the store since start",
-                  lambda: float(meter.shipper.stats.shipped)),
+                  lambda: float(meter.shipped_records())),
             Gauge("quotagate_journal_ship_failures", "Failed attempts to ship the journal since start",
-                  lambda: float(meter.shipper.stats.failures)),
+                  lambda: float(meter.shipper.failures)),
             Gauge("quotagate_journal_lost_records", "Usage records that could not be written to the journal",
                   lambda: float(meter.lost + meter.journal.write_errors)),
+            Gauge("quotagate_journal_shipper_restarts", "Times the shipper process died and was restarted",
+                  lambda: float(meter.shipper.restarts)),
         ]
     registry.register(GaugeCollector(gauges))
     rt.extras[REGISTRY] = registry

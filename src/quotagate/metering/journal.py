@@ -10,11 +10,16 @@ Layout of the journal directory::
 
     <writer>.lock              held (flock) by the live process that writes <writer>-*.log
     <writer>-<seq>.log         segments, each a run of frames: u32 length, u32 crc32, payload
+    shipper.lock               held by the shipper process that ships this directory
+    shipped.json               the shipper's progress, per live writer (see shipper.py)
 
-A writer seals a segment when it grows past ``segment_bytes`` (or when the shipper has shipped all of it)
-and opens the next. A segment whose writer's lock can be taken belongs to a process that is gone: the
-shipper of any process adopts it, ships it and deletes it. A frame cut short or failing its CRC can only
-be the tail of a write that a crash interrupted (before its response completed), so readers stop there.
+The writer only ever appends: it seals a segment (closes it and opens the next) when the segment grows
+past ``segment_bytes`` or has been open ``seal_after`` seconds, and never deletes anything. A segment
+with a successor is sealed for good (the writer closed it before creating the next), so the shipper
+(``metering/shipper.py``, in a process of its own) deletes it once it has stored all of it. A segment
+whose writer's lock can be taken belongs to a process that is gone: the shipper ships all of it and
+deletes it with the lock file. A frame cut short or failing its CRC can only be the tail of a write that
+a crash interrupted (before its response completed), so readers stop there.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import re
 import secrets
 import struct
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 
 _FRAME = struct.Struct("<II")  # payload length, crc32 of the payload
 _SEGMENT = re.compile(r"^([0-9a-f]{12})-(\d{10})\.log$")
+WRITER_LOCK = re.compile(r"^([0-9a-f]{12})\.lock$")
 MAX_RECORD = 1 << 20
 
 
@@ -98,49 +105,70 @@ def list_segments(directory: Path) -> dict[str, list[tuple[int, Path]]]:
 
 
 def try_lock(path: Path) -> int | None:
-    """An fd holding an exclusive flock on ``path`` (created if missing), or None if another holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    """An fd holding an exclusive flock on ``path`` (created if missing), or None if another holds it.
+
+    The lock files of a dead writer are unlinked by whoever ships its journal, while holding the lock; a
+    lock taken on a file that was unlinked meanwhile would lock nothing, so the path is checked to still
+    be the locked file (and the lock retried on the new file if it is not)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
         os.close(fd)
-        return None
-    return fd
 
 
 class Journal:
     """This process's writer: ``append`` writes one framed record with one system call.
 
-    ``append`` is called from the event loop; the shipper's thread calls ``seal_if_shipped`` and reads
-    segments through their paths. A lock serialises the two around the file descriptor (uncontended
-    except during a rotation, which is a close and an open).
+    Everything here runs on the event loop (the lock only guards against a caller on another thread).
+    Reading, shipping and deleting are the shipper process's: the writer never learns what was shipped.
     """
 
-    def __init__(self, directory: Path, *, segment_bytes: int = 4 << 20) -> None:
+    def __init__(self, directory: Path, *, segment_bytes: int = 4 << 20, seal_after: float = 10.0) -> None:
         self.directory = directory
         self.segment_bytes = segment_bytes
-        self.writer = secrets.token_hex(6)
+        self.seal_after = seal_after
+        self.writer = ""
         self._lock = threading.Lock()
         self._fd = -1
         self._lock_fd = -1
         self._seq = 0
         self._size = 0
-        self._sealed: list[tuple[int, Path]] = []
+        self._opened_at = 0.0
+        self._first: dict[int, int] = {}   # records appended before each segment still open or recent
         self.appended = 0          # records written by this process
         self.write_errors = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
     def open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = try_lock(self.directory / f"{self.writer}.lock")
-        if fd is None:  # pragma: no cover - 48 random bits
-            raise JournalError(f"journal writer id {self.writer} is taken")
+        for _ in range(8):
+            writer = secrets.token_hex(6)
+            fd = try_lock(self.directory / f"{writer}.lock")
+            # A lock file that exists already is someone else's, live or dead: take a new id.
+            if fd is not None and not any(self.directory.glob(f"{writer}-*.log")):
+                break
+            if fd is not None:  # pragma: no cover - 48 random bits
+                os.close(fd)
+        else:  # pragma: no cover
+            raise JournalError("no free journal writer id")
+        self.writer = writer
         self._lock_fd = fd
         with self._lock:
             self._open_next()
 
     def close(self) -> None:
-        """Close the active segment (it stays on disk until shipped) and release the writer lock."""
+        """Close the active segment and release the writer lock: the shipper then ships what is left
+        and deletes this writer's files."""
         with self._lock:
             if self._fd >= 0:
                 os.close(self._fd)
@@ -148,21 +176,6 @@ class Journal:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
-
-    def close_if_shipped(self, shipped_to: tuple[int, int]) -> bool:
-        """Close and delete this writer's files if everything in them is shipped (up to ``shipped_to``);
-        otherwise just close, leaving the rest for the next process. Returns whether it deleted them."""
-        with self._lock:
-            done = not self._sealed and self._fd >= 0 and (self._seq, self._size) <= shipped_to
-            if done:
-                os.close(self._fd)
-                self._fd = -1
-                with contextlib.suppress(FileNotFoundError):
-                    self._path(self._seq).unlink()
-                with contextlib.suppress(FileNotFoundError):
-                    (self.directory / f"{self.writer}.lock").unlink()
-        self.close()
-        return done
 
     @property
     def is_open(self) -> bool:
@@ -172,12 +185,17 @@ class Journal:
         return self.directory / segment_name(self.writer, seq)
 
     def _open_next(self) -> None:
+        # The old segment is closed before the next exists: a segment with a successor is never written
+        # again, which is what lets the shipper delete it without asking the writer.
         if self._fd >= 0:
             os.close(self._fd)
-            self._sealed.append((self._seq, self._path(self._seq)))
         self._seq += 1
         self._fd = os.open(self._path(self._seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
         self._size = 0
+        self._opened_at = time.monotonic()
+        self._first[self._seq] = self.appended
+        if len(self._first) > 64:
+            del self._first[min(self._first)]
 
     # -- the hot path ----------------------------------------------------------------------------
     def append(self, payload: bytes) -> None:
@@ -207,51 +225,21 @@ class Journal:
                 os.ftruncate(self._fd, self._size)
             self._open_next()
 
-    # -- for the shipper -------------------------------------------------------------------------
+    # -- off the hot path ------------------------------------------------------------------------
+    def seal_if_old(self) -> bool:
+        """Start a new segment if the active one holds records and is ``seal_after`` seconds old, so that
+        the shipper can delete it once shipped (called every second or so). Returns whether it did."""
+        with self._lock:
+            if self._fd < 0 or self._size == 0 or time.monotonic() - self._opened_at < self.seal_after:
+                return False
+            self._open_next()
+            return True
+
     def position(self) -> tuple[int, int]:
         """(segment, offset) just after the last record written so far."""
         with self._lock:
             return self._seq, self._size
 
-    def segments(self) -> list[tuple[int, Path, bool]]:
-        """This writer's segments still on disk: (seq, path, sealed), oldest first."""
-        with self._lock:
-            out = [(seq, path, True) for seq, path in self._sealed]
-            if self._fd >= 0:
-                out.append((self._seq, self._path(self._seq), False))
-            return out
-
-    def forget(self, seq: int) -> None:
-        """Delete sealed segment ``seq`` (every record of it is in the store)."""
-        with self._lock:
-            for i, (s, path) in enumerate(self._sealed):
-                if s == seq:
-                    del self._sealed[i]
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
-                    return
-
-    def seal_if_shipped(self, seq: int, shipped_to: int, min_bytes: int) -> bool:
-        """Start a new segment if segment ``seq`` is the active one, holds at least ``min_bytes`` and
-        has been shipped to its end; the shipped segment is deleted. Returns whether it did."""
-        with self._lock:
-            if self._fd < 0 or seq != self._seq or self._size != shipped_to or self._size < min_bytes:
-                return False
-            self._open_next()
-            self._sealed.pop()
-            with contextlib.suppress(FileNotFoundError):
-                self._path(seq).unlink()
-            return True
-
-    def sync(self) -> None:
-        """fsync the active segment (called off the hot path, to bound what a power cut could lose)."""
-        with self._lock:
-            if self._fd < 0:
-                return
-            fd = os.dup(self._fd)  # fsync a duplicate outside the lock: append must never wait for a disk
-        try:
-            os.fsync(fd)
-        except OSError:
-            log.warning("usage journal: fsync failed", exc_info=True)
-        finally:
-            os.close(fd)
+    def records_before(self, seq: int) -> int | None:
+        """How many records this writer had appended when segment ``seq`` began (None: too old to say)."""
+        return self._first.get(seq)
