@@ -15,8 +15,10 @@ from pathlib import Path
 
 from sqlalchemy import Engine, func, select
 
+from quotagate.metering.journal import Journal
 from quotagate.metering.meter import JournalMeter
 from quotagate.metering.shipper import ShipperOptions
+from quotagate.metering.store import encode
 from quotagate.store.tables import usage_buckets, usage_events
 from tests.metering.conftest import Key, event
 from tests.metering.test_journal import CHILD
@@ -200,3 +202,35 @@ def test_a_second_shipper_on_the_same_journal_stands_by(tmp_path: Path, engine: 
         assert not list((tmp_path / "j").glob("*.log"))
 
     asyncio.run(run())
+
+
+def test_a_store_the_shipper_cannot_use_does_not_hold_up_the_start(tmp_path: Path, engine: Engine, key: Key) -> None:
+    """With the store unusable, the gateway starts serving after the shipper's first failed pass (not
+    after a timeout); the dead process's journal stays, to be shipped once the store is back."""
+    left = Journal(tmp_path / "j")
+    left.open()
+    left.append(encode(event(key)))
+    left.close()
+
+    async def run() -> None:
+        broken = f"sqlite:///{tmp_path / 'no-tables.db'}"
+        meter = JournalMeter(engine, tmp_path / "j", database_url=broken,
+                             options=ShipperOptions(stop_within=0.5))
+        await meter.start()
+        try:
+            assert meter.shipper.failures >= 1
+            assert len(list((tmp_path / "j").glob(f"{left.writer}-*.log"))) == 1
+        finally:
+            await meter.close()
+
+    asyncio.run(run())
+    assert len(list((tmp_path / "j").glob(f"{left.writer}-*.log"))) == 1
+
+    # The next start, with a store that works, ships it.
+    async def again() -> None:
+        meter = JournalMeter(engine, tmp_path / "j")
+        await meter.start()
+        await meter.close()
+
+    asyncio.run(again())
+    assert len(stored(engine)[0]) == 1 and not list((tmp_path / "j").glob("*.log"))

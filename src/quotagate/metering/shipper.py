@@ -108,6 +108,7 @@ class Shipper:
         self._store = store
         self._progress: dict[tuple[str, int], tuple[int, int]] = {}  # (writer, seq) -> (offset, records)
         self._positions: dict[str, tuple[int, int, int]] = {}         # live writer -> (seq, offset, records)
+        self._pass_at = 0.0
 
     def _decode(self, records: list[bytes]) -> list[UsageEvent]:
         events = []
@@ -184,15 +185,17 @@ class Shipper:
                 os.close(fd)
         for gone in set(self._positions) - writers:
             del self._positions[gone]
+        self._pass_at = started
         self.write_status(started)
 
     def progress_of(self, writer: str) -> tuple[int, int, int] | None:
         """(seq, offset, records of that segment before offset) of a live writer, after the last pass."""
         return self._positions.get(writer)
 
-    def write_status(self, pass_at: float) -> None:
-        status = {"pid": os.getpid(), "pass_at": pass_at, "writers": self._positions,
-                  "stats": dataclasses.asdict(self.stats)}
+    def write_status(self, attempt_at: float) -> None:
+        """``pass_at``: when the last complete pass began; ``attempt_at``: the last pass, failed or not."""
+        status = {"pid": os.getpid(), "pass_at": self._pass_at, "attempt_at": attempt_at,
+                  "writers": self._positions, "stats": dataclasses.asdict(self.stats)}
         tmp = self.directory / f"{STATUS}.tmp"
         tmp.write_bytes(orjson.dumps(status))
         tmp.replace(self.directory / STATUS)
@@ -250,7 +253,7 @@ class Shipper:
                 info = signal.sigtimedwait(wanted, wait) if wait else None
                 if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
                     break
-                now = time.monotonic()
+                now, attempt_at = time.monotonic(), time.time()
                 try:
                     self.ship_once()
                     if now >= next_sync:
@@ -262,6 +265,8 @@ class Shipper:
                     wait = opts.interval
                 except Exception:
                     self.stats.failures += 1
+                    with contextlib.suppress(OSError):
+                        self.write_status(attempt_at)  # the gateway waiting for a first pass need not wait on
                     if self.stats.failures == 1 or self.stats.failures % 100 == 0:
                         log.exception("usage shipping failed (%d failures so far); retrying", self.stats.failures)
                     wait = min(max(wait * 2, 0.5), 30.0)
@@ -349,6 +354,10 @@ class ShipperProcess:
             status = self.status()
             if status.get("pass_at", 0.0) >= begun:
                 return True
+            if status.get("attempt_at", 0.0) >= begun:
+                log.error("usage journal: the shipper cannot reach the store yet; earlier processes' usage "
+                          "will be shipped when it can")
+                return False
             if not self.alive:
                 break
             await asyncio.sleep(0.01)
