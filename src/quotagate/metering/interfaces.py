@@ -1,8 +1,8 @@
 """The metering contract: the gateway hands every finished request to a ``Meter``.
 
-``record`` appends the event to the local journal (SQLite in WAL mode) before it returns, so a
-``kill -9`` right after a response loses nothing; a shipper moves journal rows to the store in batches
-keyed by ``request_id`` (idempotent), and trims the journal once they are stored.
+``record`` appends the event to the local journal (segment files of framed records) before it returns,
+so a ``kill -9`` right after a response loses nothing; a shipper process moves journal records to the
+store in batches keyed by ``request_id`` (idempotent), and trims the journal once they are stored.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Meter(Protocol):
         """Durably append one event to the journal (a local write, no network)."""
 
     async def start(self) -> None:
-        """Ship what an earlier process left in the journal, then keep shipping in the background."""
+        """Start shipping (what an earlier process left in the journal first), off this process."""
 
     async def close(self) -> None:
         """Ship what is left and stop."""
