@@ -75,8 +75,9 @@ def wrk(url: str, script: Path, connections: int, duration: int, pid: int | None
         raise SystemExit(f"wrk saw errors against {url}:\n{out}")
     try:
         rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-        p50 = _seconds(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-        p99 = _seconds(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+        # Anchored: an unanchored "50%" also matches the end of a "+/- Stdev" figure such as "75.50%".
+        p50 = _seconds(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+        p99 = _seconds(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
         requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     except (AttributeError, ValueError) as exc:
         raise SystemExit(f"could not read wrk's output against {url} ({exc}):\n{out}") from None
