@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,47 +20,10 @@ from quotagate.limits import scripts
 from quotagate.limits.errors import LimiterUnavailable
 from quotagate.limits.periods import period_bounds
 from quotagate.limits.redis import RedisLimiter
+from tests.fakes.redis_server import RedisServer
 from tests.limits.conftest import REDIS_URL, make_key, redis_prefix
-from tests.support import free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.skipif(not REDIS_URL, reason="QUOTAGATE_TEST_REDIS_URL=''")]
-
-
-class RedisServer:
-    """A redis-server subprocess of this test's own, on a free port."""
-
-    def __init__(self, directory: Path, persistent: bool = False) -> None:
-        self.port = free_port()
-        self.dir = directory
-        self.persistent = persistent
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        durability = (["--appendonly", "yes", "--appendfsync", "always"] if self.persistent
-                      else ["--appendonly", "no"])
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.dir),
-             "--daemonize", "no", *durability], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
 
 
 @pytest.fixture
