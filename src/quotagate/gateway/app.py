@@ -8,14 +8,12 @@ known key carries the ``x-ratelimit-*`` headers; errors are OpenAI-shaped (see `
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -48,7 +46,6 @@ _JSON = (b"content-type", b"application/json")
 _SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
         (b"x-accel-buffering", b"no")]
 _NOT_ADMITTED = Admission(admitted=True)
-LAST_USED_FLUSH_SECONDS = 10.0
 
 
 class RequestIds:
@@ -97,8 +94,6 @@ class LLMApp:
         self._max_body = rt.settings.llm_max_body_bytes
         self._default_max_tokens = rt.config.gateway.default_max_tokens
         self._model_lists: dict[frozenset[str] | None, bytes] = {}
-        self._last_used: dict[str, float] = {}
-        self._tasks: list[asyncio.Task[None]] = []
         if rt.limiter is None:
             log.warning("no limiter configured: rpm, tpm and token budgets are NOT enforced")
 
@@ -128,12 +123,8 @@ class LLMApp:
 
     async def start(self) -> None:
         await self._upstreams.start()
-        self._tasks.append(asyncio.get_running_loop().create_task(self._flush_last_used_forever()))
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await self._flush_last_used()
         await self._keys.close()
         await self._upstreams.close()
 
@@ -243,7 +234,6 @@ class LLMApp:
         now = time.time()
         if key.expires_at is not None and key.expires_at <= now:
             raise ApiError(401, "key_expired", "This API key has expired.")
-        self._last_used[key.id] = now
         return key
 
     def _usable(self, key: KeyRecord, model: str, kind: str) -> ModelSpec:
@@ -474,22 +464,6 @@ class LLMApp:
             raise
         finally:
             response.release()
-
-    # -- last_used_at, batched off the hot path ----------------------------------------------------
-    async def _flush_last_used_forever(self) -> None:
-        while True:
-            await asyncio.sleep(LAST_USED_FLUSH_SECONDS)
-            await self._flush_last_used()
-
-    async def _flush_last_used(self) -> None:
-        if not self._last_used:
-            return
-        batch, self._last_used = self._last_used, {}
-        try:
-            await asyncio.to_thread(self._rt.keys.touch,
-                                    {k: datetime.fromtimestamp(t, UTC) for k, t in batch.items()})
-        except Exception:
-            log.warning("could not record keys' last use", exc_info=True)
 
 
 def build_llm_app(rt: Runtime) -> LLMApp:

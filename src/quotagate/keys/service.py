@@ -290,12 +290,3 @@ class KeyService:
             expires_at=row.expires_at.timestamp() if row.expires_at else None,
             revoked=row.revoked_at is not None, version=row.version,
         )
-
-    def touch(self, last_used: dict[str, Any]) -> None:
-        """Record ``last_used_at`` for many keys at once (the gateway batches these off the hot path)."""
-        if not last_used:
-            return
-        with self._engine.begin() as conn:
-            for key_id, when in last_used.items():
-                conn.execute(update(inference_keys).where(inference_keys.c.id == key_id)
-                             .values(last_used_at=when))
