@@ -352,7 +352,9 @@ class ShipperProcess:
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             status = self.status()
-            if status.get("pass_at", 0.0) >= begun:
+            # A pass begun after this call, and no journal of a dead writer left: another shipper (the
+            # one of a killed gateway, finishing its last pass) may have written the status meanwhile.
+            if status.get("pass_at", 0.0) >= begun and not self.orphans_left():
                 return True
             if status.get("attempt_at", 0.0) >= begun:
                 log.error("usage journal: the shipper cannot reach the store yet; earlier processes' usage "
@@ -362,6 +364,19 @@ class ShipperProcess:
                 break
             await asyncio.sleep(0.01)
         log.error("usage journal: the shipper process made no pass within %.0f s of starting", within)
+        return False
+
+    def orphans_left(self) -> bool:
+        """Whether segments of a writer that is gone (its lock free) are still in the directory."""
+        if not self.directory.exists():
+            return False
+        for writer, segments in list_segments(self.directory).items():
+            if not segments:
+                continue
+            fd = try_lock(self.directory / f"{writer}.lock")
+            if fd is not None:
+                os.close(fd)
+                return True
         return False
 
     def check(self) -> None:
