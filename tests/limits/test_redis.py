@@ -287,3 +287,118 @@ async def test_close_flushes_queued_settlements(shared: RedisLimiter) -> None:
     assert other.pending_settlements() == 1
     await other.close()
     assert (await shared.state(key)).tokens_in_window == 7
+
+
+# --- replies lost on the way back ----------------------------------------------------------------
+
+
+class ReplyDropper:
+    """A TCP proxy in front of the shared Redis that, while ``drop`` > 0, cuts the connection instead of
+    passing a reply on: the command has run in Redis, but its caller never hears so."""
+
+    def __init__(self) -> None:
+        self.drop = 0
+        self.dropped = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return REDIS_URL.replace(REDIS_URL.split("//", 1)[1].split("/", 1)[0], f"127.0.0.1:{port}")
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = REDIS_URL.split("//", 1)[1].split("/", 1)[0].split(":")
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, replies: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if replies and self.drop > 0:
+                        self.drop -= 1
+                        self.dropped += 1
+                        break
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                for w in (writer, up_writer):
+                    w.close()
+
+        await asyncio.gather(pump(reader, up_writer, False), pump(up_reader, writer, True))
+
+
+async def test_an_admission_whose_reply_is_lost_is_cancelled() -> None:
+    """Redis ran the admission but the reply never arrived (Redis died, or the network cut, in
+    between): the request is refused with 503, so its slot and tokens must come back."""
+    proxy = ReplyDropper()
+    url = await proxy.start()
+    async with redis_prefix() as prefix:
+        limiter = RedisLimiter.from_url(url, prefix=prefix, settle_delay=0.001)
+        try:
+            warm = make_key(rpm=1)
+            assert (await limiter.admit(warm, 1, 1)).admitted  # the script is loaded
+            key = make_key(rpm=2, tpm=10_000, token_limit=1000, period="day")
+            proxy.drop = 2  # the first attempt and redis-py's retry on a fresh connection
+            with pytest.raises(LimiterUnavailable):
+                await limiter.admit(key, 100, 400)
+            assert proxy.dropped == 2
+            await limiter.flush()
+            state = await limiter.state(key)
+            assert state.budget is not None and (state.budget.used, state.budget.reserved) == (0, 0)
+            assert (state.requests_in_window, state.tokens_in_window) == (0, 0)
+            # and the key has its whole allowance: two requests of 500 tokens each
+            for _ in range(2):
+                adm = await limiter.admit(key, 100, 400)
+                assert adm.admitted and adm.reserved_tokens == 500
+                await limiter.settle(key, adm, 500)
+            assert not (await limiter.admit(key, 1, 1)).admitted
+        finally:
+            await limiter.close()
+            await proxy.stop()
+
+
+async def test_an_admission_sent_twice_counts_once() -> None:
+    """redis-py sends a command again on a fresh connection when the first reply was lost; the
+    admission ran both times, with the same id, and must count and reserve once."""
+    proxy = ReplyDropper()
+    url = await proxy.start()
+    async with redis_prefix() as prefix:
+        limiter = RedisLimiter.from_url(url, prefix=prefix, settle_delay=0.001)
+        try:
+            assert (await limiter.admit(make_key(rpm=1), 1, 1)).admitted  # the script is loaded
+            key = make_key(rpm=2, tpm=10_000, token_limit=1000, period="day")
+            proxy.drop = 1
+            adm = await limiter.admit(key, 100, 400)
+            assert proxy.dropped == 1
+            assert adm.admitted and adm.reserved_tokens == 500 and adm.granted == 400
+            state = await limiter.state(key)
+            assert state.budget is not None and (state.budget.used, state.budget.reserved) == (0, 500)
+            assert (state.requests_in_window, state.tokens_in_window) == (1, 500)
+            await limiter.settle(key, adm, 321)
+            state = await limiter.state(key)
+            assert state.budget is not None and (state.budget.used, state.budget.reserved) == (321, 0)
+            assert (state.requests_in_window, state.tokens_in_window) == (1, 321)
+        finally:
+            await limiter.close()
+            await proxy.stop()
+
+
+async def test_a_cancelled_admission_still_queued_in_redis_refuses_itself(shared: RedisLimiter) -> None:
+    """The cancel can overtake its admission (sent on another connection while the first waits in a
+    slow Redis): the admission then finds the tombstone and counts nothing."""
+    key = make_key(rpm=5, token_limit=1000)
+    k = shared.key_prefix(key.id)
+    settle = shared.client.register_script(scripts.SETTLE)
+    admit = shared.client.register_script(scripts.ADMIT)
+    assert await settle(keys=[k + "rpm", k + "pend", k + "tpm", k + "tpmh", k + "b:day"], args=["r1", -1]) == 0
+    reply = await admit(keys=[k + "revoked", k + "rpm", k + "tpm", k + "tpmh", k + "pend", k + "b:day"],
+                        args=[10, 10, 1, 5, 0, 1000, "day", "r1", "", 0])
+    assert (reply[0], reply[1]) == (0, 4)
+    state = await shared.state(key)
+    assert state.requests_in_window == 0 and state.budget is not None and state.budget.reserved == 0
+    assert 0 < await shared.client.pttl(k + "pend") <= 61_000

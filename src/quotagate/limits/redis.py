@@ -6,7 +6,8 @@ next admission of the same key carries that key's queued settlements inside its 
 instance always sees its own settlements, at no extra round trip), and a background task writes the
 rest a few milliseconds later, all keys in one pipeline. A settlement is never on a response's path and
 none is lost while the process lives: a failed write is retried (settling is idempotent) and ``close``
-flushes what is left.
+flushes what is left. An admission whose reply is lost is cancelled the same way (see
+``scripts.SETTLE_LUA``), so a request refused with 503 holds no slot, tokens or budget.
 
 When Redis cannot be reached, ``failure_policy`` decides (see docs/limits.md): ``closed`` refuses
 every limited key with ``LimiterUnavailable``; ``open-rates`` admits keys whose only limits are rpm/tpm
@@ -45,6 +46,8 @@ FAILURE_POLICIES: tuple[FailurePolicy, ...] = get_args(FailurePolicy)
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
 
 _REFUSALS: dict[int, Refusal] = {1: "rate_limit_exceeded", 2: "token_limit_exceeded", 3: "key_revoked"}
+_CANCELLED = 4  # the admission's id was cancelled before the script ran (see scripts.SETTLE_LUA)
+_CANCEL = -1  # "actual tokens" of a settlement that cancels its admission
 _Settle = tuple[str, str, int]  # reservation id, budget period kind of the admission ('' none), actual tokens
 _Pending = dict[str, list[_Settle]]  # by key id, in order
 
@@ -79,6 +82,7 @@ class RedisLimiter:
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
         self._down_since: float | None = None
+        self._back_up = asyncio.Event()  # set when Redis answers again: retry queued settlements now
         self.unavailable_total = 0  # admissions that met an unreachable Redis (a metric)
 
     @classmethod
@@ -124,6 +128,10 @@ class RedisLimiter:
             reply = await self._admit_script(keys=keys, args=args)
             ok = True
         except UNAVAILABLE as exc:
+            # The script may have run with its reply lost: cancel the admission (idempotent, and a
+            # no-op if it never ran), or it would hold its slot and tokens though the request is refused.
+            if rpm or tpm or limit:
+                self._queue(key.id, (rid, period or "", _CANCEL))
             return self._unavailable(key, exc)
         finally:
             if carried:
@@ -133,6 +141,8 @@ class RedisLimiter:
          now_us) = (int(x) for x in reply)
         if code == 3:
             return Admission(admitted=False, refusal="key_revoked")
+        if code == _CANCELLED:
+            raise LimiterUnavailable()
         now = now_us / 1e6
         budget = Budget(limit, period, bused, bres, float(bend)) if limit is not None and period is not None else None
         limit_tokens = remaining_tokens = None
@@ -156,7 +166,10 @@ class RedisLimiter:
         if admission.reservation is None:
             return
         rid, _, period = admission.reservation.partition("|")
-        self._pending.setdefault(key.id, []).append((rid, period, max(0, actual_tokens)))
+        self._queue(key.id, (rid, period, max(0, actual_tokens)))
+
+    def _queue(self, key_id: str, settlement: _Settle) -> None:
+        self._pending.setdefault(key_id, []).append(settlement)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(), name="limiter-settle")
         self._wake.set()
@@ -274,7 +287,8 @@ class RedisLimiter:
         for key_id, items in batch.items():
             k = self.key_prefix(key_id)
             for rid, period, actual in items:
-                calls.append(([k + "pend", k + "tpm", k + "tpmh", k + "b:" + (period or "-")], [rid, actual]))
+                keys = [k + "rpm", k + "pend", k + "tpm", k + "tpmh", k + "b:" + (period or "-")]
+                calls.append((keys, [rid, actual]))
         for attempt in (0, 1):
             pipe = self._redis.pipeline(transaction=False)
             for keys, args in calls:
@@ -304,7 +318,9 @@ class RedisLimiter:
                     backoff = 0.05
                 except UNAVAILABLE as exc:
                     self._note_down(exc)
-                    await asyncio.sleep(backoff)
+                    self._back_up.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._back_up.wait(), backoff)
                     backoff = min(backoff * 2, 2.0)
                 except Exception:
                     log.exception("settlement flush failed; retrying")
@@ -328,4 +344,5 @@ class RedisLimiter:
         if self._down_since is not None:
             log.warning("Redis limiter reachable again after %.1f s", time.monotonic() - self._down_since)
             self._down_since = None
+            self._back_up.set()
 

@@ -99,50 +99,82 @@ local function budget(bk, period, now)
 end
 """
 
-# Settling one reservation: replace its reserved tokens by the actual ones, once.
+# Settling one reservation: replace its reserved tokens by the actual ones, once. ``actual`` < 0
+# cancels the admission instead: its caller never got the reply (Redis went away between running the
+# script and answering) and refused the request, so it is taken out of every window and the budget, and
+# a tombstone ('c', kept 61 s) makes the admission refuse itself should it still be queued in Redis.
 SETTLE_LUA = r"""
-local function settle_one(pend, tz, th, bk, id, actual)
+local function settle_one(rz, pend, tz, th, bk, id, actual)
   local v = redis.call('HGET', pend, id)
-  if not v then return 0 end
-  redis.call('HDEL', pend, id)
+  if actual < 0 then
+    redis.call('ZREM', rz, id)
+    redis.call('HSET', pend, id, 'c')
+    if redis.call('PTTL', pend) < 61000 then redis.call('PEXPIRE', pend, 61000) end
+  elseif v then
+    redis.call('HDEL', pend, id)
+  end
+  if not v or v == 'c' then return 0 end
   local sep = string.find(v, ':', 1, true)
   local reserved, bstart = tonumber(string.sub(v, 1, sep - 1)), tonumber(string.sub(v, sep + 1))
+  local a = actual
+  if a < 0 then a = 0 end
   if redis.call('ZSCORE', tz, id) then
     local before = tonumber(redis.call('HGET', th, id) or reserved)
-    redis.call('HSET', th, id, actual)
-    redis.call('HINCRBY', th, '_s', actual - before)
+    if actual < 0 then
+      redis.call('ZREM', tz, id)
+      redis.call('HDEL', th, id)
+    else
+      redis.call('HSET', th, id, a)
+    end
+    redis.call('HINCRBY', th, '_s', a - before)
   end
   -- Only the counter of the admission's own period: after a rollover the old one is gone or replaced.
   if bstart > 0 and tonumber(redis.call('HGET', bk, 's')) == bstart then
     redis.call('HINCRBY', bk, 'r', -reserved)
-    redis.call('HINCRBY', bk, 'u', actual)
+    redis.call('HINCRBY', bk, 'u', a)
   end
   return 1
 end
 """
 
-# KEYS: pend, tpm, tpmh, budget (of the admission's period kind)
-# ARGV: reservation id, actual tokens.  Returns 1 if applied, 0 if already settled (or forgotten).
+# KEYS: rpm, pend, tpm, tpmh, budget (of the admission's period kind)
+# ARGV: reservation id, actual tokens (-1: cancel).  Returns 1 if applied, 0 if already settled (or
+# forgotten).
 SETTLE = SETTLE_LUA + r"""
-return settle_one(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], tonumber(ARGV[2]))
+return settle_one(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], tonumber(ARGV[2]))
 """
 
 # KEYS: revoked, rpm, tpm, tpmh, pend, budget
 # ARGV: prompt, max_completion, min_completion, rpm, tpm, limit (0 = none), period, id, now override (''),
 #       n, then n pairs (reservation id, actual tokens): this key's queued settlements, applied first
-# Returns {admitted, refusal (0 none, 1 rate, 2 budget, 3 revoked), retry µs, granted (-1: none),
+# An admission is idempotent per id (redis-py re-sends a command whose reply timed out): a second run
+# answers as the first did without counting again, and one already cancelled refuses itself.
+# Returns {admitted, refusal (0 none, 1 rate, 2 budget, 3 revoked, 4 cancelled), retry µs, granted (-1: none),
 #          reserved, requests in window, requests reset µs, tokens in window, tokens reset µs,
 #          budget used, budget reserved, budget end (s), now µs}
 ADMIT = PERIODS_LUA + SETTLE_LUA + r"""
 local W = 60000000
 local now = clock(ARGV[9])
 for i = 1, tonumber(ARGV[10] or '0') do
-  settle_one(KEYS[5], KEYS[3], KEYS[4], KEYS[6], ARGV[9 + 2 * i], tonumber(ARGV[10 + 2 * i]))
+  settle_one(KEYS[2], KEYS[5], KEYS[3], KEYS[4], KEYS[6], ARGV[9 + 2 * i], tonumber(ARGV[10 + 2 * i]))
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0, 3, 0, -1, 0, 0, 0, 0, 0, 0, 0, 0, now} end
 local prompt, maxc, minc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local rpm, tpm, limit, period, id = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
 if rpm == 0 and tpm == 0 and limit == 0 then return {1, 0, 0, -1, 0, 0, 0, 0, 0, 0, 0, 0, now} end
+local prev = redis.call('HGET', KEYS[5], id)
+if prev == 'c' then return {0, 4, 0, -1, 0, 0, 0, 0, 0, 0, 0, 0, now} end
+if prev or (rpm > 0 and redis.call('ZSCORE', KEYS[2], id)) then
+  local reserved, granted = 0, -1
+  if prev then
+    reserved = tonumber(string.sub(prev, 1, string.find(prev, ':', 1, true) - 1))
+    granted = reserved - prompt
+  end
+  local pb, pe, pu, pr = 0, 0, 0, 0
+  if limit > 0 then pb, pe, pu, pr = budget(KEYS[6], period, now) end
+  return {1, 0, 0, granted, reserved, redis.call('ZCARD', KEYS[2]), 0,
+          tonumber(redis.call('HGET', KEYS[4], '_s') or '0'), 0, pu, pr, pe, now}
+end
 local cutoff = now - W
 local refusal, retry, granted = 0, 0, maxc
 local nreq, tsum, bstart, bend, bused, bres = 0, 0, 0, 0, 0, 0
