@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="non-streaming at concurrency 64 only")
+    parser.add_argument("--cells", metavar="MODE:CONC,...",
+                        help="only these cells, e.g. 'non-stream:1,stream:64' (default: all four)")
     parser.add_argument("--redis", metavar="URL", help="use the Redis limiter on this Redis (default: memory)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="qg-bench-"))
@@ -144,11 +146,17 @@ def main() -> None:
         direct = f"http://127.0.0.1:{up_port}/v1/chat/completions"
         gateway = f"http://127.0.0.1:{llm_port}/v1/chat/completions"
         rows = []
-        for stream in (False,) if args.quick else (False, True):
+        cells = [(s, c) for s in (False, True) for c in (1, 64)]
+        if args.quick:
+            cells = [(False, 64)]
+        if args.cells:
+            modes = {"non-stream": False, "stream": True}
+            cells = [(modes[m], int(c)) for m, _, c in (cell.partition(":") for cell in args.cells.split(","))]
+        for stream, conns in cells:
             body = json.dumps({**BODY, "stream": stream})
             script = tmp / f"post-{stream}.lua"
             script.write_text(LUA.format(body=body, key=key))
-            for conns in (64,) if args.quick else (1, 64):
+            if True:
                 for _ in range(args.repeat):
                     wrk(gateway, script, conns, 2)  # warm-up
                     d = wrk(direct, script, conns, args.duration)

@@ -68,7 +68,7 @@ BOOT = ("import os, signal, sys\n"
 @dataclass(frozen=True, slots=True)
 class ShipperOptions:
     batch_size: int = 2000
-    interval: float = 0.1            # seconds between passes when nothing asks for one sooner
+    interval: float = 1.0            # between passes when none is asked for sooner (docs/metering.md: why)
     seal_after: float = 10.0         # the writer starts a new segment once the active one is this old
     sync_interval: float = 1.0       # fsync live writers' active segments this often (bounds a power cut's loss)
     maintain_interval: float = 300.0 # roll up buckets and purge old activity
