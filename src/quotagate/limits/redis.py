@@ -1,6 +1,7 @@
 """The Redis limiter: one Lua script per admission, shared by every instance, on Redis's clock.
 
-``admit`` is exactly one round trip (``EVALSHA`` of ``scripts.ADMIT``), which checks the revocation
+``admit`` is exactly one round trip (``EVALSHA`` of ``scripts.ADMIT``, on a pipelined connection of
+its own: ``resp.py``), which checks the revocation
 marker and checks and reserves rpm, tpm and the budget atomically. ``settle`` only queues, per key: the
 next admission of the same key carries that key's queued settlements inside its own script call (so an
 instance always sees its own settlements, at no extra round trip), and a background task writes the
@@ -36,6 +37,7 @@ from quotagate.keys.models import KeyRecord
 from quotagate.limits import scripts
 from quotagate.limits.errors import LimiterUnavailable
 from quotagate.limits.interfaces import Admission, Budget, LimitState, Refusal
+from quotagate.limits.resp import RespConnection
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +70,11 @@ class RedisLimiter:
         self._policy = failure_policy
         self._now = now
         self._settle_delay = settle_delay
-        self._admit_script = client.register_script(scripts.ADMIT)
-        self._settle_script = client.register_script(scripts.SETTLE)
+        # Admissions and settlements go over one pipelined connection of their own (see resp.py);
+        # the rest (state, revocation markers, script loading) over redis-py's pool.
+        self._fast = RespConnection(client)
         self._state_script = client.register_script(scripts.STATE)
+        self._sources = {scripts.ADMIT_SHA: scripts.ADMIT, scripts.SETTLE_SHA: scripts.SETTLE}
         # Admission ids: unique across instances without coordination.
         self._id_prefix = secrets.token_hex(6) + "."
         self._ids = itertools.count(1)
@@ -125,7 +129,7 @@ class RedisLimiter:
         carried = self._carry(key.id, period or "", args)
         ok = False
         try:
-            reply = await self._admit_script(keys=keys, args=args)
+            reply = await self._eval(scripts.ADMIT_SHA, keys, args)
             ok = True
         except UNAVAILABLE as exc:
             # The script may have run with its reply lost: cancel the admission (idempotent, and a
@@ -214,6 +218,7 @@ class RedisLimiter:
         if self._pending:
             log.error("Redis unreachable: %d settlement(s) could not be written before shutdown",
                       self.pending_settlements())
+        await self._fast.close()
         with contextlib.suppress(*UNAVAILABLE, TimeoutError):
             await asyncio.wait_for(self._redis.aclose(), 2.0)
 
@@ -251,6 +256,24 @@ class RedisLimiter:
         return sum(len(v) for v in self._pending.values())
 
     # --- internals -----------------------------------------------------------------------------
+
+    async def _eval(self, sha: str, keys: list[str], args: list[str | int]) -> Any:
+        """EVALSHA on the fast connection, loading the script if Redis does not know it (first use,
+        or Redis restarted), and sent once more if the connection broke before the reply (scripts
+        are idempotent per id: a second run answers as the first did)."""
+        loaded = resent = False
+        while True:
+            try:
+                return await self._fast.call("EVALSHA", sha, len(keys), *keys, *args)
+            except NoScriptError:
+                if loaded:
+                    raise
+                loaded = True
+                await self._fast.call("SCRIPT", "LOAD", self._sources[sha])
+            except RedisConnectionError:
+                if resent:
+                    raise
+                resent = True
 
     def _override(self) -> str | int:
         return "" if self._now is None else round(self._now() * 1e6)
@@ -290,13 +313,11 @@ class RedisLimiter:
                 keys = [k + "rpm", k + "pend", k + "tpm", k + "tpmh", k + "b:" + (period or "-")]
                 calls.append((keys, [rid, actual]))
         for attempt in (0, 1):
-            pipe = self._redis.pipeline(transaction=False)
-            for keys, args in calls:
-                pipe.evalsha(self._settle_script.sha, len(keys), *keys, *args)
-            results = await pipe.execute(raise_on_error=False)
+            sha = scripts.SETTLE_SHA
+            results = await self._fast.pipeline([("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls])
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
                 # Redis restarted or its script cache was flushed: load and send again (idempotent).
-                await self._redis.script_load(self._settle_script.script)
+                await self._fast.call("SCRIPT", "LOAD", scripts.SETTLE)
                 continue
             for result in results:
                 if isinstance(result, UNAVAILABLE):

@@ -15,6 +15,8 @@ Times are microseconds (Lua numbers are doubles: exact up to 2^53 µs, beyond th
 
 from __future__ import annotations
 
+import hashlib
+
 # Shared helpers: UTC calendar periods with integer arithmetic, the same as limits/periods.py.
 PERIODS_LUA = r"""
 local function fdiv(a, b) return math.floor(a / b) end
@@ -286,3 +288,8 @@ BOUNDS = PERIODS_LUA + r"""
 local s, e = bounds(ARGV[1], tonumber(ARGV[2]))
 return {s, e}
 """
+
+
+# The names Redis knows the scripts by (EVALSHA): SHA-1 is what Redis uses, not a security measure.
+ADMIT_SHA = hashlib.sha1(ADMIT.encode(), usedforsecurity=False).hexdigest()
+SETTLE_SHA = hashlib.sha1(SETTLE.encode(), usedforsecurity=False).hexdigest()
