@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from quotagate.limits.resp import RespConnection
@@ -63,7 +63,7 @@ async def test_the_database_and_password_of_the_url(tmp_path: Path) -> None:
         assert await check.get("where") == b"db3"
         assert await check.execute_command("DBSIZE") == 1
         await check.aclose()
-        with pytest.raises(ResponseError):
+        with pytest.raises(AuthenticationError):  # a ConnectionError: the limiter reports Redis unavailable
             await RespConnection(Redis.from_url(f"redis://:wrong@127.0.0.1:{server.port}/0")).call("PING")
     finally:
         server.kill()
@@ -100,3 +100,37 @@ async def test_a_restarted_redis_is_reconnected_to(own_redis: RedisServer) -> No
         assert await conn.call("PING") == b"PONG"
     finally:
         await conn.close()
+
+
+async def test_error_replies_raise_what_redis_py_raises() -> None:
+    """A Redis that is loading its data, read-only or busy is "unavailable" (a ConnectionError to the
+    limiter, which answers 503), not a failed request."""
+    from redis.exceptions import BusyLoadingError, ReadOnlyError
+
+    replies = {b"PING": b"-LOADING Redis is loading the dataset in memory\r\n",
+               b"ECHO": b"-READONLY You can't write against a read only replica.\r\n",
+               b"TIME": b"-BUSY Redis is busy running a script.\r\n",
+               b"INFO": b"-ERR unknown thing\r\n"}
+
+    async def fake(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while line := await r.readline():
+            for name, reply in replies.items():
+                if line.strip().upper() == name:
+                    w.write(reply)
+
+    server = await asyncio.start_server(fake, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    conn = RespConnection(Redis.from_url(f"redis://127.0.0.1:{port}/0"))
+    try:
+        with pytest.raises(BusyLoadingError):
+            await conn.call("PING")
+        with pytest.raises(ReadOnlyError):
+            await conn.call("ECHO")
+        with pytest.raises(RedisConnectionError):
+            await conn.call("TIME")
+        with pytest.raises(ResponseError) as info:
+            await conn.call("INFO")
+        assert not isinstance(info.value, RedisConnectionError) and "unknown thing" in str(info.value)
+    finally:
+        await conn.close()
+        server.close()

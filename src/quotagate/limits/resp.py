@@ -22,9 +22,28 @@ from typing import Any
 
 import hiredis
 from redis.asyncio import Redis
+from redis.exceptions import AuthenticationError, BusyLoadingError, NoScriptError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# Error replies by their first word, as redis-py raises them: those meaning "Redis cannot serve this
+# right now" are ConnectionErrors (the limiter's "unavailable"), the rest ResponseErrors.
+_ERRORS: dict[str, type[Exception]] = {
+    "NOSCRIPT": NoScriptError,
+    "LOADING": BusyLoadingError,          # restarted, still reading its data from disk
+    "READONLY": ReadOnlyError,            # a replica, e.g. during a failover
+    "MASTERDOWN": RedisConnectionError,
+    "BUSY": RedisConnectionError,         # a script running past lua-time-limit
+    "TRYAGAIN": RedisConnectionError,
+    "CLUSTERDOWN": RedisConnectionError,
+    "NOAUTH": AuthenticationError,
+    "WRONGPASS": AuthenticationError,
+}
+
+
+def _error(reply: ResponseError) -> Exception:
+    message = str(reply)
+    return _ERRORS.get(message.split(" ", 1)[0], ResponseError)(message)
 
 
 def _encode(args: tuple[bytes | str | int, ...]) -> bytes:
@@ -50,8 +69,7 @@ class _Protocol(asyncio.Protocol):
             future, _ = waiting.popleft()
             if not future.done():
                 if isinstance(reply, ResponseError):
-                    future.set_exception(NoScriptError(str(reply)) if str(reply).startswith("NOSCRIPT")
-                                         else reply)
+                    future.set_exception(_error(reply))
                 else:
                     future.set_result(reply)
 
