@@ -57,11 +57,12 @@ async def test_the_database_and_password_of_the_url(tmp_path: Path) -> None:
         await admin.aclose()
         url = f"redis://:s3cret@127.0.0.1:{server.port}/3"
         conn = RespConnection(Redis.from_url(url))
-        await conn.call("SET", "where", "db3")
+        # many first callers at once: every command waits for AUTH and SELECT
+        await asyncio.gather(*(conn.call("SET", f"where{i}", "db3") for i in range(50)))
         await conn.close()
         check = Redis.from_url(url)
-        assert await check.get("where") == b"db3"
-        assert await check.execute_command("DBSIZE") == 1
+        assert await check.get("where0") == b"db3"
+        assert await check.execute_command("DBSIZE") == 50
         await check.aclose()
         with pytest.raises(AuthenticationError):  # a ConnectionError: the limiter reports Redis unavailable
             await RespConnection(Redis.from_url(f"redis://:wrong@127.0.0.1:{server.port}/0")).call("PING")

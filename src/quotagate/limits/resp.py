@@ -109,13 +109,7 @@ class RespConnection:
         transport = self._transport
         if transport is None or transport.is_closing():
             raise RedisConnectionError("not connected to Redis")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._waiting.append((future, time.monotonic()))
-        transport.write(_encode(args))
-        if self._watchdog is None:
-            self._watchdog = loop.call_later(self._timeout / 4, self._watch)
-        return await future
+        return await self._send(transport, [args])[0]
 
     async def pipeline(self, commands: list[tuple[bytes | str | int, ...]]) -> list[Any]:
         """Send several commands in one write; their replies, or the exception of each that failed."""
@@ -126,18 +120,8 @@ class RespConnection:
         transport = self._transport
         if transport is None or transport.is_closing():
             raise RedisConnectionError("not connected to Redis")
-        loop = asyncio.get_running_loop()
-        now = time.monotonic()
-        futures: list[asyncio.Future[Any]] = []
-        for _ in commands:
-            future: asyncio.Future[Any] = loop.create_future()
-            futures.append(future)
-            self._waiting.append((future, now))
-        transport.write(b"".join(_encode(c) for c in commands))
-        if self._watchdog is None:
-            self._watchdog = loop.call_later(self._timeout / 4, self._watch)
         results: list[Any] = []
-        for future in futures:
+        for future in self._send(transport, commands):
             try:
                 results.append(await future)
             except Exception as exc:
@@ -154,6 +138,21 @@ class RespConnection:
         self._fail(RedisConnectionError("the connection was closed"))
 
     # -- internals --------------------------------------------------------------------------------
+    def _send(self, transport: asyncio.Transport,
+              commands: list[tuple[bytes | str | int, ...]]) -> list[asyncio.Future[Any]]:
+        """Write ``commands`` in one go; a future per reply, in order."""
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        futures: list[asyncio.Future[Any]] = []
+        for _ in commands:
+            future: asyncio.Future[Any] = loop.create_future()
+            futures.append(future)
+            self._waiting.append((future, now))
+        transport.write(b"".join([_encode(c) for c in commands]) if len(commands) > 1 else _encode(commands[0]))
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self._timeout / 4, self._watch)
+        return futures
+
     async def _connect(self) -> None:
         if self._connecting is not None:  # another caller is connecting: wait for it
             await asyncio.shield(self._connecting)
@@ -172,18 +171,26 @@ class RespConnection:
                 raise RedisTimeoutError("timed out connecting to Redis") from None
             except OSError as exc:
                 raise RedisConnectionError(f"cannot connect to Redis: {exc}") from None
-            self._transport, self._protocol = transport, protocol
+            # AUTH and SELECT go first and alone: no caller's command may reach Redis before them.
+            self._protocol = protocol
+            setup: list[tuple[bytes | str | int, ...]] = []
+            if self._password:
+                setup.append(("AUTH", self._username, self._password) if self._username
+                             else ("AUTH", self._password))
+            if self._db:
+                setup.append(("SELECT", self._db))
             try:
-                if self._password:
-                    auth = (self._username, self._password) if self._username else (self._password,)
-                    await self.call("AUTH", *auth)
-                if self._db:
-                    await self.call("SELECT", self._db)
+                for future in self._send(transport, setup) if setup else []:
+                    await future
             except BaseException:
                 transport.close()
-                self._transport = None
+                self._protocol = None
                 raise
+            self._transport = transport
             self._connecting.set_result(None)
+        except asyncio.CancelledError:
+            self._connecting.cancel()
+            raise
         except BaseException as exc:
             self._connecting.set_exception(exc)
             self._connecting.exception()  # retrieved: waiters re-raise it themselves
