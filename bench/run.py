@@ -156,12 +156,11 @@ def main() -> None:
             body = json.dumps({**BODY, "stream": stream})
             script = tmp / f"post-{stream}.lua"
             script.write_text(LUA.format(body=body, key=key))
-            if True:
-                for _ in range(args.repeat):
-                    wrk(gateway, script, conns, 2)  # warm-up
-                    d = wrk(direct, script, conns, args.duration)
-                    g = wrk(gateway, script, conns, args.duration, pid=procs[1].pid)
-                    rows.append((stream, conns, d, g))
+            for _ in range(args.repeat):
+                wrk(gateway, script, conns, 2)  # warm-up
+                d = wrk(direct, script, conns, args.duration)
+                g = wrk(gateway, script, conns, args.duration, pid=procs[1].pid)
+                rows.append((stream, conns, d, g))
         t_direct = asyncio.run(ttft(direct, key, 100 if args.quick else 500))
         t_gw = asyncio.run(ttft(gateway, key, 100 if args.quick else 500))
         print(f"\nlimiter: {'Redis at ' + args.redis if args.redis else 'memory'}; "

@@ -104,24 +104,14 @@ class RespConnection:
 
     async def call(self, *args: bytes | str | int) -> Any:
         """Send one command and return its reply (raises redis-py's exceptions)."""
-        if self._transport is None:
-            await self._connect()
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            raise RedisConnectionError("not connected to Redis")
-        return await self._send(transport, [args])[0]
+        return await self._send(await self._ready(), [args])[0]
 
     async def pipeline(self, commands: list[tuple[bytes | str | int, ...]]) -> list[Any]:
         """Send several commands in one write; their replies, or the exception of each that failed."""
         if not commands:
             return []
-        if self._transport is None:
-            await self._connect()
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            raise RedisConnectionError("not connected to Redis")
         results: list[Any] = []
-        for future in self._send(transport, commands):
+        for future in self._send(await self._ready(), commands):
             try:
                 results.append(await future)
             except Exception as exc:
@@ -138,6 +128,15 @@ class RespConnection:
         self._fail(RedisConnectionError("the connection was closed"))
 
     # -- internals --------------------------------------------------------------------------------
+    async def _ready(self) -> asyncio.Transport:
+        """The connection's transport, connecting first if there is none."""
+        if self._transport is None:
+            await self._connect()
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            raise RedisConnectionError("not connected to Redis")
+        return transport
+
     def _send(self, transport: asyncio.Transport,
               commands: list[tuple[bytes | str | int, ...]]) -> list[asyncio.Future[Any]]:
         """Write ``commands`` in one go; a future per reply, in order."""
