@@ -234,3 +234,26 @@ def test_a_store_the_shipper_cannot_use_does_not_hold_up_the_start(tmp_path: Pat
 
     asyncio.run(again())
     assert len(stored(engine)[0]) == 1 and not list((tmp_path / "j").glob("*.log"))
+
+
+def test_the_shipper_yields_to_the_gateway_and_misses_its_ctrl_c(tmp_path: Path, engine: Engine) -> None:
+    """The shipper runs at nice 19 in the gateway's session (so that the niceness counts against the
+    gateway under autogroup scheduling) but in a process group of its own (a terminal's Ctrl-C reaches the
+    gateway only, which stops the shipper in order)."""
+
+    async def run() -> None:
+        meter = JournalMeter(engine, tmp_path / "j")
+        await meter.start()
+        try:
+            assert meter.shipper.proc is not None
+            pid = meter.shipper.proc.pid
+            deadline = time.monotonic() + 10
+            while os.getpriority(os.PRIO_PROCESS, pid) != 19:
+                assert time.monotonic() < deadline, f"shipper niceness {os.getpriority(os.PRIO_PROCESS, pid)}"
+                await asyncio.sleep(0.02)
+            assert os.getsid(pid) == os.getsid(0)
+            assert os.getpgid(pid) == pid != os.getpgid(0)
+        finally:
+            await meter.close()
+
+    asyncio.run(run())

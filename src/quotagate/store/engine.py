@@ -13,8 +13,13 @@ from sqlalchemy.pool import NullPool
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
-def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+def make_engine(url: str, *, pool_size: int = 10, keep_sqlite_open: bool = False) -> Engine:
     """An engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout on every connection.
+
+    SQLite connections are opened per use by default (no pool), so nothing holds the file between uses.
+    ``keep_sqlite_open`` keeps one connection instead, for a single-threaded writer that commits all the
+    time (the usage shipper): closing the last connection to a WAL database checkpoints the whole WAL into
+    the database and deletes it, which every pass would otherwise pay for again.
 
     Statement parameters are never rendered into error messages (``hide_parameters``), so that no
     value from a request, hashed or not, can reach a log line through a database error."""
@@ -23,7 +28,8 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
-                               poolclass=NullPool, hide_parameters=True)
+                               hide_parameters=True,
+                               **({"pool_size": 1, "max_overflow": 0} if keep_sqlite_open else {"poolclass": NullPool}))
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
