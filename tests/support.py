@@ -14,11 +14,19 @@ from typing import Any
 
 import httpx
 
+_handed_out: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on now, and never one this test run has handed out before (the kernel may
+    hand a just-closed port to the next ``bind(0)``: two servers started together could get the same)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def wait_for_http(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -114,9 +122,12 @@ def start_gateway(data_dir: Path, database_url: str, config: Path | None, *, rol
             wait_for_http(f"{gw.console_url}/healthz", proc=proc)
         if role in ("all", "llm"):
             wait_for_http(f"http://127.0.0.1:{llm_port}/healthz", proc=proc)
-    except Exception:
+        # What answered must be this process, still running (not another server on a port it lost).
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode}")
+    except Exception as exc:
         gw.stop()
-        raise RuntimeError(f"quotagate did not start:\n{log_path.read_text(errors='replace')}") from None
+        raise RuntimeError(f"quotagate did not start ({exc}):\n{log_path.read_text(errors='replace')}") from None
     return gw
 
 

@@ -128,6 +128,7 @@ class Spread:
 
     def __init__(self, cluster: Cluster) -> None:
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+        self._instances = cluster.instances
         self._clients = [httpx.AsyncClient(base_url=gw.llm_url, timeout=60, limits=limits)
                          for gw in cluster.instances]
         self._turn = itertools.count()
@@ -145,6 +146,16 @@ class Spread:
             body |= {"stream": True, "stream_options": {"include_usage": True}}
         headers = {"Authorization": f"Bearer {secret}"}
         started = time.monotonic()
+        try:
+            return await self._chat(i, body, headers, stream, started)
+        except httpx.ConnectError:
+            # Not a limit's doing: say which instance, whether it is still running, and what it logged.
+            gw = self._instances[i]
+            raise AssertionError(f"instance {i} refused a connection (exit code {gw.proc.poll()}); its log:\n"
+                                 f"{gw.log()[-4000:]}") from None
+
+    async def _chat(self, i: int, body: dict[str, Any], headers: dict[str, str], stream: bool,
+                    started: float) -> Seen:
         async with self._clients[i].stream("POST", "/chat/completions", json=body, headers=headers) as r:
             seen = Seen(i, started, 0.0, r.status_code, r.headers.get("x-request-id", ""),
                         retry_after=r.headers.get("retry-after"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from tests.scaleout.cluster import ONE_REQUEST, Cluster, Seen, assert_nothing_lost, served, spread
 
@@ -67,19 +68,28 @@ def test_a_limit_edit_mid_flood_holds_on_every_instance(cluster: Cluster) -> Non
                 while not stop.is_set():
                     seen.append(await s.chat(secret))
 
+            async def until(done: Callable[[], bool], pause: float) -> None:
+                # A worker that failed (an instance gone) would leave this waiting forever: raise its error.
+                while not done():
+                    for w in workers:
+                        if w.done():
+                            w.result()
+                    await asyncio.sleep(pause)
+
             async def edit() -> float:
-                while len(served(seen)) < 30:
-                    await asyncio.sleep(0.002)
+                await until(lambda: len(served(seen)) >= 30, 0.002)
                 await asyncio.to_thread(cluster.admin.ok, "PATCH", f"/v1/inference/keys/{key['id']}",
                                         json={"rpm": 300})
                 edited = time.monotonic()
-                while sum(x.started > edited for x in seen) < 500:
-                    await asyncio.sleep(0.01)
+                await until(lambda: sum(x.started > edited for x in seen) >= 500, 0.01)
                 stop.set()
                 return edited
 
             workers = [asyncio.create_task(worker()) for _ in range(20)]
-            edited = await edit()
+            try:
+                edited = await edit()
+            finally:
+                stop.set()
             await asyncio.gather(*workers)
         return seen, edited
 
