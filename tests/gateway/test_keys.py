@@ -9,11 +9,13 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
 
 from quotagate.gateway.keycache import KeyCache
 from quotagate.keys.events import KeyChanged
 from quotagate.keys.models import KeyRecord
 from quotagate.keys.secrets import INFERENCE_KEY_KIND, generate
+from tests.conftest import BACKEND, PG_ADMIN_URL
 from tests.gateway.conftest import Mint
 from tests.gateway.helpers import hi, metric, raw
 from tests.support import Console, Gateway
@@ -168,3 +170,34 @@ def test_the_key_cache_counts_hits_and_misses(gw: Gateway, mint: Mint) -> None:
     assert metric(gw, "quotagate_key_cache_hits") - hits == 5
     ratio = metric(gw, "quotagate_key_cache_hit_ratio")
     assert 0 < ratio < 1
+
+
+@pytest.mark.skipif(BACKEND != "postgres", reason="needs a store that can be cut off and given back (PostgreSQL)")
+def test_a_key_store_that_is_down_answers_503_with_retry_after_and_cached_keys_keep_working(
+        gateway: Gateway, database_url: str) -> None:
+    admin = gateway.user("admin@example.com", admin=True)
+    project = admin.project("store-down")
+    cached, fresh = admin.mint(project["id"])["secret"], admin.mint(project["id"])["secret"]
+    with raw(gateway, cached) as client:
+        assert client.get("/models").status_code == 200  # now in the gateway's key cache
+
+    name = database_url.rsplit("/", 1)[1]
+    pg = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with pg.connect() as conn:  # no new connections, and the gateway's pooled ones cut
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+                         {"n": name})
+        with raw(gateway, fresh) as client:
+            r = client.get("/models")
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "service_unavailable"
+        assert r.headers["retry-after"] == "1" and r.headers["x-request-id"]
+        with raw(gateway, cached) as client:
+            assert client.get("/models").status_code == 200, "a cached key must not need the store"
+    finally:
+        with pg.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        pg.dispose()
+    with raw(gateway, fresh) as client:  # the store is back: the key resolves (the failure was not cached)
+        assert client.get("/models").status_code == 200

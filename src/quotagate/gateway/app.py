@@ -225,7 +225,8 @@ class LLMApp:
             key = await self._keys.get(hash_secret(secret))
         except Exception:
             log.exception("could not look a key up in the store")
-            raise ApiError(503, "service_unavailable", "the key store is unavailable; try again") from None
+            raise ApiError(503, "service_unavailable", "The key store is unavailable; retry shortly.",
+                           retry_after=1.0) from None
         if key is None:
             raise ApiError(401, "invalid_api_key", "Incorrect API key provided.")
         call.key = key
