@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, select
 
 from quotagate.keys import secrets
 from quotagate.store.tables import access_tokens, users
-from tests.support import Gateway, cli, qg_env
+from tests.support import Gateway, cli, free_port, qg_env, start_gateway
 
 
 @pytest.fixture
@@ -157,10 +157,34 @@ def test_serve_refuses_bad_settings_clearly(tmp_path: Path) -> None:
     env = qg_env(tmp_path / "data", f"sqlite:///{tmp_path / 'db.sqlite'}", None)
     for args, needle in ((["--role", "everything"], "--role"), (["--console-port", "99999"], "--console-port"),
                          (["--config", str(tmp_path / "missing.toml")], "missing.toml"),
-                         (["--database-url", "mysql://x"], "unsupported scheme")):
+                         (["--database-url", "mysql://x"], "unsupported scheme"),
+                         (["--metrics-port", "0"], "--metrics-port")):
         result = cli(env, "serve", *args, check=False)
         assert result.returncode == 2, (args, result.stderr)
         assert needle in result.stderr and "Traceback" not in result.stderr, result.stderr
+    result = cli({**env, "QUOTAGATE_DATABASE_POOL_SIZE": "0"}, "serve", check=False)
+    assert result.returncode == 2 and "QUOTAGATE_DATABASE_POOL_SIZE" in result.stderr, result.stderr
+
+
+def test_an_llm_only_instance_is_scraped_on_a_metrics_port_that_serves_nothing_else(
+        tmp_path: Path, database_url: str, config_file: Path) -> None:
+    metrics_port = free_port()
+    gw = start_gateway(tmp_path / "data", database_url, config_file, role="llm",
+                       extra_env={"QUOTAGATE_METRICS_PORT": str(metrics_port)})
+    try:
+        base = f"http://127.0.0.1:{metrics_port}"
+        assert httpx.get(f"{base}/healthz", timeout=10).json() == {"status": "ok"}
+        stranger = secrets.generate(secrets.INFERENCE_KEY_KIND)
+        r = httpx.get(f"{gw.llm_url}/models", headers={"Authorization": f"Bearer {stranger}"}, timeout=10)
+        assert r.status_code == 401
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+        assert 'quotagate_requests_total{' in text and 'code="401"' in text, text[:2000]
+        for path in ("/v1/projects", "/", "/v1/inference/keys/x/usage"):
+            assert httpx.get(base + path, timeout=10).status_code == 404, path
+        with pytest.raises(httpx.ConnectError):  # an llm-only instance has no console listener
+            httpx.get(f"http://127.0.0.1:{gw.console_port}/healthz", timeout=2)
+    finally:
+        gw.stop()
 
 
 def test_python_dash_m_and_env_vars_apply_to_every_command(tmp_path: Path, database_url: str) -> None:

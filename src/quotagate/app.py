@@ -28,6 +28,7 @@ from quotagate.limits import register_metrics as register_limiter_metrics
 from quotagate.limits.interfaces import Limiter
 from quotagate.metering import console_routes as metering_console_routes
 from quotagate.metering import install as install_metering
+from quotagate.metering import metrics_route
 from quotagate.metering.interfaces import Meter
 from quotagate.settings import Settings
 from quotagate.store.engine import make_engine, migrate
@@ -60,7 +61,7 @@ class Runtime:
         url = settings.effective_database_url
         if run_migrations:
             migrate(url)
-        engine = make_engine(url)
+        engine = make_engine(url, pool_size=settings.database_pool_size)
         events = KeyEvents()
         model_ids = lambda: config.model_ids  # noqa: E731 - the catalog is fixed for the process's life
         passwords = Passwords()
@@ -92,6 +93,16 @@ class Runtime:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def build_metrics_app(runtime: Runtime) -> Starlette:
+    """The metrics listener's ASGI app (``--metrics-port``): only /metrics and /healthz, so that an
+    instance with the LLM role alone can be scraped without exposing anything else."""
+
+    async def healthz(_request: Request) -> Response:
+        return JSON({"status": "ok"})
+
+    return Starlette(routes=[Route("/healthz", healthz), metrics_route(runtime)])
 
 
 def build_console_app(runtime: Runtime, extra_routes: list[BaseRoute] | None = None) -> Starlette:

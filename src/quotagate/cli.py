@@ -102,6 +102,10 @@ def serve(
                                                  "Env: QUOTAGATE_LLM_PORT.", show_default=False)] = None,
     role: Annotated[str | None, typer.Option(help="Which listeners to run: all, console or llm (default: all). "
                                              "Env: QUOTAGATE_ROLE.", show_default=False)] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Also serve /metrics on a listener of its own at "
+                                                     "this port (default: none; the console listener serves "
+                                                     "/metrics too). Env: QUOTAGATE_METRICS_PORT.",
+                                                     show_default=False)] = None,
     database_url: DatabaseUrlOpt = None,
     redis_url: Annotated[str | None, typer.Option(help="redis://HOST:PORT/DB to share rate limits and "
                                                   "revocations between several instances (default: none, "
@@ -110,7 +114,7 @@ def serve(
 ) -> None:
     """Run the console API and the LLM API (bringing the database schema up to date first)."""
     s = settings(config=config, data_dir=data_dir, host=host, console_port=console_port, llm_port=llm_port,
-                 role=role, database_url=database_url, redis_url=redis_url)
+                 role=role, metrics_port=metrics_port, database_url=database_url, redis_url=redis_url)
     logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Alembic announces each of its plugins at INFO on every start; the migrations it runs stay visible.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

@@ -7,7 +7,7 @@ import logging
 
 import uvicorn
 
-from quotagate.app import Runtime, build_console_app
+from quotagate.app import Runtime, build_console_app, build_metrics_app
 from quotagate.server import make_server, serve_all
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,9 @@ async def run(rt: Runtime) -> None:
 
         servers.append(make_server(build_llm_app(rt), s.host, s.llm_port, s.log_level, proxy_headers=False))
         log.info("LLM API on http://%s:%d/v1", s.host, s.llm_port)
+    if s.metrics_port is not None:
+        servers.append(make_server(build_metrics_app(rt), s.host, s.metrics_port, s.log_level))
+        log.info("metrics on http://%s:%d/metrics", s.host, s.metrics_port)
     log.info("models: %s (from %s)", ", ".join(sorted(rt.config.models)) or "none", rt.config.source)
     await rt.start()
     tune_gc()

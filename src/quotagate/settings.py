@@ -35,10 +35,14 @@ class Settings(BaseModel):
     host: str = "127.0.0.1"
     console_port: int = Field(default=8400, ge=0, le=65535)
     llm_port: int = Field(default=8401, ge=0, le=65535)
+    metrics_port: int | None = Field(default=None, ge=1, le=65535,
+                                     description="a listener of its own for /metrics and /healthz")
     role: Role = "all"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     console_max_body_bytes: int = Field(default=64 * 1024, gt=0)
     llm_max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    database_pool_size: int = Field(default=10, ge=1, le=1000,
+                                    description="PostgreSQL connections kept per process (as many again on demand)")
 
     @field_validator("database_url")
     @classmethod

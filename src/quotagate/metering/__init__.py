@@ -83,13 +83,19 @@ def _usage_api(rt: Runtime) -> UsageAPI:
     return UsageAPI(rt.engine, rt.accounts, rt.keys, lambda: rt.limiter, flush)
 
 
-def console_routes(rt: Runtime) -> tuple[list[tuple[str, str, Handler]], list[BaseRoute]]:
-    """(console API handlers for ``ConsoleAPI.routes(extra=...)``, plain routes: ``/metrics``)."""
+def metrics_route(rt: Runtime) -> Route:
+    """``GET /metrics``: the process's registry in Prometheus's text format."""
     registry = rt.extras.get(REGISTRY)
     if not isinstance(registry, CollectorRegistry):
         install(rt)
         registry = rt.extras[REGISTRY]
-    return _usage_api(rt).routes(), [Route("/metrics", metrics_endpoint(registry), methods=["GET"])]
+    return Route("/metrics", metrics_endpoint(registry), methods=["GET"])
+
+
+def console_routes(rt: Runtime) -> tuple[list[tuple[str, str, Handler]], list[BaseRoute]]:
+    """(console API handlers for ``ConsoleAPI.routes(extra=...)``, plain routes: ``/metrics``)."""
+    metrics = metrics_route(rt)
+    return _usage_api(rt).routes(), [metrics]
 
 
 def _web_usage(rt: Runtime) -> Any:
