@@ -373,3 +373,30 @@ def test_a_second_client_sees_the_same_state(alice: Console, project: dict[str, 
     fresh = httpx.Client(base_url=str(alice.http.base_url), headers={"Authorization": f"Bearer {alice.token}"})
     alice.ok("DELETE", f"/v1/inference/keys/{key['id']}")
     assert fresh.get(f"/v1/inference/keys/{key['id']}").json()["status"] == "revoked"
+
+
+def test_list_pages_with_limit_and_before(alice: Console, bob: Console, project: dict[str, Any]) -> None:
+    ids = [alice.mint(project["id"], name=f"k{i}")["id"] for i in range(5)][::-1]  # newest first
+    path = f"/v1/projects/{project['id']}/inference/keys"
+    everything = alice.ok("GET", path)
+    assert [k["id"] for k in everything["data"]] == ids and everything["has_more"] is False
+    assert everything["next_cursor"] is None
+    seen: list[str] = []
+    params: dict[str, Any] = {"limit": 2}
+    while True:
+        page = alice.ok("GET", path, params=params)
+        assert len(page["data"]) <= 2
+        seen += [k["id"] for k in page["data"]]
+        if not page["has_more"]:
+            break
+        assert page["next_cursor"] == page["data"][-1]["id"]
+        params["before"] = page["next_cursor"]
+    assert seen == ids, "pages must add up to the whole list, in order, with nothing twice"
+    for bad in ({"limit": "0"}, {"limit": "1001"}, {"limit": "two"}, {"limit": "-1"}):
+        r = alice.request("GET", path, params=bad)
+        assert r.status_code == 400 and "limit" in r.json()["error"]["message"], (bad, r.text)
+    elsewhere = bob.project("other")["id"]
+    stranger = bob.mint(elsewhere)["id"]
+    for cursor in ("key_doesnotexist", stranger):  # another project's key is no cursor here, and says nothing
+        r = alice.request("GET", path, params={"before": cursor})
+        assert r.status_code == 400 and "before" in r.json()["error"]["message"], r.text

@@ -108,9 +108,13 @@ class ConsoleAPI:
     def list_keys(self, call: Call) -> Result:
         self.accounts.authorize(call.actor, call.path["projectId"], "viewer")
         archived = call.flag("include_archived")
-        found = self.keys.list_keys(call.actor, call.path["projectId"], include_archived=archived)
+        limit = page_limit(call)
+        found = self.keys.list_keys(call.actor, call.path["projectId"], include_archived=archived,
+                                    limit=limit + 1, before=call.query.get("before"))
+        more = len(found) > limit
         now = utcnow()
-        return 200, {"object": "list", "data": [k.to_json(now) for k in found]}
+        return 200, {"object": "list", "data": [k.to_json(now) for k in found[:limit]], "has_more": more,
+                     "next_cursor": found[limit - 1].id if more else None}
 
     def get_key(self, call: Call) -> Result:
         return 200, self.keys.get(call.actor, call.path["keyId"]).to_json(utcnow())

@@ -105,14 +105,27 @@ class KeyService:
         with self._engine.connect() as conn:
             self._authorized_row(conn, actor, key_id, needed)
 
-    def list_keys(self, actor: Actor, project_id: str, *, include_archived: bool = False) -> list[InferenceKey]:
+    def list_keys(self, actor: Actor, project_id: str, *, include_archived: bool = False,
+                  limit: int | None = None, before: str | None = None) -> list[InferenceKey]:
+        """The project's keys, newest first: at most ``limit`` of them, those after key ``before`` (a key
+        of this project, else InvalidRequest) in that order."""
+        keys = inference_keys.c
         with self._engine.connect() as conn:
             self._accounts.role_in(conn, actor, project_id)
-            query = select(inference_keys).where(inference_keys.c.project_id == project_id)
+            query = select(inference_keys).where(keys.project_id == project_id)
             if not include_archived:
-                query = query.where(inference_keys.c.archived.is_(False))
-            rows = conn.execute(query.order_by(inference_keys.c.created_at.desc(),
-                                               inference_keys.c.id.desc())).all()
+                query = query.where(keys.archived.is_(False))
+            if before is not None:
+                anchor = conn.execute(select(keys.created_at, keys.id).where(
+                    keys.id == before, keys.project_id == project_id)).first()
+                if anchor is None:
+                    raise InvalidRequest(f"before: no key {before!r} in this project", field="before")
+                query = query.where((keys.created_at < anchor.created_at)
+                                    | ((keys.created_at == anchor.created_at) & (keys.id < anchor.id)))
+            query = query.order_by(keys.created_at.desc(), keys.id.desc())
+            if limit is not None:
+                query = query.limit(limit)
+            rows = conn.execute(query).all()
         return [_key(r) for r in rows]
 
     def get(self, actor: Actor, key_id: str) -> InferenceKey:
