@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, select
 
 from quotagate.keys import secrets
 from quotagate.store.tables import access_tokens, users
-from tests.support import Gateway, cli, free_port, qg_env, start_gateway
+from tests.support import Gateway, cli, free_port, qg_env, start_gateway, wait_for_http
 
 
 @pytest.fixture
@@ -173,6 +173,7 @@ def test_an_llm_only_instance_is_scraped_on_a_metrics_port_that_serves_nothing_e
                        extra_env={"QUOTAGATE_METRICS_PORT": str(metrics_port)})
     try:
         base = f"http://127.0.0.1:{metrics_port}"
+        wait_for_http(f"{base}/healthz", proc=gw.proc)  # a listener of its own, started beside the others
         assert httpx.get(f"{base}/healthz", timeout=10).json() == {"status": "ok"}
         stranger = secrets.generate(secrets.INFERENCE_KEY_KIND)
         r = httpx.get(f"{gw.llm_url}/models", headers={"Authorization": f"Bearer {stranger}"}, timeout=10)

@@ -46,8 +46,10 @@ async def run(rt: Runtime) -> None:
         servers.append(make_server(build_llm_app(rt), s.host, s.llm_port, s.log_level, proxy_headers=False))
         log.info("LLM API on http://%s:%d/v1", s.host, s.llm_port)
     if s.metrics_port is not None:
-        servers.append(make_server(build_metrics_app(rt), s.host, s.metrics_port, s.log_level))
-        log.info("metrics on http://%s:%d/metrics", s.host, s.metrics_port)
+        # Its own address (loopback by default): /metrics has no authentication, and an LLM-only
+        # instance's --host is usually public.
+        servers.append(make_server(build_metrics_app(rt), s.metrics_host, s.metrics_port, s.log_level))
+        log.info("metrics on http://%s:%d/metrics", s.metrics_host, s.metrics_port)
     log.info("models: %s (from %s)", ", ".join(sorted(rt.config.models)) or "none", rt.config.source)
     await rt.start()
     tune_gc()

@@ -37,6 +37,7 @@ class Settings(BaseModel):
     llm_port: int = Field(default=8401, ge=0, le=65535)
     metrics_port: int | None = Field(default=None, ge=1, le=65535,
                                      description="a listener of its own for /metrics and /healthz")
+    metrics_host: str = Field(default="127.0.0.1", description="the address the metrics listener binds")
     role: Role = "all"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     console_max_body_bytes: int = Field(default=64 * 1024, gt=0)

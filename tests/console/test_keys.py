@@ -392,9 +392,12 @@ def test_list_pages_with_limit_and_before(alice: Console, bob: Console, project:
         assert page["next_cursor"] == page["data"][-1]["id"]
         params["before"] = page["next_cursor"]
     assert seen == ids, "pages must add up to the whole list, in order, with nothing twice"
-    for bad in ({"limit": "0"}, {"limit": "1001"}, {"limit": "two"}, {"limit": "-1"}):
+    assert alice.ok("GET", path, params={"limit": 2, "starting_after": ids[1]})["data"][0]["id"] == ids[2]
+    for bad in ({"limit": "0"}, {"limit": "1001"}, {"limit": "two"}, {"limit": "-1"}, {"limit": "²"}):
         r = alice.request("GET", path, params=bad)
         assert r.status_code == 400 and "limit" in r.json()["error"]["message"], (bad, r.text)
+    r = alice.request("GET", path, params={"after": ids[0]})  # not a parameter here: said, not ignored
+    assert r.status_code == 400 and "after" in r.json()["error"]["message"], r.text
     elsewhere = bob.project("other")["id"]
     stranger = bob.mint(elsewhere)["id"]
     for cursor in ("key_doesnotexist", stranger):  # another project's key is no cursor here, and says nothing

@@ -21,9 +21,21 @@ def page_limit(call: Call, default: int = 100, maximum: int = 1000) -> int:
     raw = call.query.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+    # isascii: str.isdigit() is also true of digits int() refuses, such as "²".
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= maximum:
         raise InvalidRequest(f"limit: must be a whole number from 1 to {maximum}, not {raw!r}", field="limit")
     return int(raw)
+
+
+def check_params(call: Call, allowed: frozenset[str]) -> None:
+    """400 for a query parameter the endpoint does not know (a misspelt cursor would page forever)."""
+    unknown = sorted(set(call.query.keys()) - allowed)
+    if unknown:
+        raise InvalidRequest(f"{unknown[0]}: unknown query parameter; expected one of {', '.join(sorted(allowed))}",
+                             field=unknown[0])
+
+
+KEY_LIST_PARAMS = frozenset({"include_archived", "limit", "before", "starting_after"})
 
 
 class ConsoleAPI:
@@ -107,10 +119,12 @@ class ConsoleAPI:
 
     def list_keys(self, call: Call) -> Result:
         self.accounts.authorize(call.actor, call.path["projectId"], "viewer")
+        check_params(call, KEY_LIST_PARAMS)
         archived = call.flag("include_archived")
         limit = page_limit(call)
+        before = call.query.get("before") or call.query.get("starting_after")  # OpenAI's name for it
         found = self.keys.list_keys(call.actor, call.path["projectId"], include_archived=archived,
-                                    limit=limit + 1, before=call.query.get("before"))
+                                    limit=limit + 1, before=before)
         more = len(found) > limit
         now = utcnow()
         return 200, {"object": "list", "data": [k.to_json(now) for k in found[:limit]], "has_more": more,

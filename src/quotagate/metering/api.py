@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from quotagate.accounts.service import AccountService
-from quotagate.console.api import page_limit
+from quotagate.console.api import check_params, page_limit
 from quotagate.console.http import Call, Handler, Result
 from quotagate.errors import InvalidRequest
 from quotagate.ids import isoformat
@@ -34,12 +34,6 @@ USAGE_PARAMS = frozenset({"start", "end", "granularity"})
 ACTIVITY_PARAMS = frozenset({"limit", "before", "starting_after", "request_id"})
 
 
-def _check_params(call: Call, allowed: frozenset[str]) -> None:
-    unknown = sorted(set(call.query.keys()) - allowed)
-    if unknown:
-        raise InvalidRequest(f"{unknown[0]}: unknown query parameter; expected one of {', '.join(sorted(allowed))}",
-                             field=unknown[0])
-
 
 def parse_time(name: str, raw: str) -> datetime:
     """An ISO 8601 timestamp (a missing offset means UTC)."""
@@ -53,7 +47,7 @@ def parse_time(name: str, raw: str) -> datetime:
 
 def parse_window(call: Call, now: datetime) -> Window:
     """start, end and granularity from the query, validated and aligned to the granularity."""
-    _check_params(call, USAGE_PARAMS)
+    check_params(call, USAGE_PARAMS)
     raw_end, raw_start = call.query.get("end"), call.query.get("start")
     end = parse_time("end", raw_end) if raw_end is not None else now
     start = parse_time("start", raw_start) if raw_start is not None else end - DEFAULT_RANGE
@@ -161,7 +155,7 @@ class UsageAPI:
 
     def activity(self, call: Call) -> Result:
         key = self._keys.get(call.actor, call.path["keyId"])
-        _check_params(call, ACTIVITY_PARAMS)
+        check_params(call, ACTIVITY_PARAMS)
         limit = page_limit(call, default=100, maximum=1000)
         before = call.query.get("before") or call.query.get("starting_after")
         self._catch_up()

@@ -54,12 +54,17 @@ log = logging.getLogger(__name__)
 
 STATUS = "shipped.json"
 SHIPPER_LOCK = "shipper.lock"
-DATABASE_URL_ENV = "QUOTAGATE_SHIPPER_DATABASE_URL"  # the URL travels in the environment, not in argv (ps)
+DATABASE_URL_ENV = "QUOTAGATE_SHIPPER_DATABASE_URL"
+NICE_ENV = "QUOTAGATE_SHIPPER_NICE"  # the URL travels in the environment, not in argv (ps)
 SIGNALS = {signal.SIGUSR1, signal.SIGTERM, signal.SIGINT}
 # The shipper process's first lines: block the signals it takes with sigtimedwait before anything else
 # (SIGUSR1's default action would kill it), then tell the parent it may signal, then import and run.
 BOOT = ("import os, signal, sys\n"
         "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM, signal.SIGINT})\n"
+        # A background process group in the terminal's session: a log line must not stop it (SIGTTOU).
+        "signal.signal(signal.SIGTTOU, signal.SIG_IGN); signal.signal(signal.SIGTTIN, signal.SIG_IGN)\n"
+        # Nice before the imports, so that even a restart's import burst yields to the gateway.
+        f"os.nice(max(0, int(os.environ.get('{NICE_ENV}', '0')) - os.nice(0)))\n"
         "sys.stdout.write('ready\\n'); sys.stdout.flush(); os.dup2(os.open(os.devnull, os.O_WRONLY), 1)\n"
         "from quotagate.metering.shipper import main\n"
         "main(sys.argv[1:])\n")
@@ -324,7 +329,10 @@ class ShipperProcess:
         self._ready = False
 
     def _spawn(self) -> None:
-        env = {**os.environ, DATABASE_URL_ENV: self.database_url}
+        # Shipping can always wait a little; a request cannot. At nice 19 the shipper takes what a busy
+        # core leaves over (~1.5% of it when the gateway needs all of it: the journal holds the rest
+        # meanwhile), and any idle core in full. BOOT applies it first thing.
+        env = {**os.environ, DATABASE_URL_ENV: self.database_url, NICE_ENV: str(self.options.nice)}
         self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and code, no input in argv
             [sys.executable, "-c", BOOT, "--directory", str(self.directory), "--parent", str(os.getpid()),
              "--options", self.options.to_json()],
@@ -332,8 +340,8 @@ class ShipperProcess:
             # A process group of its own: a Ctrl-C reaches only the gateway, which passes it on as a SIGTERM
             # after its last record. Not a session of its own: Linux's autogroup scheduling shares the CPU
             # between sessions first, which would make the shipper's niceness count for nothing against
-            # the gateway's (measured on one core: p99 at concurrency 1 2.2-2.6 ms with its own session at
-            # nice 10 or SCHED_IDLE; ~1.0 ms in the gateway's session at nice 19).
+            # the gateway's (measured on the gateway's core, p99 at concurrency 1: 3.1-3.4 ms in a session
+            # of its own, at nice 0 or SCHED_IDLE; 0.96-1.66 ms in the gateway's session at nice 19).
             process_group=0)
         self._ready = False
 
@@ -458,10 +466,6 @@ def main(argv: list[str] | None = None) -> None:
     if not url:
         raise SystemExit(f"{DATABASE_URL_ENV} is not set")
     options = ShipperOptions.from_json(args.options)
-    # Shipping can always wait a little; a request cannot. At nice 19 the shipper takes what a busy core
-    # leaves over (~1.5% of it when the gateway needs all of it: the journal holds the rest meanwhile),
-    # and any idle core in full.
-    os.nice(max(0, options.nice - os.nice(0)))
     engine = make_engine(url, pool_size=1, keep_sqlite_open=True)
     try:
         Shipper(args.directory, engine, options).run(args.parent)
