@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -192,3 +194,15 @@ def test_python_dash_m_and_env_vars_apply_to_every_command(tmp_path: Path, datab
     env = qg_env(tmp_path / "data", database_url, None)  # no config file: the built-in demo catalog
     cli(env, "users", "create", "m@example.com")
     assert cli(env, "tokens", "create", "m@example.com").stdout.startswith("qgt_")
+
+
+def test_an_idle_keep_alive_connection_outlives_a_proxys_idle_timeout(gateway: Gateway) -> None:
+    """uvicorn's own default closes an idle connection after 5 s, and a proxy reusing it at that moment
+    answers 502; quotagate keeps it for QUOTAGATE_KEEPALIVE_SECONDS (75 s by default)."""
+    request = b"GET /healthz HTTP/1.1\r\nHost: quotagate\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", gateway.llm_port), timeout=10) as conn:
+        conn.sendall(request)
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(6.5)
+        conn.sendall(request)
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200"), "the gateway closed an idle connection after 5 s"

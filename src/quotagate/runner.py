@@ -38,12 +38,14 @@ async def run(rt: Runtime) -> None:
                     sim.host, sim.port)
         servers.append(make_server(build_simulator_app(sim.tokens_per_second), sim.host, sim.port, s.log_level))
     if s.role in ("all", "console"):
-        servers.append(make_server(build_console_app(rt), s.host, s.console_port, s.log_level))
+        servers.append(make_server(build_console_app(rt), s.host, s.console_port, s.log_level,
+                                   keepalive=s.keepalive_seconds))
         log.info("console API on http://%s:%d", s.host, s.console_port)
     if s.role in ("all", "llm"):
         from quotagate.gateway.app import build_llm_app
 
-        servers.append(make_server(build_llm_app(rt), s.host, s.llm_port, s.log_level, proxy_headers=False))
+        servers.append(make_server(build_llm_app(rt), s.host, s.llm_port, s.log_level, proxy_headers=False,
+                                   keepalive=s.keepalive_seconds))
         log.info("LLM API on http://%s:%d/v1", s.host, s.llm_port)
     if s.metrics_port is not None:
         # Its own address (loopback by default): /metrics has no authentication, and an LLM-only

@@ -24,11 +24,16 @@ class _Server(uvicorn.Server):
 
 
 def make_server(app: Any, host: str, port: int, log_level: str, *, access_log: bool = False,
-                proxy_headers: bool = True) -> uvicorn.Server:
+                proxy_headers: bool = True, keepalive: int = 75) -> uvicorn.Server:
     """A uvicorn server on uvloop + httptools. ``proxy_headers`` trusts X-Forwarded-For from a proxy on
-    127.0.0.1 (uvicorn's default); the LLM listener turns it off to keep its middleware off the hot path."""
+    127.0.0.1 (uvicorn's default); the LLM listener turns it off to keep its middleware off the hot path.
+
+    ``keepalive``: idle client connections stay open this long, longer than a load balancer keeps its
+    own idle connections to us (nginx 60 s, cloud load balancers 60 s by default). uvicorn's default of
+    5 s is shorter, and then a proxy sends a request down a connection just as we close it: a 502 for a
+    POST it may not retry (the scale-out tests' httpx client met the same race at its own 5 s expiry)."""
     config = uvicorn.Config(app, host=host, port=port, loop="uvloop", http="httptools", lifespan="on",
-                            proxy_headers=proxy_headers,
+                            proxy_headers=proxy_headers, timeout_keep_alive=keepalive,
                             log_level=log_level, access_log=access_log, server_header=False,
                             date_header=False, timeout_graceful_shutdown=10)
     return _Server(config)

@@ -39,6 +39,8 @@ class Settings(BaseModel):
                                      description="a listener of its own for /metrics and /healthz")
     metrics_host: str = Field(default="127.0.0.1", description="the address the metrics listener binds")
     role: Role = "all"
+    keepalive_seconds: int = Field(default=75, ge=1, le=3600, description="how long both listeners keep an "
+                                     "idle client connection open")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     console_max_body_bytes: int = Field(default=64 * 1024, gt=0)
     llm_max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)

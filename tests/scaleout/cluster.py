@@ -127,7 +127,7 @@ class Spread:
     """Async clients to every instance's LLM API; ``chat`` goes to the next instance round-robin."""
 
     def __init__(self, cluster: Cluster) -> None:
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000, keepalive_expiry=2.0)
         self._instances = cluster.instances
         self._clients = [httpx.AsyncClient(base_url=gw.llm_url, timeout=60, limits=limits)
                          for gw in cluster.instances]
