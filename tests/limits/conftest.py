@@ -6,9 +6,10 @@ import contextlib
 import itertools
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
@@ -17,6 +18,7 @@ from quotagate.keys.models import KeyRecord, Period
 from quotagate.limits.interfaces import Limiter
 from quotagate.limits.memory import MemoryLimiter
 from quotagate.limits.redis import RedisLimiter
+from tests.fakes.redis_server import RedisServer
 
 # Redis for the shared backend: CI has one; set QUOTAGATE_TEST_REDIS_URL="" to skip it explicitly.
 REDIS_URL = os.environ.get("QUOTAGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -49,6 +51,15 @@ class Backend:
     limiter: Limiter
     clock: Clock
     has_state: Callable[[str], Awaitable[bool]]
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own (one it may restart, stop or kill)."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()
 
 
 @pytest.fixture

@@ -27,14 +27,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.skipif(not REDIS_URL, reason="QUOTA
 
 
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture
 def persistent_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path, persistent=True)
     server.start()

@@ -5,7 +5,6 @@ restarted Redis reconnected to without any help."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,14 +18,6 @@ from tests.fakes.redis_server import RedisServer
 from tests.limits.conftest import REDIS_URL, redis_prefix
 
 pytestmark = [pytest.mark.anyio, pytest.mark.skipif(not REDIS_URL, reason="QUOTAGATE_TEST_REDIS_URL=''")]
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.kill()
 
 
 async def test_concurrent_commands_get_their_own_replies() -> None:
