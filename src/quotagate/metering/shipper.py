@@ -54,8 +54,8 @@ log = logging.getLogger(__name__)
 
 STATUS = "shipped.json"
 SHIPPER_LOCK = "shipper.lock"
-DATABASE_URL_ENV = "QUOTAGATE_SHIPPER_DATABASE_URL"
-NICE_ENV = "QUOTAGATE_SHIPPER_NICE"  # the URL travels in the environment, not in argv (ps)
+DATABASE_URL_ENV = "QUOTAGATE_SHIPPER_DATABASE_URL"  # the URL travels in the environment, not in argv (ps)
+NICE_ENV = "QUOTAGATE_SHIPPER_NICE"  # read by BOOT, before anything is imported
 SIGNALS = {signal.SIGUSR1, signal.SIGTERM, signal.SIGINT}
 # The shipper process's first lines: block the signals it takes with sigtimedwait before anything else
 # (SIGUSR1's default action would kill it), then tell the parent it may signal, then import and run.
@@ -78,7 +78,7 @@ class ShipperOptions:
     sync_interval: float = 1.0       # fsync live writers' active segments this often (bounds a power cut's loss)
     maintain_interval: float = 300.0 # roll up buckets and purge old activity
     stop_within: float = 15.0        # on stop, keep trying to ship what is left for this long
-    nice: int = 19                   # the shipper's niceness: the serving process always comes first (why: below)
+    nice: int = 19                   # the shipper's niceness: serving comes first (ShipperProcess._spawn: why)
     retention: Retention = field(default_factory=Retention)
 
     def to_json(self) -> str:
