@@ -95,14 +95,14 @@ class Runtime:
         self.engine.dispose()
 
 
+async def _healthz(_request: Request) -> Response:
+    return JSON({"status": "ok"})
+
+
 def build_metrics_app(runtime: Runtime) -> Starlette:
     """The metrics listener's ASGI app (``--metrics-port``): only /metrics and /healthz, so that an
     instance with the LLM role alone can be scraped without exposing anything else."""
-
-    async def healthz(_request: Request) -> Response:
-        return JSON({"status": "ok"})
-
-    return Starlette(routes=[Route("/healthz", healthz), metrics_route(runtime)])
+    return Starlette(routes=[Route("/healthz", _healthz), metrics_route(runtime)])
 
 
 def build_console_app(runtime: Runtime, extra_routes: list[BaseRoute] | None = None) -> Starlette:
@@ -113,11 +113,8 @@ def build_console_app(runtime: Runtime, extra_routes: list[BaseRoute] | None = N
     web = WebConsole(runtime.accounts, runtime.keys, lambda: runtime.config.model_ids,
                      usage=runtime.extras.get("web_usage"))
 
-    async def healthz(_request: Request) -> Response:
-        return JSON({"status": "ok"})
-
     usage_handlers, metering_routes = metering_console_routes(runtime)
-    routes: list[BaseRoute] = [Route("/healthz", healthz), *metering_routes,
+    routes: list[BaseRoute] = [Route("/healthz", _healthz), *metering_routes,
                                *api.routes(runtime.settings.console_max_body_bytes, extra=usage_handlers)]
     routes.extend(extra_routes or [])
     routes.extend(web.routes())

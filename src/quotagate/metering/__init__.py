@@ -94,7 +94,7 @@ def metrics_route(rt: Runtime) -> Route:
 
 def console_routes(rt: Runtime) -> tuple[list[tuple[str, str, Handler]], list[BaseRoute]]:
     """(console API handlers for ``ConsoleAPI.routes(extra=...)``, plain routes: ``/metrics``)."""
-    metrics = metrics_route(rt)
+    metrics = metrics_route(rt)  # first: it installs metering (the meter the usage API flushes) if needed
     return _usage_api(rt).routes(), [metrics]
 
 
