@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -44,6 +45,18 @@ class _ModelEntry(BaseModel):
         for url in value:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"upstream {url!r} must be an http:// or https:// base URL")
+            parts = urlsplit(url)
+            try:
+                parts.port  # noqa: B018 - raises on a port that is not a number in 0-65535
+            except ValueError:
+                raise ValueError(f"upstream {url!r} has an invalid port") from None
+            if not parts.hostname:
+                raise ValueError(f"upstream {url!r} has no host")
+            if parts.username is not None:
+                raise ValueError(f"upstream {url!r} has credentials in it; name an env var holding the "
+                                 "upstream's API key in upstream_api_key_env instead")
+            if parts.query or parts.fragment:
+                raise ValueError(f"upstream {url!r} must be a base URL, without a query or fragment")
         return [url.rstrip("/") for url in value]
 
 

@@ -16,7 +16,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 import orjson
 
 from quotagate.app import Runtime
@@ -32,7 +31,7 @@ from quotagate.keys.secrets import INFERENCE_KEY_KIND, hash_secret, is_well_form
 from quotagate.limits.errors import LimiterUnavailable
 from quotagate.limits.interfaces import Admission
 from quotagate.metering.interfaces import UsageEvent
-from quotagate.upstreams.client import UpstreamClient, UpstreamError
+from quotagate.upstreams.client import Response, UpstreamClient, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +365,7 @@ class LLMApp:
         await self._finish_plain(call, key, adm, response, send, req.prompt_bound, granted, chat=False)
 
     async def _forward(self, call: Call, key: KeyRecord, adm: Admission, model: str, path: str,
-                       payload: bytes) -> aiohttp.ClientResponse:
+                       payload: bytes) -> Response:
         try:
             return await self._upstreams.post(model, path, payload, call.request_id)
         except UpstreamError as exc:
@@ -376,16 +375,16 @@ class LLMApp:
             await self._settle(key, adm, 0)
             raise
 
-    async def _finish_plain(self, call: Call, key: KeyRecord, adm: Admission, response: aiohttp.ClientResponse,
+    async def _finish_plain(self, call: Call, key: KeyRecord, adm: Admission, response: Response,
                             send: Send, prompt_bound: int, granted: int | None, *, chat: bool) -> None:
         """A non-streamed answer: read it whole, check it, charge it, send it on."""
         try:
             try:
                 data = await response.read()
-            except aiohttp.SocketTimeoutError:
+            except UpstreamTimeout:
                 raise ApiError(504, "upstream_timeout", "the model server did not answer within the timeout") \
                     from None
-            except (aiohttp.ClientError, OSError):
+            except UpstreamError:
                 raise ApiError(502, "upstream_error", "the model server's answer broke off") from None
             finally:
                 response.release()
@@ -434,7 +433,7 @@ class LLMApp:
         return ApiError(502, "upstream_error", f"the model server answered {status}"
                         + (f": {message}" if message else ""))
 
-    async def _relay_stream(self, call: Call, key: KeyRecord, adm: Admission, response: aiohttp.ClientResponse,
+    async def _relay_stream(self, call: Call, key: KeyRecord, adm: Admission, response: Response,
                             send: Send, receive: Receive, prompt_bound: int, granted: int | None,
                             include_usage: bool, n: int) -> None:
         hdrs = [*_SSE, (b"x-request-id", call.request_id.encode()), *call.rate_headers]

@@ -17,11 +17,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 
 from quotagate.gateway.errors import ApiError
 from quotagate.gateway.usage import charge, reported, usage_object
+from quotagate.upstreams.client import Response, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class StreamRelay:
     """One stream's relay. ``finish(prompt, completion, error_code)`` settles and meters; it is awaited
     before the last bytes go out."""
 
-    def __init__(self, *, request_id: str, response: aiohttp.ClientResponse, send: Send, receive: Receive,
+    def __init__(self, *, request_id: str, response: Response, send: Send, receive: Receive,
                  headers: list[tuple[bytes, bytes]], prompt_bound: int, granted: int | None,
                  include_usage: bool, n: int, started_at: float, clock: Callable[[], float]) -> None:
         self._rid = request_id
@@ -160,15 +160,15 @@ class StreamRelay:
 
     async def _pump(self) -> ApiError | None:
         """Relay until [DONE], the end of the upstream's body, a cut-off or an error (returned)."""
-        reader = self._resp.content
+        read_chunk = self._resp.read_chunk
         buf = b""
         done = False
         while not done:
             try:
-                chunk = await reader.readany()
-            except aiohttp.SocketTimeoutError:
+                chunk = await read_chunk()
+            except UpstreamTimeout:
                 return ApiError(504, "upstream_timeout", "the model server stopped sending within the timeout")
-            except (aiohttp.ClientError, OSError):
+            except UpstreamError:
                 if self._gone:
                     return None
                 return ApiError(502, "upstream_error", "the model server's stream broke off")

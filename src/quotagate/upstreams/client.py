@@ -1,11 +1,6 @@
-"""The client the gateway forwards with: one pooled aiohttp session for every model server.
+"""Forwarding to a model's upstreams: routing, failover, timeouts (the HTTP itself is in ``http``).
 
-Errors (the only ones that leave this module; aiohttp's own are translated here):
-
-    UpstreamError        502  upstream_error     every upstream of the model refused, failed (5xx) or
-     │                                           answered with something that is not a usable response
-     └── UpstreamTimeout  504  upstream_timeout   the model server accepted the request but went silent
-                                                 for longer than the model's ``timeout_seconds``
+Errors (the only ones that leave this module) are in ``errors``: UpstreamError (502) and UpstreamTimeout (504).
 
 Routing: a model's upstreams are tried round-robin; one that refused a connection or answered 5xx/429
 is put aside for a few seconds, and the request moves on to the next one. Failover happens only before
@@ -22,9 +17,11 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import aiohttp
-
 from quotagate.config import GatewaySpec, ModelSpec
+from quotagate.upstreams.errors import Stale, UpstreamError, UpstreamTimeout
+from quotagate.upstreams.http import Pool, Response
+
+__all__ = ["Response", "UpstreamClient", "UpstreamError", "UpstreamTimeout"]
 
 log = logging.getLogger(__name__)
 
@@ -33,26 +30,11 @@ COOL_DOWN_SECONDS = 2.0
 # Keep-alive connections are dropped before common servers drop them (uvicorn, and so vLLM and
 # SGLang, closes idle connections after 5 s); reusing a connection the server is closing fails.
 KEEPALIVE_SECONDS = 4.0
-POOL_SIZE = 1024
-
-
-class UpstreamError(Exception):
-    """The model server failed; rendered as 502 ``upstream_error``."""
-
-    status = 502
-    code = "upstream_error"
-
-
-class UpstreamTimeout(UpstreamError):
-    """The model server did not answer within the model's timeout; rendered as 504."""
-
-    status = 504
-    code = "upstream_timeout"
 
 
 @dataclass(slots=True)
 class _Upstream:
-    base_url: str
+    pool: Pool
     down_until: float = 0.0
 
 
@@ -60,8 +42,7 @@ class _Upstream:
 class _Route:
     spec: ModelSpec
     upstreams: list[_Upstream]
-    headers: dict[str, str]
-    timeout: aiohttp.ClientTimeout
+    timeout: float
     turn: itertools.count[int] = field(default_factory=itertools.count)
 
     def candidates(self) -> list[_Upstream]:
@@ -92,60 +73,55 @@ class UpstreamClient:
                 else:
                     log.warning("model %s: env var %s (its upstream API key) is not set; forwarding without "
                                 "an Authorization header", spec.id, spec.upstream_api_key_env)
-            timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=self._connect_timeout,
-                                            sock_read=spec.timeout_seconds)
-            self._routes[spec.id] = _Route(spec, [_Upstream(u) for u in spec.upstreams], headers, timeout)
-        self._session: aiohttp.ClientSession | None = None
+            pools = [_Upstream(Pool(url, connect_timeout=gateway.connect_timeout_seconds,
+                                    keepalive=KEEPALIVE_SECONDS, headers=headers)) for url in spec.upstreams]
+            self._routes[spec.id] = _Route(spec, pools, spec.timeout_seconds)
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=POOL_SIZE, limit_per_host=0, keepalive_timeout=KEEPALIVE_SECONDS,
-                                         ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",),
-                                              auto_decompress=True)
+        pass  # connections are made on first use
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for route in self._routes.values():
+            for upstream in route.upstreams:
+                upstream.pool.close()
 
-    async def post(self, model: str, path: str, body: bytes, request_id: str) -> aiohttp.ClientResponse:
+    async def post(self, model: str, path: str, body: bytes, request_id: str) -> Response:
         """POST ``body`` to ``path`` (e.g. ``/chat/completions``) of the first upstream of ``model`` that
         answers with something other than 5xx/429, and return the response with its body unread.
 
         The caller must ``release()`` or ``close()`` the response. Raises UpstreamError/UpstreamTimeout.
         """
-        session = self._session
-        if session is None:
-            raise UpstreamError("the upstream client is not started")
         route = self._routes[model]
-        headers = route.headers | {"X-Request-Id": request_id}
         last: str = "no upstream configured"
         candidates = route.candidates()
         for index, upstream in enumerate(candidates):
             is_last = index == len(candidates) - 1
+            pool = upstream.pool
+            request = pool.request(path, body, request_id)
             for attempt in (0, 1):
                 try:
-                    response = await session.post(upstream.base_url + path, data=body, headers=headers,
-                                                  timeout=route.timeout)
-                except aiohttp.ServerDisconnectedError:
+                    response = await pool.post(request, route.timeout)
+                except Stale as exc:
                     # Most often a pooled keep-alive connection the server had just closed: retry it once.
-                    last = f"{upstream.base_url} closed the connection"
+                    last = str(exc)
                     if attempt == 0:
                         continue
                     upstream.down_until = time.monotonic() + COOL_DOWN_SECONDS
                     break
-                except aiohttp.SocketTimeoutError:
+                except UpstreamTimeout:
                     raise UpstreamTimeout(f"the model server did not answer within "
                                           f"{route.spec.timeout_seconds:g}s") from None
-                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                    last = f"{upstream.base_url}: {type(exc).__name__}: {exc}"
+                except UpstreamError as exc:
+                    # Unreachable, or an answer that broke off or was not HTTP before its head was in:
+                    # nothing reached the client yet, so the next upstream may still serve it.
+                    last = str(exc)
                     upstream.down_until = time.monotonic() + COOL_DOWN_SECONDS
-                    log.warning("upstream %s of model %s unreachable: %s", upstream.base_url, model, exc)
+                    log.warning("upstream %s of model %s unreachable: %s", pool.label, model, exc)
                     break
                 if (response.status >= 500 or response.status == 429) and not is_last:
-                    last = f"{upstream.base_url} answered {response.status}"
+                    last = f"{pool.label} answered {response.status}"
                     log.warning("upstream %s of model %s answered %d; trying the next one",
-                                upstream.base_url, model, response.status)
+                                pool.label, model, response.status)
                     response.close()
                     upstream.down_until = time.monotonic() + COOL_DOWN_SECONDS
                     break

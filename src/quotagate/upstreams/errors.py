@@ -1,0 +1,38 @@
+"""What can go wrong with a model server, as the gateway answers it.
+
+    UpstreamError        502  upstream_error     every upstream of the model refused, failed (5xx) or
+     ├── UpstreamTimeout  504  upstream_timeout   answered with something that is not a usable response;
+     │                                           the model server went silent for longer than the model's
+     │                                           ``timeout_seconds`` after it accepted the request
+     └── Unreachable      502  upstream_error     no connection could be made (refused, no route, TLS
+          └── Stale                              failure, connect timeout): the next upstream is tried;
+                                                 a pooled keep-alive connection the server had closed
+                                                 before sending a byte: retried once on a new one
+"""
+
+from __future__ import annotations
+
+
+class UpstreamError(Exception):
+    """The model server failed; rendered as 502 ``upstream_error``."""
+
+    status = 502
+    code = "upstream_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    """The model server did not answer within the model's timeout; rendered as 504."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
+class Unreachable(UpstreamError):
+    """No connection to the model server: safe to try the next upstream (nothing was sent)."""
+
+
+class Stale(Unreachable):
+    """A reused keep-alive connection was closed by the server before it sent a byte of an answer.
+
+    Servers close idle connections on their own schedule, so a request can cross the close on the wire;
+    the server then never read it, and sending it again on a new connection is safe."""
