@@ -166,6 +166,14 @@ def test_serve_refuses_bad_settings_clearly(tmp_path: Path) -> None:
         assert needle in result.stderr and "Traceback" not in result.stderr, result.stderr
     result = cli({**env, "QUOTAGATE_DATABASE_POOL_SIZE": "0"}, "serve", check=False)
     assert result.returncode == 2 and "QUOTAGATE_DATABASE_POOL_SIZE" in result.stderr, result.stderr
+    # An upstream API key that would break the request head (a line break would inject headers).
+    config = tmp_path / "models.toml"
+    config.write_text('[[models]]\nid = "m"\nupstreams = ["http://127.0.0.1:9/v1"]\nupstream_api_key_env = "UP_KEY"\n')
+    result = cli({**env, "UP_KEY": "sk-abc\r\nX-Evil: 1", "QUOTAGATE_LLM_PORT": str(free_port()),
+                  "QUOTAGATE_CONSOLE_PORT": str(free_port())}, "serve", "--config", str(config), check=False)
+    assert result.returncode == 2, result.stderr
+    assert "env var UP_KEY" in result.stderr and "line break" in result.stderr and "Traceback" not in result.stderr
+    assert "X-Evil" not in result.stderr  # the secret is not echoed
 
 
 def test_an_llm_only_instance_is_scraped_on_a_metrics_port_that_serves_nothing_else(

@@ -24,6 +24,8 @@ def test_a_good_upstream_keeps_its_path_without_the_trailing_slash() -> None:
     ("http://host:port/v1", "has an invalid port"),
     ("http://user:secret@host/v1", "name an env var holding the upstream's API key"),
     ("http://host/v1?key=abc", "without a query or fragment"),
+    ("http://host/my models/v1", "has a space, control or non-ASCII character in its path"),
+    ("http://host/modèles/v1", "has a space, control or non-ASCII character in its path"),
 ])
 def test_a_bad_upstream_url_is_refused_by_name(upstream: str, needle: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -127,6 +127,8 @@ def serve(
         import uvloop
 
         uvloop.run(run(rt))
+    except ConfigError as exc:  # found only when the listeners are built (say, a bad upstream API key)
+        raise fail(str(exc)) from None
     finally:
         rt.close()
 

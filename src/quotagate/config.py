@@ -57,6 +57,9 @@ class _ModelEntry(BaseModel):
                                  "upstream's API key in upstream_api_key_env instead")
             if parts.query or parts.fragment:
                 raise ValueError(f"upstream {url!r} must be a base URL, without a query or fragment")
+            if any(c <= " " or c > "~" for c in parts.path):
+                raise ValueError(f"upstream {url!r} has a space, control or non-ASCII character in its path "
+                                 "(percent-encode it)")
         return [url.rstrip("/") for url in value]
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -426,3 +428,136 @@ def test_bad_base_urls_are_refused() -> None:
     for url in ("ftp://host/v1", "http:///v1", "http://"):
         with pytest.raises(ValueError, match="http:// or https://"):
             pool(url)
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP reset instead of an orderly close."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+def test_a_body_without_length_cut_by_a_reset_is_an_error_not_an_end() -> None:
+    async def main() -> None:
+        def make(server: Server) -> Handler:
+            async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await server.read_request(reader)
+                writer.write(b'HTTP/1.1 200 OK\r\n\r\n{"choices":[')
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                reset(writer)
+            return handler
+
+        server = await serving(make)
+        try:
+            with pytest.raises(UpstreamError, match="in the middle of its answer"):
+                await post(pool(server.url))
+        finally:
+            await server.__aexit__()
+    run(main())
+
+
+def test_only_a_final_chunked_coding_frames_the_body() -> None:
+    async def main() -> None:
+        def make(server: Server) -> Handler:
+            async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await server.read_request(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\nall of it")
+                await writer.drain()
+                writer.close()
+            return handler
+
+        server = await serving(make)
+        try:
+            assert await post(pool(server.url)) == (200, b"all of it")  # to the close, not a broken answer
+        finally:
+            await server.__aexit__()
+    run(main())
+
+
+def test_a_switch_of_protocols_is_an_upstream_error() -> None:
+    async def main() -> None:
+        server = await serving(keep_answering(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
+                                              b"Upgrade: websocket\r\n\r\n"))
+        try:
+            with pytest.raises(UpstreamError, match="switched to another protocol"):
+                await post(pool(server.url))
+        finally:
+            await server.__aexit__()
+    run(main())
+
+
+def test_a_new_connection_closed_unanswered_is_not_retried_as_stale() -> None:
+    async def main() -> None:
+        def make(server: Server) -> Handler:
+            async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await server.read_request(reader)  # a prompt that crashes the model server, say
+            return handler
+
+        server = await serving(make)
+        try:
+            with pytest.raises(UpstreamError, match="closed the connection before answering") as info:
+                await post(pool(server.url))
+            assert not isinstance(info.value, Stale)  # Stale would have it sent again
+        finally:
+            await server.__aexit__()
+
+    run(main())
+
+
+def test_a_timed_out_request_to_a_server_that_stopped_reading_is_dropped_at_once() -> None:
+    big = b"x" * (32 * 1024 * 1024)
+
+    async def main() -> None:
+        received = asyncio.get_running_loop().create_future()
+
+        def make(server: Server) -> Handler:
+            async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await asyncio.sleep(1.0)  # not reading: the gateway's request piles up in its buffers
+                count = 0
+                with contextlib.suppress(ConnectionError):
+                    while chunk := await reader.read(1 << 20):
+                        count += len(chunk)
+                received.set_result(count)
+            return handler
+
+        server = await serving(make)
+        try:
+            p = pool(server.url)
+            with pytest.raises(UpstreamTimeout):
+                await p.post(p.request("/chat/completions", big, "req_1"), 0.3)
+            # The connection was reset, not closed after a flush that would never come: the server sees
+            # the end of it without the whole request.
+            count = await asyncio.wait_for(received, 10)
+            assert count < len(big)
+        finally:
+            await server.__aexit__()
+    run(main())
+
+
+def test_a_stream_released_at_done_still_reuses_its_connection() -> None:
+    async def main() -> None:
+        def make(server: Server) -> Handler:
+            async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                while True:
+                    await server.read_request(reader)
+                    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 b"e\r\ndata: [DONE]\n\n\r\n")
+                    await writer.drain()
+                    await asyncio.sleep(0.05)  # the terminator comes in a write of its own, as uvicorn's does
+                    writer.write(b"0\r\n\r\n")
+                    await writer.drain()
+            return handler
+
+        server = await serving(make)
+        try:
+            p = pool(server.url)
+            for _ in range(3):
+                response = await p.post(p.request("/chat/completions", b"{}", "req_1"), 5.0)
+                assert await response.read_chunk() == b"data: [DONE]\n\n"
+                response.release()  # as the stream relay does on [DONE], before the terminator
+                await asyncio.sleep(0.1)
+            assert server.connections == 1
+        finally:
+            await server.__aexit__()
+    run(main())

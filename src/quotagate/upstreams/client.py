@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from quotagate.config import GatewaySpec, ModelSpec
+from quotagate.config import ConfigError, GatewaySpec, ModelSpec
 from quotagate.upstreams.errors import Stale, UpstreamError, UpstreamTimeout
 from quotagate.upstreams.http import Pool, Response
 
@@ -68,6 +68,9 @@ class UpstreamClient:
             headers = {"Content-Type": "application/json"}
             if spec.upstream_api_key_env:
                 secret = env.get(spec.upstream_api_key_env)
+                if secret and not all(" " <= c <= "~" for c in secret):
+                    raise ConfigError(f"model {spec.id}: env var {spec.upstream_api_key_env} (its upstream API key) "
+                                     "holds a line break, control or non-ASCII character")
                 if secret:
                     headers["Authorization"] = f"Bearer {secret}"
                 else:
@@ -100,7 +103,7 @@ class UpstreamClient:
             request = pool.request(path, body, request_id)
             for attempt in (0, 1):
                 try:
-                    response = await pool.post(request, route.timeout)
+                    response = await pool.post(request, route.timeout, fresh=attempt == 1)
                 except Stale as exc:
                     # Most often a pooled keep-alive connection the server had just closed: retry it once.
                     last = str(exc)

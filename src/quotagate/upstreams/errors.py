@@ -6,8 +6,12 @@
      │                                           ``timeout_seconds`` after it accepted the request
      └── Unreachable      502  upstream_error     no connection could be made (refused, no route, TLS
           └── Stale                              failure, connect timeout): the next upstream is tried;
-                                                 a pooled keep-alive connection the server had closed
+                                                 a reused keep-alive connection the server had closed
                                                  before sending a byte: retried once on a new one
+
+Any other UpstreamError before the answer's head (the server closed a new connection without answering,
+or answered with something that is not HTTP) also moves on to the next upstream: nothing has reached
+the client yet. A timeout does not (the server may still be working on it).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ class UpstreamTimeout(UpstreamError):
 
 
 class Unreachable(UpstreamError):
-    """No connection to the model server: safe to try the next upstream (nothing was sent)."""
+    """No connection to the model server (nothing was sent): the next upstream is tried."""
 
 
 class Stale(Unreachable):

@@ -29,10 +29,14 @@ from quotagate.upstreams.errors import Stale, Unreachable, UpstreamError, Upstre
 HIGH_WATER = 256 * 1024
 # Idle connections kept per upstream; beyond that, a released connection is closed.
 MAX_IDLE = 1024
+# An answer released before its very end (a stream whose chunked terminator is still on its way after
+# [DONE]) keeps its connection this long, and up to this many more bytes, to see the end and be reused.
+DRAIN_SECONDS = 1.0
+DRAIN_BYTES = 64 * 1024
 
 
 class _Unsolicited(Exception):
-    """Bytes after the end of the answer, in the same read."""
+    """Bytes after the end of the answer, in the same read (raised to stop the parser)."""
 
 
 class Connection(asyncio.Protocol):
@@ -44,6 +48,7 @@ class Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
+        self._uses = 0                       # requests sent on this connection
         self._waiter: asyncio.Future[None] | None = None
         self._busy = False                   # a request is out and its answer not read to its end
         self._got_bytes = False              # any byte of the current answer has arrived
@@ -51,7 +56,11 @@ class Connection(asyncio.Protocol):
         self._head_done = False
         self._complete = False
         self._keep_alive = False
-        self._framed = False                 # Content-Length or Transfer-Encoding: the body is self-delimiting
+        self._framed = False                 # Content-Length or chunked: the body is self-delimiting
+        self._unsolicited = False            # a second answer began after this one's end
+        self._draining: Pool | None = None   # released before its end; pooled when the end comes
+        self._drained = 0
+        self._drain_timer: asyncio.TimerHandle | None = None
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._paused = False
@@ -75,27 +84,36 @@ class Connection(asyncio.Protocol):
         self._got_bytes = True
         try:
             self._parser.feed_data(data)
-        except _Unsolicited:
-            self._keep_alive = False  # the answer is whole; what follows it is not ours to read
-            self._close()
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError(f"{self._label} answered with something that is not HTTP/1.1 ({exc})"))
-            self._close()
+            # (An exception raised in a callback comes out as HttpParserCallbackError: hence the flag.)
+            if self._unsolicited:
+                self._keep_alive = False  # the answer is whole; what follows it is not ours to read
+                self._close()
+            else:
+                self._fail(UpstreamError(f"{self._label} answered with something that is not HTTP/1.1 ({exc})"))
+                self._kill()
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamError(f"{self._label} switched to another protocol instead of answering"))
+            self._kill()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._stop_draining()
         if not self._busy or self._complete:
             return
-        if self._head_done and not self._framed:
-            # No Content-Length and not chunked: the body ends where the connection does (RFC 9112 §6.3).
+        if self._head_done and not self._framed and exc is None:
+            # No Content-Length and not chunked: the body ends where the connection does (RFC 9112 §6.3);
+            # a reset (exc) is not an end but a break.
             self._complete = True
             self._keep_alive = False
             self._wake()
-        elif not self._got_bytes:
+        elif not self._got_bytes and self._uses > 1:
             self._fail(Stale(f"{self._label} closed the connection before answering"))
+        elif not self._got_bytes:
+            self._fail(UpstreamError(f"{self._label} closed the connection before answering"))
         else:
             self._fail(UpstreamError(f"{self._label} closed the connection in the middle of its answer"))
 
@@ -108,12 +126,16 @@ class Connection(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------------------
     def on_message_begin(self) -> None:
         if self._complete:
+            self._unsolicited = True
             raise _Unsolicited  # a second answer to one request: stops the parser (see data_received)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lowered = name.lower()
-        if lowered == b"content-length" or lowered == b"transfer-encoding":
+        if lowered == b"content-length":
             self._framed = True
+        elif lowered == b"transfer-encoding":
+            # Only a final "chunked" delimits the body; any other coding runs to the close (RFC 9112 §6.3).
+            self._framed = value.rstrip().lower().endswith(b"chunked")
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -125,6 +147,12 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self._draining is not None:
+            self._drained += len(body)
+            if self._drained > DRAIN_BYTES:
+                self._stop_draining()
+                self.abort()
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
@@ -136,6 +164,11 @@ class Connection(asyncio.Protocol):
         if self._head_done:
             self._complete = True
             self._wake()
+            pool = self._draining
+            if pool is not None:
+                self._stop_draining()
+                if self.finish():
+                    pool.put(self)
         else:
             self._framed = False  # the end of an interim 1xx answer: reset for the final one
 
@@ -154,6 +187,7 @@ class Connection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             raise Stale(f"{self._label} closed the connection before answering")
         self._busy = True
+        self._uses += 1
         self._got_bytes = self._head_done = self._complete = self._framed = self._keep_alive = False
         self._status = 0
         self._error = None
@@ -187,10 +221,29 @@ class Connection(asyncio.Protocol):
             self._close()
         return reusable and self.transport is not None
 
+    def release(self, pool: Pool) -> None:
+        """Done with the answer: back to ``pool`` if it was read to its end and the server keeps the
+        connection; if only its last bytes are missing (a stream's chunked terminator after [DONE]),
+        once they come, within DRAIN_SECONDS; else closed."""
+        if (not self._complete and self._head_done and self._framed and self._keep_alive and self._error is None
+                and self.transport is not None):
+            self._chunks.clear()
+            self._buffered = 0
+            if self._paused:
+                self._paused = False
+                self.transport.resume_reading()
+            self._draining = pool
+            self._drained = 0
+            self._drain_timer = self._loop.call_later(DRAIN_SECONDS, self.abort)
+            return
+        if self.finish():
+            pool.put(self)
+
     def abort(self) -> None:
         """Drop the connection now (the client went away: stop the model server generating for no one)."""
+        self._stop_draining()
         self._fail(UpstreamError(f"the exchange with {self._label} was abandoned"))
-        self._close()
+        self._kill()
 
     # -- internals -------------------------------------------------------------------------------
     async def _wait(self) -> None:
@@ -220,13 +273,25 @@ class Connection(asyncio.Protocol):
     def _time_out(self, waiter: asyncio.Future[None]) -> None:
         if not waiter.done():
             self._fail(UpstreamTimeout(f"the model server did not answer within {self._timeout:g}s"))
-            self._close()
+            self._kill()
+
+    def _stop_draining(self) -> None:
+        self._draining = None
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
 
     def _close(self) -> None:
-        if self._paused:
-            self._paused = False
+        """Close after what is written has gone out (an exchange that ended cleanly)."""
+        self._paused = False
         if self.transport is not None:
             self.transport.close()
+
+    def _kill(self) -> None:
+        """Close now, dropping unsent bytes: a server that stopped reading never takes them."""
+        self._paused = False
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class Response:
@@ -254,8 +319,8 @@ class Response:
     def release(self) -> None:
         """Done with the answer: the connection goes back to the pool if it is still good."""
         conn, self._conn = self._conn, None
-        if conn is not None and conn.finish():
-            self._pool.put(conn)
+        if conn is not None:
+            conn.release(self._pool)
 
     def close(self) -> None:
         """Drop the connection, even mid-answer."""
@@ -299,9 +364,10 @@ class Pool:
             line = self._lines[path] = f"POST {self._base_path}{path} HTTP/1.1\r\n".encode("latin-1") + self._static
         return b"%sX-Request-Id: %s\r\nContent-Length: %d\r\n\r\n%s" % (line, request_id.encode(), len(body), body)
 
-    async def post(self, request: bytes, read_timeout: float) -> Response:
-        """Send a request made by ``request()`` on a pooled (or new) connection; the answer's head is in."""
-        conn = self._take()
+    async def post(self, request: bytes, read_timeout: float, *, fresh: bool = False) -> Response:
+        """Send a request made by ``request()`` on a pooled (or, if ``fresh`` or none is idle, a new)
+        connection; returns when the answer's head is in."""
+        conn = None if fresh else self._take()
         if conn is None:
             conn = await self._connect()
         try:
@@ -313,15 +379,15 @@ class Pool:
         return Response(self, conn, status)
 
     def put(self, conn: Connection) -> None:
-        conn.idle_since = time.monotonic()
+        now = conn.idle_since = time.monotonic()
         idle = self._idle
+        # The oldest idle connections past their keep-alive, or closed by their server: let them go.
+        while idle and (not idle[0].reusable or now - idle[0].idle_since > self._keepalive):
+            idle.popleft().abort()
         if len(idle) >= MAX_IDLE:
             conn.abort()
             return
         idle.append(conn)
-        # The oldest idle connection is past its keep-alive, or its server closed it: let it go.
-        while idle and (not idle[0].reusable or conn.idle_since - idle[0].idle_since > self._keepalive):
-            idle.popleft().abort()
 
     def close(self) -> None:
         while self._idle:
