@@ -5,10 +5,8 @@ from __future__ import annotations
 import gc
 import logging
 
-import uvicorn
-
 from quotagate.app import Runtime, build_console_app, build_metrics_app
-from quotagate.server import make_server, serve_all
+from quotagate.server import Listener, make_server, serve_all
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +27,7 @@ def tune_gc() -> None:
 
 async def run(rt: Runtime) -> None:
     s = rt.settings
-    servers: list[uvicorn.Server] = []
+    servers: list[Listener] = []
     if rt.config.simulator is not None:
         from quotagate.simulator.app import build_simulator_app
 
@@ -43,9 +41,11 @@ async def run(rt: Runtime) -> None:
         log.info("console API on http://%s:%d", s.host, s.console_port)
     if s.role in ("all", "llm"):
         from quotagate.gateway.app import build_llm_app
+        from quotagate.gateway.listener import LLMServer
 
-        servers.append(make_server(build_llm_app(rt), s.host, s.llm_port, s.log_level, proxy_headers=False,
-                                   keepalive=s.keepalive_seconds))
+        llm = build_llm_app(rt)
+        servers.append(LLMServer(llm, s.host, s.llm_port, keepalive=s.keepalive_seconds, startup=llm.start,
+                                 shutdown=llm.close))
         log.info("LLM API on http://%s:%d/v1", s.host, s.llm_port)
     if s.metrics_port is not None:
         # Its own address (loopback by default): /metrics has no authentication, and an LLM-only

@@ -1,5 +1,6 @@
 """Running the listeners: the console API, the LLM API and (in demo configs) the simulated model
-server, as uvicorn servers sharing one event loop and one set of signal handlers."""
+server, sharing one event loop and one set of signal handlers. The LLM API runs on the gateway's own lean
+server (gateway/listener.py); the others on uvicorn."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Generator
-from typing import Any
+from typing import Any, Protocol
 
 import uvicorn
 
@@ -39,7 +40,16 @@ def make_server(app: Any, host: str, port: int, log_level: str, *, access_log: b
     return _Server(config)
 
 
-async def serve_all(servers: list[uvicorn.Server]) -> None:
+class Listener(Protocol):
+    """What ``serve_all`` drives: uvicorn's Server, and the LLM API's own (gateway/listener.py)."""
+
+    should_exit: bool
+    started: bool
+
+    async def serve(self) -> None: ...
+
+
+async def serve_all(servers: list[Listener]) -> None:
     """Serve until SIGINT/SIGTERM or until any server stops; then stop all of them."""
     loop = asyncio.get_running_loop()
 

@@ -1,0 +1,217 @@
+"""The LLM listener's own HTTP/1.1 server (quotagate.gateway.listener), byte for byte over a raw socket:
+pipelining, 100-continue, HEAD, HTTP/1.0, chunked request bodies, malformed and oversized requests, a 413
+with the body still coming, and a graceful stop with a stream in flight."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fakes.upstream import FakeUpstream
+from tests.gateway.conftest import Mint
+from tests.gateway.helpers import hi
+from tests.support import Gateway, start_gateway
+
+
+@pytest.fixture
+def key(mint: Mint) -> str:
+    return mint()[0]
+
+
+def connect(gw: Gateway) -> socket.socket:
+    host, port = gw.llm_url.split("//")[1].split("/")[0].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    return sock
+
+
+def read_answer(sock: socket.socket, buf: bytearray) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 answer (Content-Length or chunked) from ``sock``; leftover bytes stay in ``buf``."""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            raise EOFError(f"connection closed; got {bytes(buf)!r}")
+        buf += data
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    buf[:] = rest
+    if "content-length" in headers:
+        length = int(headers["content-length"])
+        while len(buf) < length:
+            buf += sock.recv(65536)
+        body = bytes(buf[:length])
+        del buf[:length]
+        return status, headers, body
+    if headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while True:
+            while b"\r\n" not in buf:
+                buf += sock.recv(65536)
+            size_line, _, _ = bytes(buf).partition(b"\r\n")
+            size = int(size_line, 16)
+            need = len(size_line) + 2 + size + 2
+            while len(buf) < need:
+                buf += sock.recv(65536)
+            body += bytes(buf[len(size_line) + 2:len(size_line) + 2 + size])
+            del buf[:need]
+            if size == 0:
+                return status, headers, body
+    return status, headers, b""
+
+
+def chat_request(key: str, body: bytes | None = None, extra: str = "") -> bytes:
+    body = body if body is not None else json.dumps({"model": "chat", "messages": hi(), "max_tokens": 3}).encode()
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+def closed(sock: socket.socket) -> bool:
+    sock.settimeout(5)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_pipelined_requests_are_answered_in_order_on_one_connection(gw: Gateway, key: str) -> None:
+    sock = connect(gw)
+    bodies = [json.dumps({"model": "chat", "messages": hi(f"n{i}"), "max_tokens": i + 1}).encode() for i in range(3)]
+    sock.sendall(b"".join(chat_request(key, b) for b in bodies) + b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+    buf = bytearray()
+    ids = set()
+    for i in range(3):
+        status, headers, body = read_answer(sock, buf)
+        assert status == 200, body
+        assert json.loads(body)["usage"]["completion_tokens"] == i + 1  # in the order they were sent
+        ids.add(headers["x-request-id"])
+    assert len(ids) == 3
+    assert read_answer(sock, buf)[0] == 200
+    sock.close()
+
+
+def test_expect_100_continue_head_http10_and_chunked_bodies(gw: Gateway, key: str) -> None:
+    sock = connect(gw)
+    body = json.dumps({"model": "chat", "messages": hi(), "max_tokens": 2}).encode()
+    sock.sendall(chat_request(key, b"", "Expect: 100-continue\r\n").replace(b"Content-Length: 0",
+                                                                            b"Content-Length: %d" % len(body)))
+    buf = bytearray()
+    assert read_answer(sock, buf)[0] == 100  # asked before the body was sent
+    sock.sendall(body)
+    status, _, answer = read_answer(sock, buf)
+    assert status == 200 and json.loads(answer)["usage"]["completion_tokens"] == 2
+
+    # HEAD: the head of the answer, no body; the connection goes on.
+    sock.sendall(b"HEAD /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+    sock.settimeout(10)
+    while b"\r\n\r\n" not in buf:
+        buf += sock.recv(65536)
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"content-length: 15" in head.lower() and rest == b""
+    buf.clear()
+
+    # A chunked request body.
+    chunked = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer " + key.encode()
+               + b"\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % 10 + body[:10] + b"\r\n"
+               + b"%x\r\n" % (len(body) - 10) + body[10:] + b"\r\n0\r\n\r\n")
+    sock.sendall(chunked)
+    status, _, answer = read_answer(sock, buf)
+    assert status == 200, answer
+    sock.close()
+
+    # HTTP/1.0: answered, then closed (no keep-alive asked for).
+    sock = connect(gw)
+    sock.sendall(chat_request(key).replace(b"HTTP/1.1", b"HTTP/1.0"))
+    status, headers, answer = read_answer(sock, bytearray())
+    assert status == 200 and headers.get("connection") == "close"
+    assert closed(sock)
+
+
+def test_malformed_and_oversized_requests_get_an_openai_shaped_error_and_a_close(gw: Gateway) -> None:
+    for raw, status, needle in ((b"NOT HTTP AT ALL\r\n\r\n", 400, "malformed HTTP request"),
+                                (b"GET /healthz HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431,
+                                 "request head is larger than")):
+        sock = connect(gw)
+        sock.sendall(raw)
+        got, _, body = read_answer(sock, bytearray())
+        assert got == status
+        error = json.loads(body)["error"]
+        assert needle in error["message"] and error["type"] == "invalid_request_error"
+        assert closed(sock)
+    assert httpx.get(gw.llm_url.rsplit("/v1", 1)[0] + "/healthz").status_code == 200  # still serving
+
+
+def test_a_413_answer_does_not_wait_for_the_body_and_the_connection_stays_usable(gw: Gateway, key: str) -> None:
+    sock = connect(gw)
+    too_big = 64 * 1024 * 1024  # declared, far above the limit; only a little is ever sent
+    sock.sendall(chat_request(key, b"", "").replace(b"Content-Length: 0", b"Content-Length: %d" % too_big)
+                 + b"{" * 1000)
+    status, _, body = read_answer(sock, bytearray())
+    assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
+    sock.close()
+
+    # A body a little over the limit, sent whole: the answer, then the next request on the same connection.
+    sock = connect(gw)
+    limit = 8 * 1024 * 1024
+    payload = b'{"model":"chat","messages":[{"role":"user","content":"' + b"a" * limit + b'"}]}'
+    sender = threading.Thread(target=lambda: sock.sendall(chat_request(key, payload) + chat_request(key)))
+    sender.start()
+    buf = bytearray()
+    assert read_answer(sock, buf)[0] == 413
+    sender.join(30)
+    status, _, body = read_answer(sock, buf)
+    assert status == 200, body
+    sock.close()
+
+
+def test_a_client_that_goes_quiet_is_closed_after_the_keep_alive(tmp_path: Path, database_url: str,
+                                                                   upstream: FakeUpstream) -> None:
+    config = tmp_path / "m.toml"
+    config.write_text(f'[[models]]\nid = "chat"\nupstreams = ["{upstream.base_url}"]\n')
+    gw = start_gateway(tmp_path / "data", database_url, config, extra_env={"QUOTAGATE_KEEPALIVE_SECONDS": "1"})
+    try:
+        sock = connect(gw)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert read_answer(sock, bytearray())[0] == 200
+        t0 = time.monotonic()
+        assert closed(sock)
+        assert 0.8 < time.monotonic() - t0 < 4
+    finally:
+        gw.stop()
+
+
+def test_a_graceful_stop_lets_a_stream_in_flight_finish(tmp_path: Path, database_url: str,
+                                                         upstream: FakeUpstream) -> None:
+    config = tmp_path / "m.toml"
+    config.write_text(f'[[models]]\nid = "chat"\nupstreams = ["{upstream.base_url}"]\n')
+    gw = start_gateway(tmp_path / "data", database_url, config)
+    try:
+        admin = gw.user("admin@example.com", admin=True)
+        secret = admin.mint(admin.project("p")["id"])["secret"]
+        events: list[str] = []
+        with httpx.Client(base_url=gw.llm_url, headers={"Authorization": f"Bearer {secret}"}, timeout=30) as c, \
+                c.stream("POST", "/chat/completions", json={
+                    "model": "chat", "messages": hi(), "stream": True, "max_tokens": 40,
+                    "fake": {"tokens": 40, "token_delay": 0.05}}) as r:
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("data: "):
+                    events.append(line)
+                    break
+            gw.proc.send_signal(signal.SIGTERM)  # two seconds of stream still to come
+            events.extend(line for line in lines if line.startswith("data: "))
+        assert events[-1] == "data: [DONE]"
+        content: Any = [json.loads(e[6:]) for e in events[:-1]]
+        assert sum(1 for c in content if c["choices"] and c["choices"][0]["delta"].get("content")) == 40
+        assert gw.proc.wait(timeout=20) == 0
+    finally:
+        if gw.proc.poll() is None:
+            gw.stop()
