@@ -125,6 +125,11 @@ def test_expect_100_continue_head_http10_and_chunked_bodies(gw: Gateway, key: st
     sock.sendall(chunked)
     status, _, answer = read_answer(sock, buf)
     assert status == 200, answer
+
+    # A trailer after a chunked body is not a header of the request (here it would replace the key).
+    sock.sendall(chunked.replace(b"0\r\n\r\n", b"0\r\nAuthorization: Bearer sk-not-the-key\r\n\r\n"))
+    status, _, answer = read_answer(sock, buf)
+    assert status == 200, answer
     sock.close()
 
     # HTTP/1.0: answered, then closed (no keep-alive asked for).
@@ -138,6 +143,9 @@ def test_expect_100_continue_head_http10_and_chunked_bodies(gw: Gateway, key: st
 def test_malformed_and_oversized_requests_get_an_openai_shaped_error_and_a_close(gw: Gateway) -> None:
     for raw, status, needle in ((b"NOT HTTP AT ALL\r\n\r\n", 400, "malformed HTTP request"),
                                 (b"GET /healthz HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431,
+                                 "request head is larger than"),
+                                # A header line that never ends (the parser keeps it until it does).
+                                (b"GET /healthz HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"a" * 70_000, 431,
                                  "request head is larger than")):
         sock = connect(gw)
         sock.sendall(raw)
@@ -181,6 +189,12 @@ def test_a_client_that_goes_quiet_is_closed_after_the_keep_alive(tmp_path: Path,
         sock = connect(gw)
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
         assert read_answer(sock, bytearray())[0] == 200
+        t0 = time.monotonic()
+        assert closed(sock)
+        assert 0.8 < time.monotonic() - t0 < 4
+        # Half a request head, then nothing (slowloris): the same.
+        sock = connect(gw)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: g")
         t0 = time.monotonic()
         assert closed(sock)
         assert 0.8 < time.monotonic() - t0 < 4

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -38,8 +39,11 @@ App = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awa
 HIGH_WATER = 256 * 1024
 # The request line and headers together; a longer head is refused with 431 (a request is a few hundred bytes).
 MAX_HEAD_BYTES = 64 * 1024
-# Pipelined requests queued behind the one being answered before the socket is no longer read.
+# Pipelined requests queued behind the one being answered before the socket is no longer read; one read
+# can still hold many more (the parser parses all of it), up to FLOOD_PIPELINE, past which the client is
+# not one that waits for answers and the connection is dropped.
 MAX_PIPELINE = 16
+FLOOD_PIPELINE = 1024
 
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 _DISCONNECT: Message = {"type": "http.disconnect"}
@@ -60,8 +64,8 @@ def _error(status: int, message: str) -> bytes:
 class _Exchange:
     """One request and its answer: the ``receive`` and ``send`` the app is given."""
 
-    __slots__ = ("body", "body_done", "chunked", "conn", "done", "head", "head_only", "keep_alive", "scope",
-                 "started", "told_end", "waiter", "wants_continue")
+    __slots__ = ("body", "body_done", "buffered", "chunked", "conn", "done", "head", "head_only", "keep_alive",
+                 "scope", "started", "told_end", "waiter", "wants_continue")
 
     def __init__(self, conn: _Connection, scope: Scope, keep_alive: bool, wants_continue: bool) -> None:
         self.conn = conn
@@ -70,6 +74,7 @@ class _Exchange:
         self.wants_continue = wants_continue
         self.head_only = scope["method"] == "HEAD"
         self.body: list[bytes] = []
+        self.buffered = 0                    # bytes in ``body`` (a running count: chunks can be one byte each)
         self.body_done = False
         self.told_end = False
         self.waiter: asyncio.Future[None] | None = None
@@ -108,14 +113,15 @@ class _Exchange:
             if not conn.gone:
                 conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if not self.told_end:
-            while not self.body and not self.body_done and not conn.gone:
+            while not self.body and not self.body_done and not conn.gone and not self.done:
                 conn.resume_reading()
                 await self._wait()
-            if conn.gone:
+            if conn.gone or self.done:
                 return _DISCONNECT
             body = self.body
             chunk = body[0] if len(body) == 1 else b"".join(body)
             body.clear()
+            self.buffered = 0
             conn.resume_reading()
             self.told_end = self.body_done
             return {"type": "http.request", "body": chunk, "more_body": not self.body_done}
@@ -140,6 +146,8 @@ class _Exchange:
     # -- send ------------------------------------------------------------------------------------
     async def send(self, message: Message) -> None:
         conn = self.conn
+        if conn.write_paused and not conn.gone:
+            await conn.drain()  # a client that does not read holds the answers back, not our memory
         if conn.gone or self.done:
             return
         kind = message["type"]
@@ -170,10 +178,13 @@ class _Exchange:
             self.wake()  # a receive() waiting for the disconnect: the exchange is over
             if not self.keep_alive:
                 conn.close()
-        elif conn.write_paused:
-            await conn.drain()
 
     def _prepare_head(self, status: int, headers: Any) -> None:
+        if self.wants_continue:
+            # Answered before asking for the body (a 413 from Content-Length, a 401): the client may send
+            # the body or not, so where the next request starts is unknown. (Without Expect, a body still
+            # coming after the answer is read and dropped, and the connection goes on.)
+            self.keep_alive = False
         lines = [_status_line(status)]
         framed = False
         for name, value in headers:
@@ -216,8 +227,12 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._wants_continue = False
+        self._in_head = False                        # between a request's first byte and its head's end
+        self._head_raw = 0                           # bytes read while in a head (httptools buffers headers)
         self._idle: asyncio.TimerHandle | None = None
         self._closing = False
+        self._deaf = False                           # what comes in is dropped (after an Upgrade, an error)
+        self._flood = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -236,22 +251,36 @@ class _Connection(asyncio.Protocol):
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
+        if self._deaf:
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # No protocol switch here: the request is served as it is, with no body, and the connection
             # closes after it (see on_headers_complete); what follows on the wire is not read.
-            self.pause_reading()
+            self._go_deaf()
             exchange, self._parsing = self._parsing, None
             if exchange is not None:
                 exchange.body_done = True
                 exchange.wake()
         except httptools.HttpParserError as exc:
-            # httptools wraps an exception raised in a callback in HttpParserCallbackError, as its context.
-            if isinstance(exc.__context__, _HeadTooLarge):
+            # (An exception raised in a callback comes out as HttpParserCallbackError: hence the flags.)
+            if self._flood:
+                self._go_deaf()
+                self.abort()
+            elif self._head_raw > MAX_HEAD_BYTES:
                 self._refuse(431, f"the request head is larger than {MAX_HEAD_BYTES} bytes")
             else:
                 self._refuse(400, f"malformed HTTP request: {exc}")
+            return
+        if self._in_head:
+            # httptools keeps an unfinished header line to itself: count what came in while in a head.
+            self._head_raw += len(data)
+            if self._head_raw > MAX_HEAD_BYTES:
+                self._refuse(431, f"the request head is larger than {MAX_HEAD_BYTES} bytes")
+                return
+        if self._current is None and not self._closing and self.transport is not None:
+            self._arm_idle()  # part of a head, or the tail of a body already answered: still idle
 
     def eof_received(self) -> bool | None:
         return None
@@ -260,6 +289,7 @@ class _Connection(asyncio.Protocol):
         self.gone = True
         self.transport = None
         self.server.connections.discard(self)
+        self._in_head = False
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
@@ -282,18 +312,21 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
-        self._head_bytes = 0
+        self._head_raw = 0
+        self._in_head = True
         self._wants_continue = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._head_bytes += len(url)
-        if self._head_bytes > MAX_HEAD_BYTES:
+        self._head_raw += len(url)
+        if self._head_raw > MAX_HEAD_BYTES:
             raise _HeadTooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > MAX_HEAD_BYTES:
+        if not self._in_head:
+            return  # a chunked body's trailer: never a header of the request the app was given
+        self._head_raw += len(name) + len(value) + 4
+        if self._head_raw > MAX_HEAD_BYTES:
             raise _HeadTooLarge
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
@@ -301,9 +334,10 @@ class _Connection(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         parser = self.parser
         url = httptools.parse_url(self._url)
-        raw_path: bytes = url.path
+        raw_path: bytes = url.path or b"/"
         path = raw_path.decode("latin-1")
         if "%" in path:
             path = unquote(path)
@@ -314,8 +348,10 @@ class _Connection(asyncio.Protocol):
             "query_string": url.query or b"", "root_path": "", "headers": self._headers, "client": self.client,
             "server": self.local,
         }
-        keep_alive = parser.should_keep_alive() and not parser.should_upgrade() and not self._closing
-        exchange = _Exchange(self, scope, keep_alive, self._wants_continue)
+        # HTTP/1.0 gets one answer per connection (and no 100 Continue, which it does not know).
+        http11 = version == "1.1"
+        keep_alive = http11 and parser.should_keep_alive() and not parser.should_upgrade() and not self._closing
+        exchange = _Exchange(self, scope, keep_alive, self._wants_continue and http11)
         self._parsing = exchange
         if self._current is None:
             self._start(exchange)
@@ -323,6 +359,10 @@ class _Connection(asyncio.Protocol):
             self._queue.append(exchange)  # pipelined: answered once the ones before it are
             if len(self._queue) >= MAX_PIPELINE:
                 self.pause_reading()
+                if len(self._queue) >= FLOOD_PIPELINE:
+                    # One read held more requests than a client that waits for answers ever sends.
+                    self._flood = True
+                    raise _HeadTooLarge
 
     def on_body(self, body: bytes) -> None:
         exchange = self._parsing
@@ -331,7 +371,8 @@ class _Connection(asyncio.Protocol):
             # request on the connection is found where it starts) and dropped.
             return
         exchange.body.append(body)
-        if sum(map(len, exchange.body)) > HIGH_WATER:
+        exchange.buffered += len(body)
+        if exchange.buffered > HIGH_WATER:
             self.pause_reading()
         exchange.wake()
 
@@ -344,17 +385,28 @@ class _Connection(asyncio.Protocol):
 
     # -- the server's side -----------------------------------------------------------------------
     def write(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(data)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
 
     async def drain(self) -> None:
+        """Wait until the client has taken enough of what was written; a client that takes nothing for the
+        keep-alive time is dropped (else it would hold its answer, and a model server's stream, forever)."""
         if self.write_paused and not self.gone:
             self._drain = self.loop.create_future()
-            await self._drain
+            try:
+                await asyncio.wait_for(self._drain, self.server.keepalive)
+            except TimeoutError:
+                self.abort()
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def abort(self) -> None:
+        """Close now, dropping unsent bytes (a client that does not read would hold them forever)."""
+        if self.transport is not None:
+            self.transport.abort()
 
     def pause_reading(self) -> None:
         if not self._read_paused and self.transport is not None:
@@ -362,9 +414,8 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._read_paused and self.transport is not None:
-            self._read_paused = False
-            self.transport.resume_reading()
+        if len(self._queue) < MAX_PIPELINE:
+            self.resume_reading_now()
 
     def finished(self, exchange: _Exchange) -> None:
         """An answer is complete: start the next pipelined request, or wait for one (idle timeout)."""
@@ -402,16 +453,35 @@ class _Connection(asyncio.Protocol):
         task.add_done_callback(self.server.tasks.discard)
 
     def _arm_idle(self) -> None:
-        self._idle = self.loop.call_later(self.server.keepalive, self.close)
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = self.loop.call_later(self.server.keepalive, self.abort)
+
+    def _go_deaf(self) -> None:
+        # Still read, but drop: closing a socket with unread bytes resets it, and a reset can destroy the
+        # answer on its way to the client before the client reads it.
+        self._deaf = True
+        self.resume_reading_now()
+
+    def resume_reading_now(self) -> None:
+        if self._read_paused and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
 
     def _refuse(self, status: int, message: str) -> None:
-        if self._current is None:  # else an answer is on its way out: the error would land in its middle
+        self._go_deaf()
+        self._queue.clear()
+        if self._current is None:
             self.write(_error(status, message))
-        self.close()
+            self.close()
+        else:
+            # An answer is on its way out: the error would land in its middle. Close after it instead.
+            self._closing = True
+            self._current.keep_alive = False
 
 
 class _HeadTooLarge(Exception):
-    pass
+    """Raised in a parser callback to stop the parser (see the flags checked in data_received)."""
 
 
 class LLMServer:
@@ -451,12 +521,9 @@ class LLMServer:
         self._exit = asyncio.Event()
         if self._should_exit:
             return
+        server: asyncio.Server | None = None
         try:
             await self._startup()
-        except Exception:
-            log.exception("the LLM API failed to start")
-            return
-        try:
             try:
                 server = await self.loop.create_server(lambda: _Connection(self), self.host, self.port,
                                                        reuse_address=True, backlog=2048)
@@ -468,14 +535,21 @@ class LLMServer:
             server.close()
             for conn in list(self.connections):
                 conn.stop()
+            deadline = self.loop.time() + self.graceful_seconds
+            while self.tasks and self.loop.time() < deadline:  # (pipelined requests start as others end)
+                await asyncio.wait(list(self.tasks), timeout=deadline - self.loop.time())
             if self.tasks:
-                _, pending = await asyncio.wait(list(self.tasks), timeout=self.graceful_seconds)
-                for task in pending:
+                log.warning("stopping %d answers still in flight after %gs", len(self.tasks), self.graceful_seconds)
+                for task in list(self.tasks):
                     task.cancel()
-                if pending:
-                    log.warning("stopped %d answers still in flight after %gs", len(pending), self.graceful_seconds)
-                    await asyncio.wait(pending, timeout=1.0)
+                await asyncio.wait(list(self.tasks), timeout=1.0)
             for conn in list(self.connections):
-                conn.close()
+                conn.abort()
+        except Exception:
+            log.exception("the LLM API failed")
         finally:
+            if server is not None:
+                server.close()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(server.wait_closed(), 1.0)
             await self._shutdown()
