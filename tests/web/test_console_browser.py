@@ -179,3 +179,30 @@ def test_sign_in_is_throttled(gateway_console: Gateway) -> None:
     # Even the right password waits out the throttle.
     r = httpx.post(f"{gw.console_url}/login", data={"email": "owner@example.com", "password": PASSWORD})
     assert r.status_code == 429 and "Too many failed attempts" in r.text
+
+
+def test_a_long_key_list_comes_in_pages(gateway_console: Gateway, browser: Any) -> None:
+    gw = gateway_console
+    owner = gw.user("owner@example.com", password=PASSWORD)
+    project = owner.project("acme")
+    for i in range(103):
+        owner.mint(project["id"], name=f"key-{i:03d}")
+    context = browser.new_context()
+    page = context.new_page()
+    sign_in(page, gw, "owner@example.com")
+    page.goto(f"{gw.console_url}/projects/{project['id']}/keys")
+    rows = page.locator("table.keys tbody tr[data-key-id]")
+    assert rows.count() == 100
+    assert rows.first.inner_text().startswith("key-102")  # newest first
+    assert page.get_by_role("link", name="← Newest keys").count() == 0
+    page.get_by_role("link", name="Older keys →").click()
+    page.wait_for_url(re.compile(r"before="))
+    assert [rows.nth(i).inner_text().split()[0] for i in range(rows.count())] == ["key-002", "key-001", "key-000"]
+    assert page.get_by_role("link", name="Older keys →").count() == 0
+    page.get_by_role("link", name="← Newest keys").click()
+    assert rows.count() == 100
+    # A cursor that is not a key of this project: a clear error, not a 500.
+    cookies = {c["name"]: c["value"] for c in context.cookies()}
+    r = httpx.get(f"{gw.console_url}/projects/{project['id']}/keys?before=key_nope", cookies=cookies)
+    assert r.status_code == 400 and "no key" in r.text
+    context.close()

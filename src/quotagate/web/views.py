@@ -73,6 +73,9 @@ def fill_series(points: list[dict[str, Any]], start: datetime, end: datetime,
     return out
 
 
+# Keys shown per page of the web console's key list.
+KEYS_PER_PAGE = 100
+
 class Page:
     """One request's context: the signed-in actor (if any), the session secret and the CSRF token."""
 
@@ -225,11 +228,18 @@ class WebConsole:
         assert page.actor is not None
         project: Project = await self.call(self.accounts.get_project, page.actor, project_id)
         show_archived = page.request.query_params.get("archived") in ("1", "true", "on")
-        keys = await self.call(self.keys.list_keys, page.actor, project_id, include_archived=show_archived)
+        before = page.request.query_params.get("before") or None
+        # One page at a time, newest first (a project can hold thousands of keys); one extra row tells
+        # whether there is an older page.
+        keys = await self.call(self.keys.list_keys, page.actor, project_id, include_archived=show_archived,
+                               limit=KEYS_PER_PAGE + 1, before=before)
+        older = keys[KEYS_PER_PAGE - 1].id if len(keys) > KEYS_PER_PAGE else None
+        keys = keys[:KEYS_PER_PAGE]
         projects = await self.call(self.accounts.list_projects, page.actor)
         models = sorted(project.models) if project.models is not None else sorted(self._catalog())
         return self.render(page, "keys.html", status, project=project, projects=projects, keys=keys,
-                           show_archived=show_archived, models=models, now=utcnow(),
+                           show_archived=show_archived, models=models, now=utcnow(), older=older,
+                           paged=before is not None,
                            can_write=project.role != "viewer", **extra)
 
     async def keys_list(self, page: Page) -> Response:
