@@ -164,8 +164,9 @@ def test_serve_refuses_bad_settings_clearly(tmp_path: Path) -> None:
         result = cli(env, "serve", *args, check=False)
         assert result.returncode == 2, (args, result.stderr)
         assert needle in result.stderr and "Traceback" not in result.stderr, result.stderr
-    result = cli({**env, "QUOTAGATE_DATABASE_POOL_SIZE": "0"}, "serve", check=False)
-    assert result.returncode == 2 and "QUOTAGATE_DATABASE_POOL_SIZE" in result.stderr, result.stderr
+    for name, value in (("QUOTAGATE_DATABASE_POOL_SIZE", "0"), ("QUOTAGATE_SHIPPER_NICE", "20")):
+        result = cli({**env, name: value}, "serve", check=False)
+        assert result.returncode == 2 and name in result.stderr, result.stderr
     # An upstream API key that would break the request head (a line break would inject headers).
     config = tmp_path / "models.toml"
     config.write_text('[[models]]\nid = "m"\nupstreams = ["http://127.0.0.1:9/v1"]\nupstream_api_key_env = "UP_KEY"\n')
@@ -214,3 +215,19 @@ def test_an_idle_keep_alive_connection_outlives_a_proxys_idle_timeout(gateway: G
         time.sleep(6.5)
         conn.sendall(request)
         assert conn.recv(65536).startswith(b"HTTP/1.1 200"), "the gateway closed an idle connection after 5 s"
+
+
+def test_the_shippers_niceness_is_a_setting(tmp_path: Path, database_url: str, config_file: Path) -> None:
+    gw = start_gateway(tmp_path / "data", database_url, config_file, extra_env={"QUOTAGATE_SHIPPER_NICE": "7"})
+    try:
+        pid = gw.proc.pid
+        shippers = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (task / "children").read_text().split()]
+        assert len(shippers) == 1
+        deadline = time.monotonic() + 10
+        while os.getpriority(os.PRIO_PROCESS, shippers[0]) != 7:
+            assert time.monotonic() < deadline, os.getpriority(os.PRIO_PROCESS, shippers[0])
+            time.sleep(0.05)
+        assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, os.getpid())
+    finally:
+        gw.stop()

@@ -46,6 +46,9 @@ class Settings(BaseModel):
     llm_max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     database_pool_size: int = Field(default=10, ge=1, le=1000,
                                     description="PostgreSQL connections kept per process (as many again on demand)")
+    shipper_nice: int = Field(default=19, ge=0, le=19, description="the usage shipper process's niceness: "
+                              "19 lets serving come first; lower it if usage must reach the store sooner on a "
+                              "saturated core")
 
     @field_validator("database_url")
     @classmethod

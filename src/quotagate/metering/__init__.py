@@ -21,6 +21,7 @@ from quotagate.metering.interfaces import Meter, UsageEvent
 from quotagate.metering.meter import JournalMeter
 from quotagate.metering.metrics import Gauge, GaugeCollector, UsageMetrics, new_registry
 from quotagate.metering.queries import Window
+from quotagate.metering.shipper import ShipperOptions
 from quotagate.metering.store import WIDTHS
 
 if TYPE_CHECKING:
@@ -56,7 +57,8 @@ def install(rt: Runtime) -> None:
         Gauge("quotagate_key_cache_hit_ratio", "hits / (hits + misses) since start", lambda: _hit_ratio(rt)),
     ]
     if rt.settings.role in ("all", "llm"):
-        meter = JournalMeter(rt.engine, rt.settings.data_dir / "journal", metrics=usage_metrics)
+        meter = JournalMeter(rt.engine, rt.settings.data_dir / "journal", metrics=usage_metrics,
+                             options=ShipperOptions(nice=rt.settings.shipper_nice))
         rt.meter = meter
         rt.on_start.append(meter.start)
         rt.on_stop.append(meter.close)
