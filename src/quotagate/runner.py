@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import gc
 import logging
+import resource
 
 from quotagate.app import Runtime, build_console_app, build_metrics_app
 from quotagate.server import Listener, make_server, serve_all
 
 log = logging.getLogger(__name__)
+
+
+def raise_fd_limit() -> None:
+    """Lift the soft limit on open files to the hard one: each request in flight holds a client socket and
+    an upstream socket, and the common soft default of 1,024 would cap the gateway near 500 concurrent
+    requests (what Go's runtime and nginx's worker_rlimit_nofile do too)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, exc)
 
 
 def tune_gc() -> None:
@@ -27,6 +41,7 @@ def tune_gc() -> None:
 
 async def run(rt: Runtime) -> None:
     s = rt.settings
+    raise_fd_limit()
     servers: list[Listener] = []
     if rt.config.simulator is not None:
         from quotagate.simulator.app import build_simulator_app

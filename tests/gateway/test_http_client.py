@@ -561,3 +561,51 @@ def test_a_stream_released_at_done_still_reuses_its_connection() -> None:
         finally:
             await server.__aexit__()
     run(main())
+
+
+def test_idle_connections_are_closed_after_the_keep_alive_without_more_traffic() -> None:
+    async def main() -> None:
+        closed = asyncio.Event()
+
+        def make(server: Server) -> Handler:
+            async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await server.read_request(reader)
+                writer.write(OK)
+                await writer.drain()
+                if not await reader.read(100):  # a server that never closes idle connections itself
+                    closed.set()
+            return handler
+
+        server = await serving(make)
+        try:
+            await post(pool(server.url, keepalive=0.2))
+            await asyncio.wait_for(closed.wait(), 3)  # no request came to prune it: the pool's own timer did
+        finally:
+            await server.__aexit__()
+    run(main())
+
+
+def test_running_out_of_file_descriptors_is_a_503_without_putting_the_upstream_aside() -> None:
+    import errno
+
+    from quotagate.config import GatewaySpec, ModelSpec
+    from quotagate.upstreams.client import UpstreamClient
+    from quotagate.upstreams.errors import OutOfSockets
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def no_fds(*args: Any, **kwargs: Any) -> Any:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        loop.create_connection = no_fds  # type: ignore[method-assign]
+        client = UpstreamClient({"m": ModelSpec("m", "chat", ("http://127.0.0.1:9/v1", "http://127.0.0.1:10/v1"))},
+                                GatewaySpec(), env={})
+        with pytest.raises(OutOfSockets) as info:
+            await client.post("m", "/chat/completions", b"{}", "req_1")
+        assert info.value.status == 503 and info.value.retry_after == 1.0
+        route = client._routes["m"]  # white-box: the cool-down state is not observable from outside here
+        assert all(u.down_until == 0 for u in route.upstreams)
+        await client.close()
+
+    asyncio.run(main())  # the standard loop: its create_connection can be replaced for the test

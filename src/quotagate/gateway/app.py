@@ -370,7 +370,7 @@ class LLMApp:
             return await self._upstreams.post(model, path, payload, call.request_id)
         except UpstreamError as exc:
             await self._settle(key, adm, 0)
-            raise ApiError(exc.status, exc.code, str(exc)) from None
+            raise ApiError(exc.status, exc.code, str(exc), retry_after=exc.retry_after) from None
         except BaseException:
             await self._settle(key, adm, 0)
             raise

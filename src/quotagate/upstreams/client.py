@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from quotagate.config import ConfigError, GatewaySpec, ModelSpec
-from quotagate.upstreams.errors import Stale, UpstreamError, UpstreamTimeout
+from quotagate.upstreams.errors import OutOfSockets, Stale, UpstreamError, UpstreamTimeout
 from quotagate.upstreams.http import Pool, Response
 
 __all__ = ["Response", "UpstreamClient", "UpstreamError", "UpstreamTimeout"]
@@ -111,6 +111,8 @@ class UpstreamClient:
                         continue
                     upstream.down_until = time.monotonic() + COOL_DOWN_SECONDS
                     break
+                except OutOfSockets:
+                    raise  # our limit, not the upstream's fault: no failover, no cool-down
                 except UpstreamTimeout:
                     raise UpstreamTimeout(f"the model server did not answer within "
                                           f"{route.spec.timeout_seconds:g}s") from None

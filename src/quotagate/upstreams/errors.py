@@ -4,6 +4,7 @@
      ├── UpstreamTimeout  504  upstream_timeout   answered with something that is not a usable response;
      │                                           the model server went silent for longer than the model's
      │                                           ``timeout_seconds`` after it accepted the request
+     ├── OutOfSockets     503  service_unavailable  this process is out of file descriptors (no failover)
      └── Unreachable      502  upstream_error     no connection could be made (refused, no route, TLS
           └── Stale                              failure, connect timeout): the next upstream is tried;
                                                  a reused keep-alive connection the server had closed
@@ -22,6 +23,7 @@ class UpstreamError(Exception):
 
     status = 502
     code = "upstream_error"
+    retry_after: float | None = None
 
 
 class UpstreamTimeout(UpstreamError):
@@ -33,6 +35,15 @@ class UpstreamTimeout(UpstreamError):
 
 class Unreachable(UpstreamError):
     """No connection to the model server (nothing was sent): the next upstream is tried."""
+
+
+class OutOfSockets(UpstreamError):
+    """This process has no file descriptor left for a new connection (EMFILE/ENFILE): the gateway is
+    overloaded, not the model server, so no upstream is put aside for it. Rendered as 503, retry shortly."""
+
+    status = 503
+    code = "service_unavailable"
+    retry_after = 1.0
 
 
 class Stale(Unreachable):

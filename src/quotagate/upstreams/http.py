@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import socket
 import ssl
 import time
@@ -22,7 +23,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from quotagate.upstreams.errors import Stale, Unreachable, UpstreamError, UpstreamTimeout
+from quotagate.upstreams.errors import OutOfSockets, Stale, Unreachable, UpstreamError, UpstreamTimeout
 
 # A streamed answer the client reads slower than the model server writes is buffered up to this many bytes;
 # then the socket is not read until the client catches up (the model server's own buffers then fill).
@@ -43,6 +44,7 @@ class Connection(asyncio.Protocol):
     """One keep-alive connection: the request goes out in one write, httptools parses the answer."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, label: str) -> None:
+        self.loop = loop
         self._loop = loop
         self._label = label                  # "http://host:port", for error messages
         self._parser = httptools.HttpResponseParser(self)
@@ -356,6 +358,7 @@ class Pool:
         self._static = f"Host: {host}\r\nAccept-Encoding: identity\r\n{static}".encode("latin-1")
         self._lines: dict[str, bytes] = {}
         self._idle: collections.deque[Connection] = collections.deque()
+        self._reaper: asyncio.TimerHandle | None = None
 
     def request(self, path: str, body: bytes, request_id: str) -> bytes:
         """The bytes of a POST of ``body`` (JSON) to ``path`` under the base URL."""
@@ -388,8 +391,24 @@ class Pool:
             conn.abort()
             return
         idle.append(conn)
+        if self._reaper is None:
+            self._reaper = conn.loop.call_later(self._keepalive, self._reap)
+
+    def _reap(self) -> None:
+        """Close idle connections past their keep-alive even when no request comes to prune them (a server
+        that never closes idle connections would otherwise keep up to MAX_IDLE of them open)."""
+        self._reaper = None
+        idle = self._idle
+        now = time.monotonic()
+        while idle and (not idle[0].reusable or now - idle[0].idle_since > self._keepalive):
+            idle.popleft().abort()
+        if idle:
+            self._reaper = idle[0].loop.call_later(self._keepalive, self._reap)
 
     def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         while self._idle:
             self._idle.pop().abort()
 
@@ -412,6 +431,9 @@ class Pool:
         except TimeoutError:
             raise Unreachable(f"{self.label} did not accept a connection within {self._connect_timeout:g}s") \
                 from None
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise OutOfSockets("the gateway has no file descriptor left for a connection to the model "
+                                   "server; retry shortly") from None
             raise Unreachable(f"{self.label}: {type(exc).__name__}: {exc}") from None
         return conn
