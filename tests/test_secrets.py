@@ -61,7 +61,7 @@ def test_malformed_secrets_are_refused() -> None:
     token = secrets.generate(secrets.ACCESS_TOKEN_KIND)
     for bad in ("", "qgk_", key[:-1], key + "A", key.upper(), " " + key, key.replace("qgk_", "qgx_"),
                 key.replace("_", "-"), key[:8] + "…", key[:8], secrets.masked_prefix(key), token, "qgk" + "_" * 39,
-                key[:-1] + "é", "\x00" * len(key)):
+                key[:-1] + "é", key[:-1] + "²", key[:-1] + "٣", "\x00" * len(key)):
         assert not secrets.is_well_formed(bad, secrets.INFERENCE_KEY_KIND), bad
     assert not secrets.is_well_formed(key, secrets.ACCESS_TOKEN_KIND)
 
