@@ -609,3 +609,29 @@ def test_running_out_of_file_descriptors_is_a_503_without_putting_the_upstream_a
         await client.close()
 
     asyncio.run(main())  # the standard loop: its create_connection can be replaced for the test
+
+
+def test_the_read_timeout_of_a_reused_connection_counts_from_its_own_wait() -> None:
+    async def main() -> None:
+        def make(server: Server) -> Handler:
+            async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await server.read_request(reader)
+                writer.write(OK)
+                await writer.drain()
+                await server.read_request(reader)  # the second request: no answer
+                await asyncio.sleep(30)
+            return handler
+
+        server = await serving(make)
+        try:
+            p = pool(server.url)
+            assert await post(p, timeout=0.5) == (200, b'{"ok":true}')
+            await asyncio.sleep(0.4)  # most of the first wait's timeout has run out meanwhile
+            t0 = time.monotonic()
+            with pytest.raises(UpstreamTimeout):
+                await post(p, timeout=0.5)
+            assert 0.45 < time.monotonic() - t0 < 3  # a whole timeout from the second wait, not the first's rest
+            assert server.connections == 1
+        finally:
+            await server.__aexit__()
+    run(main())

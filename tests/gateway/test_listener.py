@@ -192,6 +192,17 @@ def test_a_client_that_goes_quiet_is_closed_after_the_keep_alive(tmp_path: Path,
         t0 = time.monotonic()
         assert closed(sock)
         assert 0.8 < time.monotonic() - t0 < 4
+        # A connection used again just before its keep-alive ran out gets a whole keep-alive more.
+        sock = connect(gw)
+        buf = bytearray()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert read_answer(sock, buf)[0] == 200
+        time.sleep(0.7)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert read_answer(sock, buf)[0] == 200
+        t0 = time.monotonic()
+        assert closed(sock)
+        assert 0.8 < time.monotonic() - t0 < 4
         # Half a request head, then nothing (slowloris): the same.
         sock = connect(gw)
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: g")

@@ -229,6 +229,10 @@ class _Connection(asyncio.Protocol):
         self._wants_continue = False
         self._in_head = False                        # between a request's first byte and its head's end
         self._head_raw = 0                           # bytes read while in a head (httptools buffers headers)
+        # The idle timeout, kept cheap: one timer per connection that, when it fires, checks how long the
+        # connection has really been idle and sleeps again if need be (arming and cancelling a timer around
+        # every request cost more than the check).
+        self._idle_since: float | None = None        # None: a request is being read or answered
         self._idle: asyncio.TimerHandle | None = None
         self._closing = False
         self._deaf = False                           # what comes in is dropped (after an Upgrade, an error)
@@ -248,9 +252,7 @@ class _Connection(asyncio.Protocol):
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        self._idle_since = None
         if self._deaf:
             return
         try:
@@ -290,6 +292,7 @@ class _Connection(asyncio.Protocol):
         self.transport = None
         self.server.connections.discard(self)
         self._in_head = False
+        self._idle_since = None
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
@@ -336,8 +339,12 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         parser = self.parser
-        url = httptools.parse_url(self._url)
-        raw_path: bytes = url.path or b"/"
+        raw_url = self._url
+        if raw_url[:1] == b"/" and b"?" not in raw_url and b"#" not in raw_url:
+            raw_path, query = raw_url, b""  # the usual origin-form path: nothing for parse_url to split
+        else:
+            url = httptools.parse_url(raw_url)
+            raw_path, query = url.path or b"/", url.query or b""
         path = raw_path.decode("latin-1")
         if "%" in path:
             path = unquote(path)
@@ -345,7 +352,7 @@ class _Connection(asyncio.Protocol):
         scope: Scope = {
             "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": version,
             "method": parser.get_method().decode("ascii"), "scheme": "http", "path": path, "raw_path": raw_path,
-            "query_string": url.query or b"", "root_path": "", "headers": self._headers, "client": self.client,
+            "query_string": query, "root_path": "", "headers": self._headers, "client": self.client,
             "server": self.local,
         }
         # HTTP/1.0 gets one answer per connection (and no 100 Continue, which it does not know).
@@ -453,9 +460,23 @@ class _Connection(asyncio.Protocol):
         task.add_done_callback(self.server.tasks.discard)
 
     def _arm_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = self.loop.call_later(self.server.keepalive, self.abort)
+        self._idle_since = self.loop.time()
+        if self._idle is None:
+            self._idle = self.loop.call_later(self.server.keepalive, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._idle = None
+        if self.gone:
+            return
+        since = self._idle_since
+        if since is None:  # busy: look again a whole keep-alive later
+            self._idle = self.loop.call_later(self.server.keepalive, self._check_idle)
+            return
+        left = since + self.server.keepalive - self.loop.time()
+        if left <= 0:
+            self.abort()
+        else:
+            self._idle = self.loop.call_later(left, self._check_idle)
 
     def _go_deaf(self) -> None:
         # Still read, but drop: closing a socket with unread bytes resets it, and a reset can destroy the

@@ -68,6 +68,10 @@ class Connection(asyncio.Protocol):
         self._paused = False
         self._error: UpstreamError | None = None
         self._timeout = 0.0
+        # The read timeout, kept cheap: one timer per connection that, when it fires, compares the clock
+        # with the current wait's deadline and sleeps again if need be (no timer armed and cancelled per wait).
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -104,6 +108,9 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._stop_draining()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if not self._busy or self._complete:
             return
         if self._head_done and not self._framed and exc is None:
@@ -253,11 +260,12 @@ class Connection(asyncio.Protocol):
             raise self._error
         waiter = self._loop.create_future()
         self._waiter = waiter
-        timer = self._loop.call_later(self._timeout, self._time_out, waiter)
+        self._deadline = self._loop.time() + self._timeout
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._timeout, self._check_deadline)
         try:
             await waiter
         finally:
-            timer.cancel()
             self._waiter = None
 
     def _wake(self) -> None:
@@ -272,10 +280,17 @@ class Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(self._error)
 
-    def _time_out(self, waiter: asyncio.Future[None]) -> None:
-        if not waiter.done():
-            self._fail(UpstreamTimeout(f"the model server did not answer within {self._timeout:g}s"))
-            self._kill()
+    def _check_deadline(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # not waiting now: the next wait arms a timer again
+        left = self._deadline - self._loop.time()
+        if left > 0:
+            self._timer = self._loop.call_later(left, self._check_deadline)
+            return
+        self._fail(UpstreamTimeout(f"the model server did not answer within {self._timeout:g}s"))
+        self._kill()
 
     def _stop_draining(self) -> None:
         self._draining = None
