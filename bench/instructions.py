@@ -1,0 +1,101 @@
+"""Instructions per LLM API request in the gateway process, counted by valgrind's callgrind.
+
+    .venv/bin/python bench/instructions.py [--requests 400] [--stream]
+
+Wall-clock figures on a shared VM drift by a third within minutes (docs/performance.md); an instruction
+count does not: the same code gives the same count to about 0.1%, whatever else the machine is doing. So
+this is the figure to compare two versions of the hot path by. It starts bench/upstream.py and
+``quotagate serve`` under callgrind (its usage shipper, a child process, is not counted), mints a key with
+every limit, sends 200 requests to warm up, zeroes the counters, sends ``--requests`` more one at a time,
+and prints the count per request. Counts cover user space only (not the kernel's side of the system
+calls), and a run takes about a minute, most of it starting Python under valgrind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.support import free_port, wait_for_http  # noqa: E402
+
+PY = sys.executable
+WARM_UP = 200
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--stream", action="store_true")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="qg-instructions-"))
+    up_port, console_port, llm_port = free_port(), free_port(), free_port()
+    config = tmp / "bench.toml"
+    config.write_text(f'[[models]]\nid = "bench"\ntype = "chat"\nupstreams = ["http://127.0.0.1:{up_port}/v1"]\n')
+    env = {**os.environ, "QUOTAGATE_DATA_DIR": str(tmp / "data"), "QUOTAGATE_CONFIG": str(config),
+           "QUOTAGATE_CONSOLE_PORT": str(console_port), "QUOTAGATE_LLM_PORT": str(llm_port),
+           "QUOTAGATE_LOG_LEVEL": "warning"}
+    for name in ("QUOTAGATE_DATABASE_URL", "QUOTAGATE_REDIS_URL"):
+        env.pop(name, None)
+    out = tmp / "callgrind.out"
+    procs = [subprocess.Popen([PY, str(ROOT / "bench" / "upstream.py"), str(up_port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)]
+    with (tmp / "valgrind.log").open("w") as vg_log:
+        gateway = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                                    "--trace-children=no", PY, "-m", "quotagate", "serve"],
+                                   env=env, stdout=subprocess.DEVNULL, stderr=vg_log)
+    procs.append(gateway)
+    try:
+        wait_for_http(f"http://127.0.0.1:{llm_port}/healthz", timeout=600, proc=gateway)
+        cli = [PY, "-m", "quotagate"]
+        subprocess.run([*cli, "users", "create", "bench@example.com", "--admin"], env=env, check=True,
+                       capture_output=True)
+        token = subprocess.run([*cli, "tokens", "create", "bench@example.com"], env=env, check=True,
+                               capture_output=True, text=True).stdout.strip()
+        console = httpx.Client(base_url=f"http://127.0.0.1:{console_port}",
+                               headers={"Authorization": f"Bearer {token}"}, timeout=120)
+        project = console.post("/v1/projects", json={"name": "bench"}).json()["id"]
+        key = console.post(f"/v1/projects/{project}/inference/keys", json={
+            "name": "bench", "rpm": 100_000_000, "tpm": 10**12, "token_limit": 10**12, "token_limit_period": "month",
+            "allowed_models": ["bench"]}).json()["secret"]
+        body = {"model": "bench", "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
+                "max_tokens": 32, "stream": args.stream}
+        llm = httpx.Client(base_url=f"http://127.0.0.1:{llm_port}", headers={"Authorization": f"Bearer {key}"},
+                           timeout=120)
+        for _ in range(WARM_UP):
+            llm.post("/v1/chat/completions", json=body).raise_for_status()
+        time.sleep(1.5)  # the shipper's pass after the warm-up, out of the count
+        subprocess.run(["callgrind_control", "-z", str(gateway.pid)], check=True, capture_output=True)
+        for _ in range(args.requests):
+            llm.post("/v1/chat/completions", json=body).raise_for_status()
+        subprocess.run(["callgrind_control", "-d", str(gateway.pid)], check=True, capture_output=True)
+        time.sleep(1)
+        dumps = sorted(tmp.glob("callgrind.out*"), key=lambda p: p.stat().st_mtime)
+        text = dumps[-1].read_text(errors="replace")
+        match = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
+        if match is None:
+            raise SystemExit(f"no instruction total in {dumps[-1]}")
+        kind = "streaming" if args.stream else "non-streaming"
+        print(f"{int(match.group(1)) / args.requests:,.0f} instructions per {kind} request "
+              f"({args.requests} requests after {WARM_UP} of warm-up)")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+if __name__ == "__main__":
+    main()
