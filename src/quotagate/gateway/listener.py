@@ -225,7 +225,6 @@ class _Connection(asyncio.Protocol):
         self._queue: collections.deque[_Exchange] = collections.deque()
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._head_bytes = 0
         self._wants_continue = False
         self._in_head = False                        # between a request's first byte and its head's end
         self._head_raw = 0                           # bytes read while in a head (httptools buffers headers)
