@@ -26,6 +26,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.run import mint_bench_key  # noqa: E402
 from tests.support import free_port, wait_for_http  # noqa: E402
 
 PY = sys.executable
@@ -56,17 +57,7 @@ def main() -> None:
     procs.append(gateway)
     try:
         wait_for_http(f"http://127.0.0.1:{llm_port}/healthz", timeout=600, proc=gateway)
-        cli = [PY, "-m", "quotagate"]
-        subprocess.run([*cli, "users", "create", "bench@example.com", "--admin"], env=env, check=True,
-                       capture_output=True)
-        token = subprocess.run([*cli, "tokens", "create", "bench@example.com"], env=env, check=True,
-                               capture_output=True, text=True).stdout.strip()
-        console = httpx.Client(base_url=f"http://127.0.0.1:{console_port}",
-                               headers={"Authorization": f"Bearer {token}"}, timeout=120)
-        project = console.post("/v1/projects", json={"name": "bench"}).json()["id"]
-        key = console.post(f"/v1/projects/{project}/inference/keys", json={
-            "name": "bench", "rpm": 100_000_000, "tpm": 10**12, "token_limit": 10**12, "token_limit_period": "month",
-            "allowed_models": ["bench"]}).json()["secret"]
+        key = mint_bench_key(env, console_port)["secret"]
         body = {"model": "bench", "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
                 "max_tokens": 32, "stream": args.stream}
         llm = httpx.Client(base_url=f"http://127.0.0.1:{llm_port}", headers={"Authorization": f"Bearer {key}"},

@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import httpx
@@ -138,17 +139,7 @@ def main() -> None:
         wait_for_http(f"http://127.0.0.1:{up_port}/", proc=procs[0])
         for shipper in children(procs[1].pid):  # the metering shipper (inherits the gateway's core)
             os.sched_setaffinity(shipper, {args.shipper_cpu})
-        cli = [PY, "-m", "quotagate"]
-        subprocess.run([*cli, "users", "create", "bench@example.com", "--admin"], env=env, check=True,
-                       capture_output=True)
-        token = subprocess.run([*cli, "tokens", "create", "bench@example.com"], env=env, check=True,
-                               capture_output=True, text=True).stdout.strip()
-        console = httpx.Client(base_url=f"http://127.0.0.1:{console_port}",
-                               headers={"Authorization": f"Bearer {token}"})
-        project = console.post("/v1/projects", json={"name": "bench"}).json()["id"]
-        minted = console.post(f"/v1/projects/{project}/inference/keys", json={
-            "name": "bench", "rpm": 100_000_000, "tpm": 1_000_000_000_000, "token_limit": 1_000_000_000_000,
-            "token_limit_period": "month", "allowed_models": ["bench"]}).json()
+        minted = mint_bench_key(env, console_port)
         key, key_id = minted["secret"], minted["id"]
         direct = f"http://127.0.0.1:{up_port}/v1/chat/completions"
         gateway = f"http://127.0.0.1:{llm_port}/v1/chat/completions"
@@ -195,6 +186,23 @@ def main() -> None:
             p.wait(timeout=15)
         if args.redis and key_id:
             forget(args.redis, key_id)
+
+
+def mint_bench_key(env: dict[str, str], console_port: int) -> dict[str, Any]:
+    """An admin, a project and a key with rpm, tpm, a monthly budget and allowed_models, all far above what
+    a run uses, so that every check runs on every request and none refuses. Returns the minted key."""
+    cli = [PY, "-m", "quotagate"]
+    subprocess.run([*cli, "users", "create", "bench@example.com", "--admin"], env=env, check=True,
+                   capture_output=True)
+    token = subprocess.run([*cli, "tokens", "create", "bench@example.com"], env=env, check=True,
+                           capture_output=True, text=True).stdout.strip()
+    console = httpx.Client(base_url=f"http://127.0.0.1:{console_port}", headers={"Authorization": f"Bearer {token}"},
+                           timeout=120)
+    project = console.post("/v1/projects", json={"name": "bench"}).json()["id"]
+    minted: dict[str, Any] = console.post(f"/v1/projects/{project}/inference/keys", json={
+        "name": "bench", "rpm": 100_000_000, "tpm": 1_000_000_000_000, "token_limit": 1_000_000_000_000,
+        "token_limit_period": "month", "allowed_models": ["bench"]}).json()
+    return minted
 
 
 def drain(metrics_url: str, within: float = 120.0) -> None:
