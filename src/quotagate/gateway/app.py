@@ -96,29 +96,9 @@ class LLMApp:
         if rt.limiter is None:
             log.warning("no limiter configured: rpm, tpm and token budgets are NOT enforced")
 
-    # -- ASGI ------------------------------------------------------------------------------------
+    # -- ASGI (the http messages only: gateway/listener.py serves it and calls start and close itself) --
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
-            await self._http(scope, receive, send)
-        elif kind == "lifespan":
-            await self._lifespan(receive, send)
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    await self.start()
-                except Exception as exc:
-                    log.exception("LLM API failed to start")
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    return
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.close()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await self._http(scope, receive, send)
 
     async def start(self) -> None:
         await self._upstreams.start()
