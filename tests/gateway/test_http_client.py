@@ -10,7 +10,7 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -94,16 +94,18 @@ def keep_answering(answer: bytes) -> Callable[[Server], Handler]:
     return make
 
 
-async def serving(make: Callable[[Server], Handler]) -> Server:
+@contextlib.asynccontextmanager
+async def served(make: Callable[[Server], Handler]) -> AsyncIterator[Server]:
+    """A Server whose handler ``make`` builds (the handler gets the server, to record requests)."""
     server = Server(lambda r, w: asyncio.sleep(0))
     server.handler = make(server)
-    return await server.__aenter__()
+    async with server:
+        yield server
 
 
 def test_the_request_on_the_wire_and_keep_alive_reuse() -> None:
     async def main() -> None:
-        server = await serving(keep_answering(OK))
-        try:
+        async with served(keep_answering(OK)) as server:
             p = pool(server.url, headers={"Content-Type": "application/json", "Authorization": "Bearer up-secret"})
             for _ in range(3):
                 assert await post(p, b'{"model":"m"}') == (200, b'{"ok":true}')
@@ -115,8 +117,6 @@ def test_the_request_on_the_wire_and_keep_alive_reuse() -> None:
                 b"Authorization: Bearer up-secret\r\nX-Request-Id: req_1\r\nContent-Length: 13\r\n\r\n"
                 b'{"model":"m"}')
             p.close()
-        finally:
-            await server.__aexit__()
     run(main())
 
 
@@ -138,8 +138,7 @@ def test_a_chunked_answer_arrives_piece_by_piece() -> None:
                 await asyncio.sleep(1)
             return handler
 
-        server = await serving(make)
-        try:
+        async with served(make) as server:
             p = pool(server.url)
             response = await p.post(p.request("/chat/completions", b"{}", "req_1"), 5.0)
             assert response.status == 200
@@ -152,8 +151,6 @@ def test_a_chunked_answer_arrives_piece_by_piece() -> None:
             response.release()
             assert await post(p) == (200, b'{"ok":true}')
             assert server.connections == 1
-        finally:
-            await server.__aexit__()
     run(main())
 
 
@@ -170,39 +167,30 @@ def test_a_body_without_length_ends_with_the_connection_which_is_not_reused() ->
                 writer.close()
             return handler
 
-        server = await serving(make)
-        try:
+        async with served(make) as server:
             p = pool(server.url)
             assert await post(p) == (200, b'{"a":1}')
             assert await post(p) == (200, b'{"a":1}')
             assert server.connections == 2
-        finally:
-            await server.__aexit__()
     run(main())
 
 
 def test_connection_close_and_unsolicited_bytes_stop_reuse() -> None:
     async def main() -> None:
         closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}"
-        server = await serving(keep_answering(closing))
-        try:
+        async with served(keep_answering(closing)) as server:
             p = pool(server.url)
             assert await post(p) == (200, b"{}")
             assert await post(p) == (200, b"{}")
             assert server.connections == 2
-        finally:
-            await server.__aexit__()
 
         # A server that sends more than it was asked for (here: a second answer nobody requested).
-        server = await serving(keep_answering(OK + OK))
-        try:
+        async with served(keep_answering(OK + OK)) as server:
             p = pool(server.url)
             assert await post(p) == (200, b'{"ok":true}')
             await asyncio.sleep(0.05)
             assert await post(p) == (200, b'{"ok":true}')
             assert server.connections == 2
-        finally:
-            await server.__aexit__()
     run(main())
 
 
@@ -217,23 +205,19 @@ def test_a_keep_alive_connection_the_server_closed_is_stale_and_a_new_one_works(
                 await reader.readuntil(b"\r\n\r\n")
             return handler
 
-        server = await serving(make)
-        try:
+        async with served(make) as server:
             p = pool(server.url)
             assert await post(p) == (200, b'{"ok":true}')
             with pytest.raises(Stale):
                 await post(p)
             assert await post(p) == (200, b'{"ok":true}')  # the dead connection was not pooled again
             assert server.connections == 2
-        finally:
-            await server.__aexit__()
     run(main())
 
 
 def test_idle_connections_older_than_the_keep_alive_are_not_reused() -> None:
     async def main() -> None:
-        server = await serving(keep_answering(OK))
-        try:
+        async with served(keep_answering(OK)) as server:
             p = pool(server.url, keepalive=0.2)
             await post(p)
             await post(p)
@@ -241,32 +225,24 @@ def test_idle_connections_older_than_the_keep_alive_are_not_reused() -> None:
             await asyncio.sleep(0.3)
             await post(p)
             assert server.connections == 2
-        finally:
-            await server.__aexit__()
     run(main())
 
 
 def test_an_interim_100_answer_is_skipped() -> None:
     async def main() -> None:
-        server = await serving(keep_answering(b"HTTP/1.1 100 Continue\r\n\r\n" + OK))
-        try:
+        async with served(keep_answering(b"HTTP/1.1 100 Continue\r\n\r\n" + OK)) as server:
             p = pool(server.url)
             assert await post(p) == (200, b'{"ok":true}')
             assert await post(p) == (200, b'{"ok":true}')
             assert server.connections == 1
-        finally:
-            await server.__aexit__()
     run(main())
 
 
 def test_garbage_and_a_broken_off_answer_are_upstream_errors() -> None:
     async def main() -> None:
-        server = await serving(keep_answering(b"SSH-2.0-OpenSSH_9.2\r\n\r\n"))
-        try:
+        async with served(keep_answering(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")) as server:
             with pytest.raises(UpstreamError, match=r"not HTTP/1\.1"):
                 await post(pool(server.url))
-        finally:
-            await server.__aexit__()
 
         def make(server: Server) -> Handler:
             async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -275,12 +251,9 @@ def test_garbage_and_a_broken_off_answer_are_upstream_errors() -> None:
                 await writer.drain()
             return handler
 
-        server = await serving(make)
-        try:
+        async with served(make) as server:
             with pytest.raises(UpstreamError, match="in the middle of its answer"):
                 await post(pool(server.url))
-        finally:
-            await server.__aexit__()
     run(main())
 
 
@@ -297,22 +270,18 @@ def test_silence_is_a_timeout_before_the_head_and_within_the_body() -> None:
             return factory
 
         for head in (b"", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{"):
-            server = await serving(make(head))
-            try:
+            async with served(make(head)) as server:
                 t0 = time.monotonic()
                 with pytest.raises(UpstreamTimeout):
                     await post(pool(server.url), timeout=0.3)
                 assert 0.25 < time.monotonic() - t0 < 3
-            finally:
-                await server.__aexit__()
     run(main())
 
 
 def test_nothing_listening_is_unreachable() -> None:
     async def main() -> None:
-        server = await serving(keep_answering(OK))
-        url = server.url
-        await server.__aexit__()
+        async with served(keep_answering(OK)) as server:
+            url = server.url
         assert server.server is not None
         await server.server.wait_closed()
         with pytest.raises(Unreachable, match="ConnectionRefused"):
@@ -338,8 +307,7 @@ def test_a_reader_slower_than_the_server_holds_back_the_socket_and_loses_nothing
                     await writer.drain()
             return handler
 
-        server = await serving(make)
-        try:
+        async with served(make) as server:
             p = pool(server.url)
             response = await p.post(p.request("/chat/completions", b"{}", "req_1"), 5.0)
             await asyncio.sleep(0.5)  # the server writes as fast as it can; the gateway does not read
@@ -350,8 +318,6 @@ def test_a_reader_slower_than_the_server_holds_back_the_socket_and_loses_nothing
                 body += chunk
             assert body == (bytes(range(256)) * 256) * (total // 65536)
             response.release()
-        finally:
-            await server.__aexit__()
     run(main())
 
 
@@ -368,8 +334,7 @@ def test_closing_a_response_mid_stream_drops_the_connection() -> None:
                     closed.set()
             return handler
 
-        server = await serving(make)
-        try:
+        async with served(make) as server:
             p = pool(server.url)
             response = await p.post(p.request("/chat/completions", b"{}", "req_1"), 5.0)
             assert await response.read_chunk() == b"abc"
@@ -380,8 +345,6 @@ def test_closing_a_response_mid_stream_drops_the_connection() -> None:
                 await waiting
             await asyncio.wait_for(closed.wait(), 5)  # the model server saw the gateway hang up
             response.release()  # a second release or close is harmless
-        finally:
-            await server.__aexit__()
     run(main())
 
 
@@ -448,12 +411,9 @@ def test_a_body_without_length_cut_by_a_reset_is_an_error_not_an_end() -> None:
                 reset(writer)
             return handler
 
-        server = await serving(make)
-        try:
+        async with served(make) as server:
             with pytest.raises(UpstreamError, match="in the middle of its answer"):
                 await post(pool(server.url))
-        finally:
-            await server.__aexit__()
     run(main())
 
 
@@ -467,23 +427,17 @@ def test_only_a_final_chunked_coding_frames_the_body() -> None:
                 writer.close()
             return handler
 
-        server = await serving(make)
-        try:
+        async with served(make) as server:
             assert await post(pool(server.url)) == (200, b"all of it")  # to the close, not a broken answer
-        finally:
-            await server.__aexit__()
     run(main())
 
 
 def test_a_switch_of_protocols_is_an_upstream_error() -> None:
     async def main() -> None:
-        server = await serving(keep_answering(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
-                                              b"Upgrade: websocket\r\n\r\n"))
-        try:
+        async with served(keep_answering(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
+                                              b"Upgrade: websocket\r\n\r\n")) as server:
             with pytest.raises(UpstreamError, match="switched to another protocol"):
                 await post(pool(server.url))
-        finally:
-            await server.__aexit__()
     run(main())
 
 
@@ -494,13 +448,10 @@ def test_a_new_connection_closed_unanswered_is_not_retried_as_stale() -> None:
                 await server.read_request(reader)  # a prompt that crashes the model server, say
             return handler
 
-        server = await serving(make)
-        try:
+        async with served(make) as server:
             with pytest.raises(UpstreamError, match="closed the connection before answering") as info:
                 await post(pool(server.url))
             assert not isinstance(info.value, Stale)  # Stale would have it sent again
-        finally:
-            await server.__aexit__()
 
     run(main())
 
@@ -521,8 +472,7 @@ def test_a_timed_out_request_to_a_server_that_stopped_reading_is_dropped_at_once
                 received.set_result(count)
             return handler
 
-        server = await serving(make)
-        try:
+        async with served(make) as server:
             p = pool(server.url)
             with pytest.raises(UpstreamTimeout):
                 await p.post(p.request("/chat/completions", big, "req_1"), 0.3)
@@ -530,8 +480,6 @@ def test_a_timed_out_request_to_a_server_that_stopped_reading_is_dropped_at_once
             # the end of it without the whole request.
             count = await asyncio.wait_for(received, 10)
             assert count < len(big)
-        finally:
-            await server.__aexit__()
     run(main())
 
 
@@ -549,8 +497,7 @@ def test_a_stream_released_at_done_still_reuses_its_connection() -> None:
                     await writer.drain()
             return handler
 
-        server = await serving(make)
-        try:
+        async with served(make) as server:
             p = pool(server.url)
             for _ in range(3):
                 response = await p.post(p.request("/chat/completions", b"{}", "req_1"), 5.0)
@@ -558,8 +505,6 @@ def test_a_stream_released_at_done_still_reuses_its_connection() -> None:
                 response.release()  # as the stream relay does on [DONE], before the terminator
                 await asyncio.sleep(0.1)
             assert server.connections == 1
-        finally:
-            await server.__aexit__()
     run(main())
 
 
@@ -576,12 +521,9 @@ def test_idle_connections_are_closed_after_the_keep_alive_without_more_traffic()
                     closed.set()
             return handler
 
-        server = await serving(make)
-        try:
+        async with served(make) as server:
             await post(pool(server.url, keepalive=0.2))
             await asyncio.wait_for(closed.wait(), 3)  # no request came to prune it: the pool's own timer did
-        finally:
-            await server.__aexit__()
     run(main())
 
 
@@ -622,8 +564,7 @@ def test_the_read_timeout_of_a_reused_connection_counts_from_its_own_wait() -> N
                 await asyncio.sleep(30)
             return handler
 
-        server = await serving(make)
-        try:
+        async with served(make) as server:
             p = pool(server.url)
             assert await post(p, timeout=0.5) == (200, b'{"ok":true}')
             await asyncio.sleep(0.4)  # most of the first wait's timeout has run out meanwhile
@@ -632,6 +573,4 @@ def test_the_read_timeout_of_a_reused_connection_counts_from_its_own_wait() -> N
                 await post(p, timeout=0.5)
             assert 0.45 < time.monotonic() - t0 < 3  # a whole timeout from the second wait, not the first's rest
             assert server.connections == 1
-        finally:
-            await server.__aexit__()
     run(main())
