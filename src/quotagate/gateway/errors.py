@@ -24,6 +24,7 @@ import orjson
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          431: "invalid_request_error",
           429: "rate_limit_error", 502: "upstream_error", 503: "server_error", 504: "upstream_error"}
 
 

@@ -27,7 +27,8 @@ from typing import Any
 from urllib.parse import unquote
 
 import httptools
-import orjson
+
+from quotagate.gateway.errors import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,14 @@ def _status_line(status: int) -> bytes:
     return _STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status
 
 
-def _error(status: int, message: str) -> bytes:
-    """A plain OpenAI-shaped error, for requests the app never saw (the connection is closed after it)."""
-    body = orjson.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                   "code": "bad_request"}})
-    return (_status_line(status) + b"content-type: application/json\r\ncontent-length: %d\r\n"
+def _error(error: ApiError) -> bytes:
+    """The app's OpenAI-shaped error, whole, for an answer the app could not give (then the connection closes)."""
+    body = error.body()
+    return (_status_line(error.status) + b"content-type: application/json\r\ncontent-length: %d\r\n"
             b"connection: close\r\n\r\n%s" % (len(body), body))
+
+
+_FAILED = ApiError(500, "internal_error", "the gateway failed on this request")
 
 
 class _Exchange:
@@ -90,7 +93,7 @@ class _Exchange:
             if not isinstance(exc, asyncio.CancelledError):
                 log.error("the LLM app failed on %s %s", self.scope["method"], self.scope["path"], exc_info=exc)
             if not self.started and not self.conn.gone:
-                self.conn.write(_error(500, "the gateway failed on this request"))
+                self.conn.write(_error(_FAILED))
             self.conn.close()
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -99,7 +102,7 @@ class _Exchange:
                 log.error("the LLM app returned without finishing its answer to %s %s", self.scope["method"],
                           self.scope["path"])
                 if not self.started:
-                    self.conn.write(_error(500, "the gateway failed on this request"))
+                    self.conn.write(_error(_FAILED))
                 self.conn.close()
         finally:
             self.done = True
@@ -492,7 +495,7 @@ class _Connection(asyncio.Protocol):
         self._go_deaf()
         self._queue.clear()
         if self._current is None:
-            self.write(_error(status, message))
+            self.write(_error(ApiError(status, "invalid_request_error", message)))
             self.close()
         else:
             # An answer is on its way out: the error would land in its middle. Close after it instead.
