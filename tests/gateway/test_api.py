@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import struct
+import time
 
 import openai
 import pytest
 
+from quotagate.gateway.app import RequestIds
 from tests.fakes.upstream import FakeUpstream
 from tests.gateway.conftest import UPSTREAM_KEY, Mint
 from tests.gateway.helpers import async_sdk, hi, raw, sdk
@@ -227,3 +230,16 @@ def test_no_limits_key_passes_the_body_through(gw: Gateway, mint: Mint, upstream
     forwarded = upstream.chat_requests()[-1]
     assert forwarded["custom_field"] == [1, 2]
     assert "max_tokens" not in forwarded
+
+
+def test_request_ids_are_unique_and_ordered_by_time() -> None:
+    # Ordered so that the activity table's primary key index takes them at its end (RequestIds: why).
+    before = int(time.time() * 1000)
+    one, other = RequestIds(), RequestIds()  # as in two processes
+    ids = [gen() for _ in range(10_000) for gen in (one, other)]
+    after = int(time.time() * 1000)
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"req_[0-9a-f]{32}", i) for i in ids)
+    stamps = [int(i[4:16], 16) for i in ids]
+    assert stamps == sorted(stamps)
+    assert before <= stamps[0] and stamps[-1] <= after

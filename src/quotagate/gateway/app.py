@@ -48,8 +48,13 @@ _NOT_ADMITTED = Admission(admitted=True)
 
 
 class RequestIds:
-    """Request ids (``req_`` and 96 random bits): unique across processes without any coordination.
+    """Request ids: ``req_``, the time in milliseconds (12 hex digits), then 80 random bits.
 
+    The random bits make them unique across processes without any coordination (a collision needs two
+    requests in the same millisecond drawing the same 80 bits). The time in front makes them ordered:
+    they are the primary key of the activity table, and random keys would land each insert on a
+    different page of its index, so that the shipper rewrote most of that index on every pass (measured:
+    ~2.7 KB written to disk per event on SQLite, growing with the table; docs/metering.md).
     Drawn from a PRNG seeded from the OS once per process: ``secrets`` costs a system call per id, and a
     request id needs uniqueness, not secrecy (it is shown to the client anyway)."""
 
@@ -57,7 +62,7 @@ class RequestIds:
         self._bits = random.Random(secrets.randbits(128)).getrandbits
 
     def __call__(self) -> str:
-        return f"req_{self._bits(96):024x}"
+        return f"req_{int(time.time() * 1000):012x}{self._bits(80):020x}"
 
 
 class Call:
