@@ -60,7 +60,7 @@ async def run(rt: Runtime) -> None:
 
         llm = build_llm_app(rt)
         servers.append(LLMServer(llm, s.host, s.llm_port, keepalive=s.keepalive_seconds, startup=llm.start,
-                                 shutdown=llm.close))
+                                 shutdown=llm.close, body_timeout=s.body_timeout_seconds))
         log.info("LLM API on http://%s:%d/v1", s.host, s.llm_port)
     if s.metrics_port is not None:
         # Its own address (loopback by default): /metrics has no authentication, and an LLM-only

@@ -41,6 +41,8 @@ class Settings(BaseModel):
     role: Role = "all"
     keepalive_seconds: int = Field(default=75, ge=1, le=3600, description="how long both listeners keep an "
                                      "idle client connection open")
+    body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600, description="how long the LLM listener "
+                                        "waits for more of a request body that stalls before answering 408")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     console_max_body_bytes: int = Field(default=64 * 1024, gt=0)
     llm_max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)

@@ -240,3 +240,45 @@ def test_a_graceful_stop_lets_a_stream_in_flight_finish(tmp_path: Path, database
     finally:
         if gw.proc.poll() is None:
             gw.stop()
+
+
+def test_a_stalled_body_gets_a_408_and_a_head_trickled_in_cannot_hold_the_connection(
+        tmp_path: Path, database_url: str, upstream: FakeUpstream) -> None:
+    config = tmp_path / "m.toml"
+    config.write_text(f'[[models]]\nid = "chat"\nupstreams = ["{upstream.base_url}"]\n')
+    gw = start_gateway(tmp_path / "data", database_url, config,
+                       extra_env={"QUOTAGATE_KEEPALIVE_SECONDS": "2", "QUOTAGATE_BODY_TIMEOUT_SECONDS": "0.5"})
+    try:
+        admin = gw.user("admin@example.com", admin=True)
+        secret = admin.mint(admin.project("p")["id"])["secret"]
+        forwarded = len(upstream.requests)
+        # Half a body, then nothing: a 408 once the body has stalled for 0.5 s, then the connection closes.
+        request = chat_request(secret)
+        sock = connect(gw)
+        sock.sendall(request[:-10])
+        t0 = time.monotonic()
+        status, headers, body = read_answer(sock, bytearray())
+        assert 0.4 < time.monotonic() - t0 < 5
+        assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+        assert headers["connection"] == "close" and headers["x-request-id"].startswith("req_")
+        assert closed(sock)
+        # A body that keeps coming, slower than the whole timeout but never stalling that long, is served.
+        sock = connect(gw)
+        head, _, payload = request.partition(b"\r\n\r\n")
+        sock.sendall(head + b"\r\n\r\n")
+        for i in range(0, len(payload), len(payload) // 4 + 1):
+            time.sleep(0.25)
+            sock.sendall(payload[i:i + len(payload) // 4 + 1])
+        assert read_answer(sock, bytearray())[0] == 200
+        assert len(upstream.requests) == forwarded + 1  # the stalled one was never forwarded
+        # A head sent one byte every 0.3 s keeps the connection busy but not alive: it is dropped about
+        # one keep-alive (2 s) after its first byte, though bytes keep coming.
+        sock = connect(gw)
+        t0 = time.monotonic()
+        with pytest.raises(OSError):
+            for byte in b"GET /healthz HTTP/1.1\r\nX-Slow: " + b"a" * 100:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.3)
+        assert 1.5 < time.monotonic() - t0 < 8
+    finally:
+        gw.stop()

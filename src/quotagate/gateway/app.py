@@ -242,6 +242,8 @@ class LLMApp:
                 if declared > limit:
                     raise ApiError(413, "payload_too_large", f"the request body is larger than {limit} bytes")
         message = await receive()
+        if message["type"] != "http.request":
+            raise self._body_lost(message)
         body: bytes = message.get("body", b"")
         if not message.get("more_body"):
             return body
@@ -249,14 +251,20 @@ class LLMApp:
         size = len(body)
         while message.get("more_body"):
             message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ApiError(400, "invalid_request_error", "the client went away while sending the body")
+            if message["type"] != "http.request":
+                raise self._body_lost(message)
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise ApiError(413, "payload_too_large", f"the request body is larger than {limit} bytes")
             parts.append(chunk)
         return b"".join(parts)
+
+    @staticmethod
+    def _body_lost(message: Message) -> ApiError:
+        if message.get("timed_out"):  # the listener's BODY_TIMED_OUT: the client is there but stalled
+            return ApiError(408, "request_timeout", "the request body stopped arriving; send it whole, at once")
+        return ApiError(400, "invalid_request_error", "the client went away while sending the body")
 
     async def _admit(self, call: Call, key: KeyRecord, prompt: int, max_completion: int,
                      min_completion: int) -> Admission:

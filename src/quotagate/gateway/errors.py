@@ -6,6 +6,7 @@
      ├── status 403  model_not_allowed
      ├── status 404  model_not_found, unknown_url
      ├── status 405  method_not_allowed
+     ├── status 408  request_timeout       the request body stalled (gateway/listener.py, BODY_TIMEOUT)
      ├── status 413  payload_too_large
      ├── status 429  rate_limit_exceeded / token_limit_exceeded (always with Retry-After)
      ├── status 502  upstream_error
@@ -23,8 +24,8 @@ from __future__ import annotations
 import orjson
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
-          431: "invalid_request_error",
+          404: "invalid_request_error", 405: "invalid_request_error", 408: "invalid_request_error",
+          413: "invalid_request_error", 431: "invalid_request_error",
           429: "rate_limit_error", 502: "upstream_error", 503: "server_error", 504: "upstream_error"}
 
 

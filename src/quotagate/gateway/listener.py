@@ -7,7 +7,8 @@ two socket writes per answer. This server parses requests with httptools (llhttp
 the app a plain ASGI scope, and writes an answer's head together with its first body bytes, so a whole
 non-streamed answer leaves in one write.
 
-What it keeps from a full server: keep-alive with an idle timeout, pipelined requests answered in order,
+What it keeps from a full server: keep-alive with an idle timeout (which also bounds the time a request's
+head may take), a timeout for a request body that stalls, pipelined requests answered in order,
 ``Expect: 100-continue``, request bodies held back past 256 KiB until the app reads them, write
 back-pressure for streams, ``http.disconnect`` when the client goes away, HTTP/1.0 clients, HEAD, a 400
 for malformed requests and a 431 for oversized heads, and a graceful stop that lets answers in flight
@@ -44,10 +45,18 @@ MAX_HEAD_BYTES = 64 * 1024
 # can still hold many more (the parser parses all of it), up to FLOOD_PIPELINE, past which the client is
 # not one that waits for answers and the connection is dropped.
 MAX_PIPELINE = 16
+# Seconds a request body may stall (no bytes while the app waits for more) before the app is told it timed
+# out (nginx's client_body_timeout is 60 s; an API client sends its body at once). A request's head has the
+# keep-alive time from its first byte.
+BODY_TIMEOUT = 30.0
 FLOOD_PIPELINE = 1024
 
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 _DISCONNECT: Message = {"type": "http.disconnect"}
+# What ``receive`` returns when a request body stalls for ``body_timeout``: a disconnect as far as ASGI
+# goes (the body will not be had), marked so that the app can answer 408 instead of taking the client
+# for gone (the LLM app does; the connection closes after the answer).
+BODY_TIMED_OUT: Message = {"type": "http.disconnect", "timed_out": True}
 
 
 def _status_line(status: int) -> bytes:
@@ -80,7 +89,7 @@ class _Exchange:
         self.buffered = 0                    # bytes in ``body`` (a running count: chunks can be one byte each)
         self.body_done = False
         self.told_end = False
-        self.waiter: asyncio.Future[None] | None = None
+        self.waiter: asyncio.Future[bool] | None = None
         self.head: bytes | None = None       # the answer's head, held until its first body bytes
         self.started = False
         self.chunked = False
@@ -118,7 +127,13 @@ class _Exchange:
         if not self.told_end:
             while not self.body and not self.body_done and not conn.gone and not self.done:
                 conn.resume_reading()
-                await self._wait()
+                if not await self._wait(conn.server.body_timeout):
+                    # A body that stops coming would hold this exchange (and its task) forever. What is
+                    # left of it is read and dropped, and the connection closes after the answer.
+                    self.keep_alive = False
+                    self.told_end = True
+                    conn.go_deaf()
+                    return BODY_TIMED_OUT
             if conn.gone or self.done:
                 return _DISCONNECT
             body = self.body
@@ -133,18 +148,29 @@ class _Exchange:
             await self._wait()
         return _DISCONNECT
 
-    async def _wait(self) -> None:
-        waiter = self.conn.loop.create_future()
+    async def _wait(self, within: float | None = None) -> bool:
+        """Wait for ``wake``; False if ``within`` seconds passed first (a bare timer costs less than
+        asyncio.timeout's task bookkeeping)."""
+        loop = self.conn.loop
+        waiter: asyncio.Future[bool] = loop.create_future()
         self.waiter = waiter
+        timer = None if within is None else loop.call_later(within, self._time_out, waiter)
         try:
-            await waiter
+            return await waiter
         finally:
             self.waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    @staticmethod
+    def _time_out(waiter: asyncio.Future[bool]) -> None:
+        if not waiter.done():
+            waiter.set_result(False)
 
     def wake(self) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(True)
 
     # -- send ------------------------------------------------------------------------------------
     async def send(self, message: Message) -> None:
@@ -231,6 +257,7 @@ class _Connection(asyncio.Protocol):
         self._wants_continue = False
         self._in_head = False                        # between a request's first byte and its head's end
         self._head_raw = 0                           # bytes read while in a head (httptools buffers headers)
+        self._head_began = 0.0                       # loop time of the head's first byte
         # The idle timeout, kept cheap: one timer per connection that, when it fires, checks how long the
         # connection has really been idle and sleeps again if need be (arming and cancelling a timer around
         # every request cost more than the check).
@@ -262,7 +289,7 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             # No protocol switch here: the request is served as it is, with no body, and the connection
             # closes after it (see on_headers_complete); what follows on the wire is not read.
-            self._go_deaf()
+            self.go_deaf()
             exchange, self._parsing = self._parsing, None
             if exchange is not None:
                 exchange.body_done = True
@@ -270,7 +297,7 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             # (An exception raised in a callback comes out as HttpParserCallbackError: hence the flags.)
             if self._flood:
-                self._go_deaf()
+                self.go_deaf()
                 self.abort()
             elif self._head_raw > MAX_HEAD_BYTES:
                 self._refuse(431, f"the request head is larger than {MAX_HEAD_BYTES} bytes")
@@ -284,7 +311,9 @@ class _Connection(asyncio.Protocol):
                 self._refuse(431, f"the request head is larger than {MAX_HEAD_BYTES} bytes")
                 return
         if self._current is None and not self._closing and self.transport is not None:
-            self._arm_idle()  # part of a head, or the tail of a body already answered: still idle
+            # Part of a head, or the tail of a body already answered: still idle. A head's clock runs from
+            # its first byte, so that one trickled in a byte at a time cannot hold the connection forever.
+            self._arm_idle(self._head_began if self._in_head else None)
 
     def eof_received(self) -> bool | None:
         return None
@@ -319,6 +348,7 @@ class _Connection(asyncio.Protocol):
         self._headers = []
         self._head_raw = 0
         self._in_head = True
+        self._head_began = self.loop.time()
         self._wants_continue = False
 
     def on_url(self, url: bytes) -> None:
@@ -443,7 +473,7 @@ class _Connection(asyncio.Protocol):
         elif self._closing:
             self.close()
         else:
-            self._arm_idle()
+            self._arm_idle(self._head_began if self._in_head else None)
 
     def stop(self) -> None:
         """The server is stopping: close now if idle, else after the answer in flight."""
@@ -461,8 +491,8 @@ class _Connection(asyncio.Protocol):
         self.server.tasks.add(task)
         task.add_done_callback(self.server.tasks.discard)
 
-    def _arm_idle(self) -> None:
-        self._idle_since = self.loop.time()
+    def _arm_idle(self, since: float | None = None) -> None:
+        self._idle_since = self.loop.time() if since is None else since
         if self._idle is None:
             self._idle = self.loop.call_later(self.server.keepalive, self._check_idle)
 
@@ -480,7 +510,7 @@ class _Connection(asyncio.Protocol):
         else:
             self._idle = self.loop.call_later(left, self._check_idle)
 
-    def _go_deaf(self) -> None:
+    def go_deaf(self) -> None:
         # Still read, but drop: closing a socket with unread bytes resets it, and a reset can destroy the
         # answer on its way to the client before the client reads it.
         self._deaf = True
@@ -492,7 +522,7 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _refuse(self, status: int, message: str) -> None:
-        self._go_deaf()
+        self.go_deaf()
         self._queue.clear()
         if self._current is None:
             self.write(_error(ApiError(status, "invalid_request_error", message)))
@@ -514,11 +544,12 @@ class LLMServer:
 
     def __init__(self, app: App, host: str, port: int, *, keepalive: float,
                  startup: Callable[[], Awaitable[None]], shutdown: Callable[[], Awaitable[None]],
-                 graceful_seconds: float = 10.0) -> None:
+                 graceful_seconds: float = 10.0, body_timeout: float = BODY_TIMEOUT) -> None:
         self.app = app
         self.host = host
         self.port = port
         self.keepalive = keepalive
+        self.body_timeout = body_timeout
         self.graceful_seconds = graceful_seconds
         self._startup = startup
         self._shutdown = shutdown
