@@ -77,7 +77,7 @@ class _Exchange:
     """One request and its answer: the ``receive`` and ``send`` the app is given."""
 
     __slots__ = ("body", "body_done", "buffered", "chunked", "conn", "done", "head", "head_only", "keep_alive",
-                 "scope", "started", "told_end", "waiter", "wants_continue")
+                 "scope", "started", "timed_out", "told_end", "waiter", "wants_continue")
 
     def __init__(self, conn: _Connection, scope: Scope, keep_alive: bool, wants_continue: bool) -> None:
         self.conn = conn
@@ -89,7 +89,8 @@ class _Exchange:
         self.buffered = 0                    # bytes in ``body`` (a running count: chunks can be one byte each)
         self.body_done = False
         self.told_end = False
-        self.waiter: asyncio.Future[bool] | None = None
+        self.timed_out = False               # the body stalled for body_timeout (see _Connection._check_body)
+        self.waiter: asyncio.Future[None] | None = None
         self.head: bytes | None = None       # the answer's head, held until its first body bytes
         self.started = False
         self.chunked = False
@@ -127,7 +128,12 @@ class _Exchange:
         if not self.told_end:
             while not self.body and not self.body_done and not conn.gone and not self.done:
                 conn.resume_reading()
-                if not await self._wait(conn.server.body_timeout):
+                conn.body_wait_began()
+                try:
+                    await self._wait()
+                finally:
+                    conn.body_wait_since = None
+                if self.timed_out:
                     # A body that stops coming would hold this exchange (and its task) forever. What is
                     # left of it is read and dropped, and the connection closes after the answer.
                     self.keep_alive = False
@@ -148,29 +154,18 @@ class _Exchange:
             await self._wait()
         return _DISCONNECT
 
-    async def _wait(self, within: float | None = None) -> bool:
-        """Wait for ``wake``; False if ``within`` seconds passed first (a bare timer costs less than
-        asyncio.timeout's task bookkeeping)."""
-        loop = self.conn.loop
-        waiter: asyncio.Future[bool] = loop.create_future()
+    async def _wait(self) -> None:
+        waiter = self.conn.loop.create_future()
         self.waiter = waiter
-        timer = None if within is None else loop.call_later(within, self._time_out, waiter)
         try:
-            return await waiter
+            await waiter
         finally:
             self.waiter = None
-            if timer is not None:
-                timer.cancel()
-
-    @staticmethod
-    def _time_out(waiter: asyncio.Future[bool]) -> None:
-        if not waiter.done():
-            waiter.set_result(False)
 
     def wake(self) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(True)
+            waiter.set_result(None)
 
     # -- send ------------------------------------------------------------------------------------
     async def send(self, message: Message) -> None:
@@ -257,12 +252,15 @@ class _Connection(asyncio.Protocol):
         self._wants_continue = False
         self._in_head = False                        # between a request's first byte and its head's end
         self._head_raw = 0                           # bytes read while in a head (httptools buffers headers)
-        self._head_began = 0.0                       # loop time of the head's first byte
+        self._head_began: float | None = None        # loop time of the first read that ended in this head
         # The idle timeout, kept cheap: one timer per connection that, when it fires, checks how long the
         # connection has really been idle and sleeps again if need be (arming and cancelling a timer around
         # every request cost more than the check).
         self._idle_since: float | None = None        # None: a request is being read or answered
         self._idle: asyncio.TimerHandle | None = None
+        # The body timeout, kept as cheap the same way: set while the app waits for body bytes.
+        self.body_wait_since: float | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
         self._closing = False
         self._deaf = False                           # what comes in is dropped (after an Upgrade, an error)
         self._flood = False
@@ -313,6 +311,8 @@ class _Connection(asyncio.Protocol):
         if self._current is None and not self._closing and self.transport is not None:
             # Part of a head, or the tail of a body already answered: still idle. A head's clock runs from
             # its first byte, so that one trickled in a byte at a time cannot hold the connection forever.
+            if self._in_head and self._head_began is None:
+                self._head_began = self.loop.time()
             self._arm_idle(self._head_began if self._in_head else None)
 
     def eof_received(self) -> bool | None:
@@ -327,6 +327,9 @@ class _Connection(asyncio.Protocol):
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
         for exchange in (self._current, self._parsing, *self._queue):
             if exchange is not None:
                 exchange.wake()
@@ -348,7 +351,7 @@ class _Connection(asyncio.Protocol):
         self._headers = []
         self._head_raw = 0
         self._in_head = True
-        self._head_began = self.loop.time()
+        self._head_began = None  # set (lazily) when a read ends inside this head
         self._wants_continue = False
 
     def on_url(self, url: bytes) -> None:
@@ -509,6 +512,23 @@ class _Connection(asyncio.Protocol):
             self.abort()
         else:
             self._idle = self.loop.call_later(left, self._check_idle)
+
+    def body_wait_began(self) -> None:
+        self.body_wait_since = self.loop.time()
+        if self._body_timer is None:
+            self._body_timer = self.loop.call_later(self.server.body_timeout, self._check_body)
+
+    def _check_body(self) -> None:
+        self._body_timer = None
+        since = self.body_wait_since
+        if since is None or self.gone:
+            return  # not waiting: the next wait arms the timer again
+        left = since + self.server.body_timeout - self.loop.time()
+        if left > 0:
+            self._body_timer = self.loop.call_later(left, self._check_body)
+        elif self._current is not None:
+            self._current.timed_out = True
+            self._current.wake()
 
     def go_deaf(self) -> None:
         # Still read, but drop: closing a socket with unread bytes resets it, and a reset can destroy the
