@@ -62,7 +62,7 @@ class RequestIds:
         self._bits = random.Random(secrets.randbits(128)).getrandbits
 
     def __call__(self) -> str:
-        return f"req_{int(time.time() * 1000):012x}{self._bits(80):020x}"
+        return f"req_{(time.time_ns() // 1_000_000) << 80 | self._bits(80):032x}"
 
 
 class Call:
