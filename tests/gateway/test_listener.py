@@ -282,3 +282,34 @@ def test_a_stalled_body_gets_a_408_and_a_head_trickled_in_cannot_hold_the_connec
         assert 1.5 < time.monotonic() - t0 < 8
     finally:
         gw.stop()
+
+
+def test_no_trickle_of_bytes_outside_a_request_keeps_an_idle_connection_open(
+        tmp_path: Path, database_url: str, upstream: FakeUpstream) -> None:
+    config = tmp_path / "m.toml"
+    config.write_text(f'[[models]]\nid = "chat"\nupstreams = ["{upstream.base_url}"]\n')
+    gw = start_gateway(tmp_path / "data", database_url, config, extra_env={"QUOTAGATE_KEEPALIVE_SECONDS": "2"})
+
+    def dropped_while_trickling(sock: socket.socket, byte: bytes) -> float:
+        t0 = time.monotonic()
+        with pytest.raises(OSError):
+            for _ in range(100):  # 30 s: far longer than the keep-alive
+                sock.sendall(byte)
+                time.sleep(0.3)
+        return time.monotonic() - t0
+
+    try:
+        # CRLFs between requests (which the parser skips) are not a request starting.
+        sock = connect(gw)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert read_answer(sock, bytearray())[0] == 200
+        assert dropped_while_trickling(sock, b"\r\n") < 8
+        # The tail of a body the answer did not wait for (a 401 to a request declaring 100 kB) is read and
+        # dropped, and the connection goes on — but only for a keep-alive time after the answer.
+        sock = connect(gw)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 100000\r\n\r\n{")
+        status, _, body = read_answer(sock, bytearray())
+        assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+        assert dropped_while_trickling(sock, b" ") < 8
+    finally:
+        gw.stop()

@@ -134,12 +134,14 @@ class _Exchange:
                 finally:
                     conn.body_wait_since = None
                 if self.timed_out:
-                    # A body that stops coming would hold this exchange (and its task) forever. What is
-                    # left of it is read and dropped, and the connection closes after the answer.
-                    self.keep_alive = False
-                    self.told_end = True
-                    conn.go_deaf()
-                    return BODY_TIMED_OUT
+                    self.timed_out = False
+                    if not self.body and not self.body_done:  # (bytes that came at the deadline win)
+                        # A body that stops coming would hold this exchange (and its task) forever. What is
+                        # left of it is read and dropped, and the connection closes after the answer.
+                        self.keep_alive = False
+                        self.told_end = True
+                        conn.go_deaf()
+                        return BODY_TIMED_OUT
             if conn.gone or self.done:
                 return _DISCONNECT
             body = self.body
@@ -279,7 +281,6 @@ class _Connection(asyncio.Protocol):
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
-        self._idle_since = None
         if self._deaf:
             return
         try:
@@ -308,12 +309,14 @@ class _Connection(asyncio.Protocol):
             if self._head_raw > MAX_HEAD_BYTES:
                 self._refuse(431, f"the request head is larger than {MAX_HEAD_BYTES} bytes")
                 return
-        if self._current is None and not self._closing and self.transport is not None:
-            # Part of a head, or the tail of a body already answered: still idle. A head's clock runs from
-            # its first byte, so that one trickled in a byte at a time cannot hold the connection forever.
-            if self._in_head and self._head_began is None:
-                self._head_began = self.loop.time()
-            self._arm_idle(self._head_began if self._in_head else None)
+        if self._in_head and self._head_began is None and self._current is None and not self._closing \
+                and self.transport is not None:
+            # The first read of a new request's head: the connection gets a keep-alive time from here to
+            # send the rest of it. Other bytes read while idle — the rest of a head, CRLFs between requests,
+            # the tail of a body already answered (read and dropped) — leave the idle clock running, so that
+            # no trickle of bytes can hold a connection open (nginx's lingering_time, in effect).
+            self._head_began = self.loop.time()
+            self._arm_idle(self._head_began)
 
     def eof_received(self) -> bool | None:
         return None
@@ -490,6 +493,7 @@ class _Connection(asyncio.Protocol):
 
     def _start(self, exchange: _Exchange) -> None:
         self._current = exchange
+        self._idle_since = None  # busy until the answer is out (finished() arms the idle clock again)
         task = self.loop.create_task(exchange.run(self.server.app))
         self.server.tasks.add(task)
         task.add_done_callback(self.server.tasks.discard)
