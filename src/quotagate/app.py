@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
@@ -20,7 +20,7 @@ from quotagate.accounts.service import AccountService
 from quotagate.audit import AuditLog
 from quotagate.config import Config, load_config
 from quotagate.console.api import ConsoleAPI
-from quotagate.console.http import JSON, http_exception_handler
+from quotagate.console.http import JSON, client_disconnect_handler, http_exception_handler
 from quotagate.keys.events import KeyEvents
 from quotagate.keys.service import KeyService, project_keys_invalidator
 from quotagate.limits import build_broadcaster, build_limiter
@@ -118,4 +118,5 @@ def build_console_app(runtime: Runtime, extra_routes: list[BaseRoute] | None = N
                                *api.routes(runtime.settings.console_max_body_bytes, extra=usage_handlers)]
     routes.extend(extra_routes or [])
     routes.extend(web.routes())
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_exception_handler})
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_exception_handler,
+                                                        ClientDisconnect: client_disconnect_handler})

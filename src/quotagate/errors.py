@@ -54,3 +54,11 @@ class Conflict(QuotagateError):
 class PayloadTooLarge(QuotagateError):
     status = 413
     code = "payload_too_large"
+
+
+class RequestTimeout(QuotagateError):
+    """The request body did not arrive whole: it stalled past the listener's body timeout, or the client
+    went away (then nobody reads the answer)."""
+
+    status = 408
+    code = "request_timeout"

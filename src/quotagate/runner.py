@@ -5,8 +5,12 @@ from __future__ import annotations
 import gc
 import logging
 import resource
+from typing import Any, cast
+
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from quotagate.app import Runtime, build_console_app, build_metrics_app
+from quotagate.httpserver import HTTPServer
 from quotagate.server import Listener, make_server, serve_all
 
 log = logging.getLogger(__name__)
@@ -50,22 +54,24 @@ async def run(rt: Runtime) -> None:
         log.warning("DEMO: serving a SIMULATED model server on http://%s:%d/v1 (made-up tokens, no model)",
                     sim.host, sim.port)
         servers.append(make_server(build_simulator_app(sim.tokens_per_second), sim.host, sim.port, s.log_level))
+    keepalive, body_timeout = s.keepalive_seconds, s.body_timeout_seconds
     if s.role in ("all", "console"):
-        servers.append(make_server(build_console_app(rt), s.host, s.console_port, s.log_level,
-                                   keepalive=s.keepalive_seconds))
+        # X-Forwarded-For is trusted from a proxy on this machine only (what uvicorn did for the console).
+        console = ProxyHeadersMiddleware(cast(Any, build_console_app(rt)), trusted_hosts="127.0.0.1")
+        servers.append(HTTPServer(console, s.host, s.console_port, keepalive=keepalive, body_timeout=body_timeout))
         log.info("console API on http://%s:%d", s.host, s.console_port)
     if s.role in ("all", "llm"):
         from quotagate.gateway.app import build_llm_app
-        from quotagate.gateway.listener import LLMServer
 
         llm = build_llm_app(rt)
-        servers.append(LLMServer(llm, s.host, s.llm_port, keepalive=s.keepalive_seconds, startup=llm.start,
-                                 shutdown=llm.close, body_timeout=s.body_timeout_seconds))
+        servers.append(HTTPServer(llm, s.host, s.llm_port, keepalive=keepalive, body_timeout=body_timeout,
+                                  startup=llm.start, shutdown=llm.close))
         log.info("LLM API on http://%s:%d/v1", s.host, s.llm_port)
     if s.metrics_port is not None:
         # Its own address (loopback by default): /metrics has no authentication, and an LLM-only
         # instance's --host is usually public.
-        servers.append(make_server(build_metrics_app(rt), s.metrics_host, s.metrics_port, s.log_level))
+        servers.append(HTTPServer(build_metrics_app(rt), s.metrics_host, s.metrics_port, keepalive=keepalive,
+                                  body_timeout=body_timeout))
         log.info("metrics on http://%s:%d/metrics", s.metrics_host, s.metrics_port)
     log.info("models: %s (from %s)", ", ".join(sorted(rt.config.models)) or "none", rt.config.source)
     await rt.start()

@@ -1,6 +1,6 @@
-"""Running the listeners: the console API, the LLM API and (in demo configs) the simulated model
-server, sharing one event loop and one set of signal handlers. The LLM API runs on the gateway's own lean
-server (gateway/listener.py); the others on uvicorn."""
+"""Running the listeners: the console, the LLM API, the metrics listener and (in demo configs) the
+simulated model server, sharing one event loop and one set of signal handlers. All but the simulator run
+on quotagate's own HTTP server (httpserver.py); the simulator, a stand-in for a model server, on uvicorn."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ class _Server(uvicorn.Server):
 
 def make_server(app: Any, host: str, port: int, log_level: str, *, access_log: bool = False,
                 proxy_headers: bool = True, keepalive: int = 75) -> uvicorn.Server:
-    """A uvicorn server on uvloop + httptools. ``proxy_headers`` trusts X-Forwarded-For from a proxy on
-    127.0.0.1 (uvicorn's default); the LLM listener turns it off to keep its middleware off the hot path.
+    """A uvicorn server on uvloop + httptools (the demo's simulated model server). ``proxy_headers`` trusts
+    X-Forwarded-For from a proxy on 127.0.0.1 (uvicorn's default).
 
     ``keepalive``: idle client connections stay open this long, longer than a load balancer keeps its
     own idle connections to us (nginx 60 s, cloud load balancers 60 s by default). uvicorn's default of
@@ -41,7 +41,7 @@ def make_server(app: Any, host: str, port: int, log_level: str, *, access_log: b
 
 
 class Listener(Protocol):
-    """What ``serve_all`` drives: uvicorn's Server, and the LLM API's own (gateway/listener.py)."""
+    """What ``serve_all`` drives: uvicorn's Server, and quotagate's own (httpserver.py)."""
 
     should_exit: bool
     started: bool

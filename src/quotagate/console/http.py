@@ -13,11 +13,18 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from quotagate.accounts.models import Actor
-from quotagate.errors import InvalidRequest, NotFound, PayloadTooLarge, QuotagateError, Unauthenticated
+from quotagate.errors import (
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    QuotagateError,
+    RequestTimeout,
+    Unauthenticated,
+)
 from quotagate.validation import parse_json_body
 
 log = logging.getLogger(__name__)
@@ -58,12 +65,23 @@ async def read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise RequestTimeout(BODY_LOST) from None
     return b"".join(chunks)
+
+
+BODY_LOST = "the request body stopped arriving; send it whole, at once"
+
+
+async def client_disconnect_handler(_request: Request, _exc: Exception) -> Response:
+    """A body the web console's forms were reading stalled (or its client went away): 408, not a 500."""
+    return error_response(RequestTimeout(BODY_LOST))
 
 
 @dataclass(frozen=True, slots=True)

@@ -101,7 +101,7 @@ class LLMApp:
         if rt.limiter is None:
             log.warning("no limiter configured: rpm, tpm and token budgets are NOT enforced")
 
-    # -- ASGI (the http messages only: gateway/listener.py serves it and calls start and close itself) --
+    # -- ASGI (the http messages only: httpserver.py serves it and calls start and close itself) --
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._http(scope, receive, send)
 

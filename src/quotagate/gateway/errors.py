@@ -6,7 +6,7 @@
      ├── status 403  model_not_allowed
      ├── status 404  model_not_found, unknown_url
      ├── status 405  method_not_allowed
-     ├── status 408  request_timeout       the request body stalled (gateway/listener.py, BODY_TIMEOUT)
+     ├── status 408  request_timeout       the request body stalled (httpserver.py, BODY_TIMEOUT)
      ├── status 413  payload_too_large
      ├── status 429  rate_limit_exceeded / token_limit_exceeded (always with Retry-After)
      ├── status 502  upstream_error

@@ -1,18 +1,26 @@
-"""The LLM listener's HTTP/1.1 server: the part of ASGI the LLM app uses, and nothing else, on uvloop.
+"""quotagate's HTTP/1.1 server for its listeners: the part of ASGI its apps use, and nothing else, on uvloop.
 
-Why not uvicorn here (the console still runs on it): on the request path its protocol was a quarter of the
-event loop's CPU once aiohttp was gone (docs/performance.md), for generality the LLM app does not use:
-header validation of the app's own headers, access logging, proxy headers, WebSockets, an asyncio.Event and
-two socket writes per answer. This server parses requests with httptools (llhttp, as uvicorn does), hands
-the app a plain ASGI scope, and writes an answer's head together with its first body bytes, so a whole
-non-streamed answer leaves in one write.
+It serves the LLM API, the console (API and web) and the metrics listener; only the demo's simulated
+model server still runs on uvicorn. Why not uvicorn:
 
-What it keeps from a full server: keep-alive with an idle timeout (which also bounds the time a request's
-head may take), a timeout for a request body that stalls, pipelined requests answered in order,
-``Expect: 100-continue``, request bodies held back past 256 KiB until the app reads them, write
+- speed: on the LLM API's request path uvicorn's protocol was a quarter of the event loop's CPU once
+  aiohttp was gone (docs/performance.md), for generality the apps do not use: validation of the app's
+  own headers, access logging, WebSockets, an asyncio.Event and two socket writes per answer;
+- robustness: uvicorn arms no timer on a new connection and drops its keep-alive timer on the first
+  byte of a request, so a client that connects and sends nothing, or half a request head, holds a
+  connection (and a file descriptor) forever — measured on the console before it moved here.
+
+This server parses requests with httptools (llhttp, as uvicorn does), hands the app a plain ASGI scope,
+and writes an answer's head together with its first body bytes, so a whole small answer leaves in one
+write. What it keeps from a full server: keep-alive with an idle timeout (which also bounds the time a
+request's head may take), a timeout for a request body that stalls, pipelined requests answered in
+order, ``Expect: 100-continue``, request bodies held back past 256 KiB until the app reads them, write
 back-pressure for streams, ``http.disconnect`` when the client goes away, HTTP/1.0 clients, HEAD, a 400
-for malformed requests and a 431 for oversized heads, and a graceful stop that lets answers in flight
-finish (up to ``graceful_seconds``). The app is trusted: its status and headers are sent as given.
+for malformed requests and a 431 for oversized heads (in the LLM API's error shape, whose ``code`` and
+``message`` the console's clients read too), and a graceful stop that lets answers in flight finish (up
+to ``graceful_seconds``). The app is trusted: its status and headers are sent as given. There is no
+ASGI lifespan: ``startup`` and ``shutdown`` are plain callables. Proxy headers are the app's business
+(the console wraps itself in uvicorn's ProxyHeadersMiddleware; the LLM API reads none).
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ log = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
-App = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
+# Any ASGI app (Starlette's and uvicorn's own type their messages more narrowly than each other).
+App = Callable[[Any, Any, Any], Awaitable[None]]
 
 # Request body bytes buffered before the app reads them; past this the socket is not read.
 HIGH_WATER = 256 * 1024
@@ -55,7 +64,7 @@ _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) f
 _DISCONNECT: Message = {"type": "http.disconnect"}
 # What ``receive`` returns when a request body stalls for ``body_timeout``: a disconnect as far as ASGI
 # goes (the body will not be had), marked so that the app can answer 408 instead of taking the client
-# for gone (the LLM app does; the connection closes after the answer).
+# for gone (the LLM app and the console do; the connection closes after the answer).
 BODY_TIMED_OUT: Message = {"type": "http.disconnect", "timed_out": True}
 
 
@@ -101,7 +110,7 @@ class _Exchange:
             await app(self.scope, self.receive, self.send)
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
-                log.error("the LLM app failed on %s %s", self.scope["method"], self.scope["path"], exc_info=exc)
+                log.error("the app failed on %s %s", self.scope["method"], self.scope["path"], exc_info=exc)
             if not self.started and not self.conn.gone:
                 self.conn.write(_error(_FAILED))
             self.conn.close()
@@ -109,7 +118,7 @@ class _Exchange:
                 raise
         else:
             if not self.done and not self.conn.gone:
-                log.error("the LLM app returned without finishing its answer to %s %s", self.scope["method"],
+                log.error("the app returned without finishing its answer to %s %s", self.scope["method"],
                           self.scope["path"])
                 if not self.started:
                     self.conn.write(_error(_FAILED))
@@ -235,7 +244,7 @@ class _Exchange:
 class _Connection(asyncio.Protocol):
     """One client connection: parses requests, runs them one after another, keeps the idle timeout."""
 
-    def __init__(self, server: LLMServer) -> None:
+    def __init__(self, server: HTTPServer) -> None:
         self.server = server
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
@@ -561,13 +570,15 @@ class _HeadTooLarge(Exception):
     """Raised in a parser callback to stop the parser (see the flags checked in data_received)."""
 
 
-class LLMServer:
+class HTTPServer:
     """Serves ``app`` on ``host:port`` until ``should_exit`` is set; the shape ``serve_all`` drives.
 
-    ``startup`` and ``shutdown`` bracket the app's life (they take the place of the ASGI lifespan)."""
+    ``startup`` and ``shutdown``, if given, bracket the app's life (they take the place of the ASGI
+    lifespan)."""
 
     def __init__(self, app: App, host: str, port: int, *, keepalive: float,
-                 startup: Callable[[], Awaitable[None]], shutdown: Callable[[], Awaitable[None]],
+                 startup: Callable[[], Awaitable[None]] | None = None,
+                 shutdown: Callable[[], Awaitable[None]] | None = None,
                  graceful_seconds: float = 10.0, body_timeout: float = BODY_TIMEOUT) -> None:
         self.app = app
         self.host = host
@@ -601,7 +612,8 @@ class LLMServer:
             return
         server: asyncio.Server | None = None
         try:
-            await self._startup()
+            if self._startup is not None:
+                await self._startup()
             try:
                 server = await self.loop.create_server(lambda: _Connection(self), self.host, self.port,
                                                        reuse_address=True, backlog=2048)
@@ -624,10 +636,11 @@ class LLMServer:
             for conn in list(self.connections):
                 conn.abort()
         except Exception:
-            log.exception("the LLM API failed")
+            log.exception("the listener on %s:%d failed", self.host, self.port)
         finally:
             if server is not None:
                 server.close()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(server.wait_closed(), 1.0)
-            await self._shutdown()
+            if self._shutdown is not None:
+                await self._shutdown()

@@ -1,6 +1,7 @@
-"""The LLM listener's own HTTP/1.1 server (quotagate.gateway.listener), byte for byte over a raw socket:
-pipelining, 100-continue, HEAD, HTTP/1.0, chunked request bodies, malformed and oversized requests, a 413
-with the body still coming, and a graceful stop with a stream in flight."""
+"""quotagate's own HTTP/1.1 server (quotagate.httpserver), byte for byte over a raw socket, mostly on the LLM
+listener: pipelining, 100-continue, HEAD, HTTP/1.0, chunked request bodies, malformed and oversized requests,
+a 413 with the body still coming, timeouts for idle, trickling and stalled clients (on the console too), and a
+graceful stop with a stream in flight."""
 
 from __future__ import annotations
 
@@ -311,5 +312,43 @@ def test_no_trickle_of_bytes_outside_a_request_keeps_an_idle_connection_open(
         status, _, body = read_answer(sock, bytearray())
         assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
         assert dropped_while_trickling(sock, b" ") < 8
+    finally:
+        gw.stop()
+
+
+def test_the_console_listener_drops_silent_and_trickling_clients_and_answers_a_stalled_body_408(
+        tmp_path: Path, database_url: str, upstream: FakeUpstream) -> None:
+    # The console ran on uvicorn, which arms no timer on a new connection and drops its keep-alive timer
+    # at a request's first byte: both of these connections stayed open for good.
+    config = tmp_path / "m.toml"
+    config.write_text(f'[[models]]\nid = "chat"\nupstreams = ["{upstream.base_url}"]\n')
+    gw = start_gateway(tmp_path / "data", database_url, config,
+                       extra_env={"QUOTAGATE_KEEPALIVE_SECONDS": "2", "QUOTAGATE_BODY_TIMEOUT_SECONDS": "0.5"})
+    try:
+        admin = gw.user("admin@example.com", admin=True)
+        for opening in (b"", b"GET /healthz HTTP/1.1\r\nHo"):
+            sock = socket.create_connection(("127.0.0.1", gw.console_port), timeout=10)
+            sock.sendall(opening)
+            t0 = time.monotonic()
+            assert closed(sock)
+            assert 1.5 < time.monotonic() - t0 < 6
+        # The console API and the web console's forms both answer a stalled body 408 (not a 500).
+        api_auth = f"Authorization: Bearer {admin.token}\r\n"
+        for path, content_type, extra in (("/v1/projects", "application/json", api_auth),
+                                          ("/login", "application/x-www-form-urlencoded", "")):
+            sock = socket.create_connection(("127.0.0.1", gw.console_port), timeout=10)
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: gw\r\n{extra}Content-Type: {content_type}\r\n"
+                         f"Content-Length: 50\r\n\r\n{{".encode())
+            status, headers, body = read_answer(sock, bytearray())
+            assert status == 408, (path, body)
+            assert json.loads(body)["error"]["code"] == "request_timeout"
+            assert headers["connection"] == "close"
+            assert closed(sock)
+        assert "Traceback" not in gw.log()
+        # X-Forwarded-For from a proxy on this machine is still believed (the audit log's address).
+        project = admin.ok("POST", "/v1/projects", 201, json={"name": "p"},
+                           headers={"X-Forwarded-For": "203.0.113.9"})
+        entries = admin.ok("GET", f"/v1/projects/{project['id']}/audit-log")["data"]
+        assert entries and entries[0]["client_ip"] == "203.0.113.9", entries[:1]
     finally:
         gw.stop()
