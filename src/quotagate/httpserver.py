@@ -66,6 +66,8 @@ _DISCONNECT: Message = {"type": "http.disconnect"}
 # goes (the body will not be had), marked so that the app can answer 408 instead of taking the client
 # for gone (the LLM app and the console do; the connection closes after the answer).
 BODY_TIMED_OUT: Message = {"type": "http.disconnect", "timed_out": True}
+# And when the rest of the body cannot be parsed (a bad chunk size, say): the app answers 400.
+BODY_MALFORMED: Message = {"type": "http.disconnect", "malformed": True}
 
 
 def _status_line(status: int) -> bytes:
@@ -86,7 +88,7 @@ class _Exchange:
     """One request and its answer: the ``receive`` and ``send`` the app is given."""
 
     __slots__ = ("body", "body_done", "buffered", "chunked", "conn", "done", "head", "head_only", "keep_alive",
-                 "scope", "started", "timed_out", "told_end", "waiter", "wants_continue")
+                 "malformed", "scope", "started", "timed_out", "told_end", "waiter", "wants_continue")
 
     def __init__(self, conn: _Connection, scope: Scope, keep_alive: bool, wants_continue: bool) -> None:
         self.conn = conn
@@ -99,6 +101,7 @@ class _Exchange:
         self.body_done = False
         self.told_end = False
         self.timed_out = False               # the body stalled for body_timeout (see _Connection._check_body)
+        self.malformed = False               # the rest of the body could not be parsed (_Connection._refuse)
         self.waiter: asyncio.Future[None] | None = None
         self.head: bytes | None = None       # the answer's head, held until its first body bytes
         self.started = False
@@ -136,6 +139,9 @@ class _Exchange:
                 conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if not self.told_end:
             while not self.body and not self.body_done and not conn.gone and not self.done:
+                if self.malformed:
+                    self.told_end = True
+                    return BODY_MALFORMED  # (_refuse has made the connection close after the answer)
                 conn.resume_reading()
                 conn.body_wait_began()
                 try:
@@ -562,8 +568,13 @@ class _Connection(asyncio.Protocol):
             self.close()
         else:
             # An answer is on its way out: the error would land in its middle. Close after it instead.
+            # If the app still waits for the body that broke, it is told so (and answers 400).
             self._closing = True
-            self._current.keep_alive = False
+            current = self._current
+            current.keep_alive = False
+            if current is self._parsing and not current.body_done:
+                current.malformed = True
+                current.wake()
 
 
 class _HeadTooLarge(Exception):

@@ -14,7 +14,7 @@ import pytest
 from quotagate.gateway.app import RequestIds
 from tests.fakes.upstream import FakeUpstream
 from tests.gateway.conftest import UPSTREAM_KEY, Mint
-from tests.gateway.helpers import async_sdk, hi, raw, sdk
+from tests.gateway.helpers import async_sdk, budget_remaining, hi, raw, sdk
 from tests.support import Gateway
 
 RATE_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
@@ -156,6 +156,15 @@ def test_wrong_model_type_is_a_bad_request(gw: Gateway, mint: Mint) -> None:
     (b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', "stream"),
     (b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', "temperature"),
     (b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}], "n": 1000}', "n"),
+    (b'{"model": "chat", "messages": [{"role": "user", "content": [1]}]}', "messages[0].content"),
+    (b'{"model": "chat", "messages": [{"role": "user", "content": [{"text": "hi"}]}]}', "messages[0].content"),
+    # Nested deeper than orjson writes (or than Python would walk): found before anything is reserved.
+    (b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 300 + b"]" * 300
+     + b"}", None),
+    (b'{"model": "chat", "messages": [{"role": "user", "content": "hi", "meta": ' + b"[" * 600 + b"]" * 600
+     + b"}]}", None),
+    (b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}], "tools": ' + b"[" * 300 + b"]" * 300
+     + b"}", None),
 ])
 def test_bad_chat_bodies_are_400_and_never_forwarded(gw: Gateway, mint: Mint, upstream: FakeUpstream,
                                                      body: bytes, param: str | None) -> None:
@@ -183,6 +192,26 @@ def test_bad_embedding_bodies_are_400(gw: Gateway, mint: Mint, upstream: FakeUps
     assert r.status_code == 400, r.text
     assert r.json()["error"]["type"] == "invalid_request_error"
     assert len(upstream.requests) == before
+
+
+def test_a_body_too_deep_to_rewrite_reserves_nothing(gw: Gateway, mint: Mint, upstream: FakeUpstream) -> None:
+    # Found by an adversarial run: a body the gateway must write again (a stream without include_usage,
+    # max_tokens lowered to the budget) that orjson could not write failed with a 500 after admission
+    # and left its reservation in place: the whole budget, until the month ended.
+    secret, _ = mint(token_limit=20_000, token_limit_period="month")
+    deep = b"[" * 300 + b"]" * 300
+    body = (b'{"model": "chat", "max_tokens": 10000000, "stream": true, '
+            b'"messages": [{"role": "user", "content": "hi"}], "x": ' + deep + b"}")
+    before, log_before = len(upstream.requests), len(gw.log())
+    with raw(gw, secret) as client:
+        r = client.post("/chat/completions", content=body)
+        assert r.status_code == 400, r.text
+        assert "nested" in r.json()["error"]["message"]
+        assert budget_remaining(gw, secret) == 20_000
+        r = client.post("/chat/completions", json={"model": "chat", "messages": hi(), "max_tokens": 5})
+        assert r.status_code == 200, r.text
+    assert len(upstream.requests) == before + 1
+    assert "Traceback" not in gw.log()[log_before:]
 
 
 def test_oversized_body_is_413(gw: Gateway, mint: Mint, upstream: FakeUpstream) -> None:

@@ -352,3 +352,16 @@ def test_the_console_listener_drops_silent_and_trickling_clients_and_answers_a_s
         assert entries and entries[0]["client_ip"] == "203.0.113.9", entries[:1]
     finally:
         gw.stop()
+
+
+def test_a_malformed_chunked_body_gets_a_400_at_once(gw: Gateway, key: str) -> None:
+    # Found by an adversarial run: the app waited for the rest of the body until the body timeout (408).
+    sock = connect(gw)
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
+                 "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n".encode())
+    t0 = time.monotonic()
+    status, headers, body = read_answer(sock, bytearray())
+    assert time.monotonic() - t0 < 5
+    assert status == 400 and json.loads(body)["error"]["type"] == "invalid_request_error", body
+    assert headers["connection"] == "close" and headers["x-request-id"].startswith("req_")
+    assert closed(sock)

@@ -143,6 +143,11 @@ class LLMApp:
                                                    "retry shortly.", retry_after=exc.retry_after))
         except Exception:
             log.exception("request %s failed", call.request_id)
+            if call.admission is not None and call.key is not None:
+                # Whatever failed, the reservation must not outlive the request (settling is idempotent
+                # per reservation: one already settled stays as it was).
+                with contextlib.suppress(Exception):
+                    await self._settle(call.key, call.admission, 0)
             await self._error(call, send, ApiError(500, "internal_error", "the gateway failed on this request; "
                                                    f"request id {call.request_id}"))
 
@@ -264,6 +269,8 @@ class LLMApp:
     def _body_lost(message: Message) -> ApiError:
         if message.get("timed_out"):  # the listener's BODY_TIMED_OUT: the client is there but stalled
             return ApiError(408, "request_timeout", "the request body stopped arriving; send it whole, at once")
+        if message.get("malformed"):  # BODY_MALFORMED: the body's framing broke (a bad chunk size)
+            return bad_request("malformed HTTP request body (its chunked framing)")
         return ApiError(400, "invalid_request_error", "the client went away while sending the body")
 
     async def _admit(self, call: Call, key: KeyRecord, prompt: int, max_completion: int,

@@ -54,6 +54,13 @@ class EmbeddingsRequest:
     prompt_bound: int
 
 
+# orjson reads JSON nested up to 1,024 levels but writes no deeper than 254, and a body may have to be
+# written again (max_tokens lowered, usage asked for) after its tokens were reserved: deeper bodies are
+# refused here, before anything is reserved. (No API body comes near it; Python code that walks one, such
+# as text_bytes, stays far from the interpreter's recursion limit too.)
+MAX_DEPTH = 254
+
+
 def parse_object(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
@@ -61,6 +68,13 @@ def parse_object(raw: bytes) -> dict[str, Any]:
         raise bad_request("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
+    # Counting brackets is C-fast and rules out almost every body; only one with more than MAX_DEPTH of
+    # them (a long conversation, say) is written once to find out.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
+        try:
+            orjson.dumps(body)
+        except TypeError:
+            raise bad_request(f"the request body is nested more than {MAX_DEPTH} levels deep") from None
     return body
 
 
@@ -101,6 +115,11 @@ def text_bytes(value: Any) -> int:
     return 0
 
 
+def _parts(content: Any) -> bool:
+    """Whether a message's content is a list of parts, each an object with a string ``type``."""
+    return isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in content)
+
+
 def parse_chat(raw: bytes) -> ChatRequest:
     body = parse_object(raw)
     model = _model(body)
@@ -112,9 +131,9 @@ def parse_chat(raw: bytes) -> ChatRequest:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise bad_request(f"messages[{i}]: must be an object with a string 'role'", f"messages[{i}]")
         content = message.get("content")
-        if content is not None and not isinstance(content, str | list):
-            raise bad_request(f"messages[{i}].content: must be a string or a list of parts",
-                              f"messages[{i}].content")
+        if content is not None and not isinstance(content, str) and not _parts(content):
+            raise bad_request(f"messages[{i}].content: must be a string or a list of parts (objects with "
+                              "a string 'type')", f"messages[{i}].content")
         bound += text_bytes(message)
     stream = body.get("stream", False)
     if stream is None:
