@@ -68,6 +68,9 @@ _DISCONNECT: Message = {"type": "http.disconnect"}
 BODY_TIMED_OUT: Message = {"type": "http.disconnect", "timed_out": True}
 # And when the rest of the body cannot be parsed (a bad chunk size, say): the app answers 400.
 BODY_MALFORMED: Message = {"type": "http.disconnect", "malformed": True}
+# Either is also noted in the scope under this key, for apps that see only an exception (Starlette's
+# ClientDisconnect, on the console).
+BODY_ERROR = "quotagate.body_error"
 
 
 def _status_line(status: int) -> bytes:
@@ -141,6 +144,7 @@ class _Exchange:
             while not self.body and not self.body_done and not conn.gone and not self.done:
                 if self.malformed:
                     self.told_end = True
+                    self.scope[BODY_ERROR] = "malformed"
                     return BODY_MALFORMED  # (_refuse has made the connection close after the answer)
                 conn.resume_reading()
                 conn.body_wait_began()
@@ -156,6 +160,7 @@ class _Exchange:
                         self.keep_alive = False
                         self.told_end = True
                         conn.go_deaf()
+                        self.scope[BODY_ERROR] = "timeout"
                         return BODY_TIMED_OUT
             if conn.gone or self.done:
                 return _DISCONNECT

@@ -56,8 +56,10 @@ async def run(rt: Runtime) -> None:
         servers.append(make_server(build_simulator_app(sim.tokens_per_second), sim.host, sim.port, s.log_level))
     keepalive, body_timeout = s.keepalive_seconds, s.body_timeout_seconds
     if s.role in ("all", "console"):
-        # X-Forwarded-For is trusted from a proxy on this machine only (what uvicorn did for the console).
-        console = ProxyHeadersMiddleware(cast(Any, build_console_app(rt)), trusted_hosts="127.0.0.1")
+        # X-Forwarded-For/-Proto are believed from these proxies only (by default one on this machine, as
+        # uvicorn did for the console): the audit log's addresses, the sign-in throttle and the secure
+        # cookie flag depend on them.
+        console = ProxyHeadersMiddleware(cast(Any, build_console_app(rt)), trusted_hosts=s.forwarded_allow_ips)
         servers.append(HTTPServer(console, s.host, s.console_port, keepalive=keepalive, body_timeout=body_timeout))
         log.info("console API on http://%s:%d", s.host, s.console_port)
     if s.role in ("all", "llm"):

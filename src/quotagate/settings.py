@@ -41,6 +41,8 @@ class Settings(BaseModel):
     role: Role = "all"
     keepalive_seconds: int = Field(default=75, ge=1, le=3600, description="how long both listeners keep an "
                                      "idle client connection open")
+    forwarded_allow_ips: str = Field(default="127.0.0.1,::1", description="comma-separated addresses (or "
+                                     "'*') of proxies whose X-Forwarded-For/-Proto the console believes")
     body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600, description="how long the LLM listener "
                                         "waits for more of a request body that stalls before answering 408")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

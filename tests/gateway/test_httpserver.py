@@ -344,6 +344,12 @@ def test_the_console_listener_drops_silent_and_trickling_clients_and_answers_a_s
             assert json.loads(body)["error"]["code"] == "request_timeout"
             assert headers["connection"] == "close"
             assert closed(sock)
+        # A chunked body whose framing breaks is a 400 there too.
+        sock = socket.create_connection(("127.0.0.1", gw.console_port), timeout=10)
+        sock.sendall(f"POST /v1/projects HTTP/1.1\r\nHost: gw\r\n{api_auth}Content-Type: application/json\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n".encode())
+        status, _, body = read_answer(sock, bytearray())
+        assert status == 400 and json.loads(body)["error"]["code"] == "invalid_request", body
         assert "Traceback" not in gw.log()
         # X-Forwarded-For from a proxy on this machine is still believed (the audit log's address).
         project = admin.ok("POST", "/v1/projects", 201, json={"name": "p"},

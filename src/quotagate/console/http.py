@@ -25,6 +25,7 @@ from quotagate.errors import (
     RequestTimeout,
     Unauthenticated,
 )
+from quotagate.httpserver import BODY_ERROR
 from quotagate.validation import parse_json_body
 
 log = logging.getLogger(__name__)
@@ -72,16 +73,21 @@ async def read_body(request: Request, limit: int) -> bytes:
                 raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
             chunks.append(chunk)
     except ClientDisconnect:
-        raise RequestTimeout(BODY_LOST) from None
+        raise body_lost(request) from None
     return b"".join(chunks)
 
 
-BODY_LOST = "the request body stopped arriving; send it whole, at once"
+def body_lost(request: Request) -> QuotagateError:
+    """The error for a body that did not arrive whole: a framing error is a 400; a stall (or a client
+    gone, when nobody reads the answer) is a 408."""
+    if request.scope.get(BODY_ERROR) == "malformed":
+        return InvalidRequest("malformed HTTP request body (its chunked framing)")
+    return RequestTimeout("the request body stopped arriving; send it whole, at once")
 
 
-async def client_disconnect_handler(_request: Request, _exc: Exception) -> Response:
-    """A body the web console's forms were reading stalled (or its client went away): 408, not a 500."""
-    return error_response(RequestTimeout(BODY_LOST))
+async def client_disconnect_handler(request: Request, _exc: Exception) -> Response:
+    """A body the web console's forms were reading did not arrive whole: 400 or 408, not a 500."""
+    return error_response(body_lost(request))
 
 
 @dataclass(frozen=True, slots=True)
