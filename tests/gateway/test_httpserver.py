@@ -69,6 +69,17 @@ def read_answer(sock: socket.socket, buf: bytearray) -> tuple[int, dict[str, str
     return status, headers, b""
 
 
+SHORT_TIMEOUTS = {"QUOTAGATE_KEEPALIVE_SECONDS": "2", "QUOTAGATE_BODY_TIMEOUT_SECONDS": "0.5"}
+
+
+def own_gateway(tmp_path: Path, database_url: str, upstream: FakeUpstream,
+                env: dict[str, str] | None = None) -> Gateway:
+    """A gateway of the test's own (one chat model on ``upstream``), for settings such as short timeouts."""
+    config = tmp_path / "m.toml"
+    config.write_text(f'[[models]]\nid = "chat"\nupstreams = ["{upstream.base_url}"]\n')
+    return start_gateway(tmp_path / "data", database_url, config, extra_env=env)
+
+
 def chat_request(key: str, body: bytes | None = None, extra: str = "") -> bytes:
     body = body if body is not None else json.dumps({"model": "chat", "messages": hi(), "max_tokens": 3}).encode()
     return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
@@ -183,9 +194,7 @@ def test_a_413_answer_does_not_wait_for_the_body_and_the_connection_stays_usable
 
 def test_a_client_that_goes_quiet_is_closed_after_the_keep_alive(tmp_path: Path, database_url: str,
                                                                    upstream: FakeUpstream) -> None:
-    config = tmp_path / "m.toml"
-    config.write_text(f'[[models]]\nid = "chat"\nupstreams = ["{upstream.base_url}"]\n')
-    gw = start_gateway(tmp_path / "data", database_url, config, extra_env={"QUOTAGATE_KEEPALIVE_SECONDS": "1"})
+    gw = own_gateway(tmp_path, database_url, upstream, {"QUOTAGATE_KEEPALIVE_SECONDS": "1"})
     try:
         sock = connect(gw)
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
@@ -216,9 +225,7 @@ def test_a_client_that_goes_quiet_is_closed_after_the_keep_alive(tmp_path: Path,
 
 def test_a_graceful_stop_lets_a_stream_in_flight_finish(tmp_path: Path, database_url: str,
                                                          upstream: FakeUpstream) -> None:
-    config = tmp_path / "m.toml"
-    config.write_text(f'[[models]]\nid = "chat"\nupstreams = ["{upstream.base_url}"]\n')
-    gw = start_gateway(tmp_path / "data", database_url, config)
+    gw = own_gateway(tmp_path, database_url, upstream)
     try:
         admin = gw.user("admin@example.com", admin=True)
         secret = admin.mint(admin.project("p")["id"])["secret"]
@@ -245,10 +252,7 @@ def test_a_graceful_stop_lets_a_stream_in_flight_finish(tmp_path: Path, database
 
 def test_a_stalled_body_gets_a_408_and_a_head_trickled_in_cannot_hold_the_connection(
         tmp_path: Path, database_url: str, upstream: FakeUpstream) -> None:
-    config = tmp_path / "m.toml"
-    config.write_text(f'[[models]]\nid = "chat"\nupstreams = ["{upstream.base_url}"]\n')
-    gw = start_gateway(tmp_path / "data", database_url, config,
-                       extra_env={"QUOTAGATE_KEEPALIVE_SECONDS": "2", "QUOTAGATE_BODY_TIMEOUT_SECONDS": "0.5"})
+    gw = own_gateway(tmp_path, database_url, upstream, SHORT_TIMEOUTS)
     try:
         admin = gw.user("admin@example.com", admin=True)
         secret = admin.mint(admin.project("p")["id"])["secret"]
@@ -287,9 +291,7 @@ def test_a_stalled_body_gets_a_408_and_a_head_trickled_in_cannot_hold_the_connec
 
 def test_no_trickle_of_bytes_outside_a_request_keeps_an_idle_connection_open(
         tmp_path: Path, database_url: str, upstream: FakeUpstream) -> None:
-    config = tmp_path / "m.toml"
-    config.write_text(f'[[models]]\nid = "chat"\nupstreams = ["{upstream.base_url}"]\n')
-    gw = start_gateway(tmp_path / "data", database_url, config, extra_env={"QUOTAGATE_KEEPALIVE_SECONDS": "2"})
+    gw = own_gateway(tmp_path, database_url, upstream, {"QUOTAGATE_KEEPALIVE_SECONDS": "2"})
 
     def dropped_while_trickling(sock: socket.socket, byte: bytes) -> float:
         t0 = time.monotonic()
@@ -320,10 +322,7 @@ def test_the_console_listener_drops_silent_and_trickling_clients_and_answers_a_s
         tmp_path: Path, database_url: str, upstream: FakeUpstream) -> None:
     # The console ran on uvicorn, which arms no timer on a new connection and drops its keep-alive timer
     # at a request's first byte: both of these connections stayed open for good.
-    config = tmp_path / "m.toml"
-    config.write_text(f'[[models]]\nid = "chat"\nupstreams = ["{upstream.base_url}"]\n')
-    gw = start_gateway(tmp_path / "data", database_url, config,
-                       extra_env={"QUOTAGATE_KEEPALIVE_SECONDS": "2", "QUOTAGATE_BODY_TIMEOUT_SECONDS": "0.5"})
+    gw = own_gateway(tmp_path, database_url, upstream, SHORT_TIMEOUTS)
     try:
         admin = gw.user("admin@example.com", admin=True)
         for opening in (b"", b"GET /healthz HTTP/1.1\r\nHo"):
