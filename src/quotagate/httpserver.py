@@ -62,14 +62,11 @@ FLOOD_PIPELINE = 1024
 
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 _DISCONNECT: Message = {"type": "http.disconnect"}
-# What ``receive`` returns when a request body stalls for ``body_timeout``: a disconnect as far as ASGI
-# goes (the body will not be had), marked so that the app can answer 408 instead of taking the client
-# for gone (the LLM app and the console do; the connection closes after the answer).
-BODY_TIMED_OUT: Message = {"type": "http.disconnect", "timed_out": True}
-# And when the rest of the body cannot be parsed (a bad chunk size, say): the app answers 400.
-BODY_MALFORMED: Message = {"type": "http.disconnect", "malformed": True}
-# Either is also noted in the scope under this key, for apps that see only an exception (Starlette's
-# ClientDisconnect, on the console).
+# When a request body stalls for ``body_timeout``, or the rest of it cannot be parsed (a bad chunk size),
+# ``receive`` returns a disconnect (the body will not be had, as far as ASGI goes) and notes why in the
+# scope under this key, "timeout" or "malformed", so that an app can answer 408 or 400 instead of taking
+# the client for gone (the LLM app and the console do; the connection closes after the answer). The scope
+# rather than the message, because Starlette turns the message into an exception (ClientDisconnect).
 BODY_ERROR = "quotagate.body_error"
 
 
@@ -90,8 +87,8 @@ _FAILED = ApiError(500, "internal_error", "the gateway failed on this request")
 class _Exchange:
     """One request and its answer: the ``receive`` and ``send`` the app is given."""
 
-    __slots__ = ("body", "body_done", "buffered", "chunked", "conn", "done", "head", "head_only", "keep_alive",
-                 "malformed", "scope", "started", "timed_out", "told_end", "waiter", "wants_continue")
+    __slots__ = ("body", "body_done", "body_error", "buffered", "chunked", "conn", "done", "head", "head_only",
+                 "keep_alive", "scope", "started", "told_end", "waiter", "wants_continue")
 
     def __init__(self, conn: _Connection, scope: Scope, keep_alive: bool, wants_continue: bool) -> None:
         self.conn = conn
@@ -103,8 +100,9 @@ class _Exchange:
         self.buffered = 0                    # bytes in ``body`` (a running count: chunks can be one byte each)
         self.body_done = False
         self.told_end = False
-        self.timed_out = False               # the body stalled for body_timeout (see _Connection._check_body)
-        self.malformed = False               # the rest of the body could not be parsed (_Connection._refuse)
+        # "timeout": the body stalled for body_timeout (_Connection._check_body); "malformed": the rest of it
+        # could not be parsed (_Connection._refuse).
+        self.body_error: str | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.head: bytes | None = None       # the answer's head, held until its first body bytes
         self.started = False
@@ -142,18 +140,18 @@ class _Exchange:
                 conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if not self.told_end:
             while not self.body and not self.body_done and not conn.gone and not self.done:
-                if self.malformed:
+                if self.body_error == "malformed":
                     self.told_end = True
                     self.scope[BODY_ERROR] = "malformed"
-                    return BODY_MALFORMED  # (_refuse has made the connection close after the answer)
+                    return _DISCONNECT  # (_refuse has made the connection close after the answer)
                 conn.resume_reading()
                 conn.body_wait_began()
                 try:
                     await self._wait()
                 finally:
                     conn.body_wait_since = None
-                if self.timed_out:
-                    self.timed_out = False
+                if self.body_error == "timeout":
+                    self.body_error = None
                     if not self.body and not self.body_done:  # (bytes that came at the deadline win)
                         # A body that stops coming would hold this exchange (and its task) forever. What is
                         # left of it is read and dropped, and the connection closes after the answer.
@@ -161,7 +159,7 @@ class _Exchange:
                         self.told_end = True
                         conn.go_deaf()
                         self.scope[BODY_ERROR] = "timeout"
-                        return BODY_TIMED_OUT
+                        return _DISCONNECT
             if conn.gone or self.done:
                 return _DISCONNECT
             body = self.body
@@ -551,7 +549,7 @@ class _Connection(asyncio.Protocol):
         if left > 0:
             self._body_timer = self.loop.call_later(left, self._check_body)
         elif self._current is not None:
-            self._current.timed_out = True
+            self._current.body_error = "timeout"
             self._current.wake()
 
     def go_deaf(self) -> None:
@@ -578,7 +576,7 @@ class _Connection(asyncio.Protocol):
             current = self._current
             current.keep_alive = False
             if current is self._parsing and not current.body_done:
-                current.malformed = True
+                current.body_error = "malformed"
                 current.wake()
 
 

@@ -26,6 +26,7 @@ from quotagate.gateway.keycache import KeyCache
 from quotagate.gateway.parsing import parse_chat, parse_embeddings, text_bytes
 from quotagate.gateway.streaming import StreamRelay
 from quotagate.gateway.usage import charge, reported, usage_object
+from quotagate.httpserver import BODY_ERROR
 from quotagate.keys.models import KeyRecord
 from quotagate.keys.secrets import INFERENCE_KEY_KIND, hash_secret, is_well_formed
 from quotagate.limits.errors import LimiterUnavailable
@@ -248,7 +249,7 @@ class LLMApp:
                     raise ApiError(413, "payload_too_large", f"the request body is larger than {limit} bytes")
         message = await receive()
         if message["type"] != "http.request":
-            raise self._body_lost(message)
+            raise self._body_lost(scope)
         body: bytes = message.get("body", b"")
         if not message.get("more_body"):
             return body
@@ -257,7 +258,7 @@ class LLMApp:
         while message.get("more_body"):
             message = await receive()
             if message["type"] != "http.request":
-                raise self._body_lost(message)
+                raise self._body_lost(scope)
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -266,10 +267,12 @@ class LLMApp:
         return b"".join(parts)
 
     @staticmethod
-    def _body_lost(message: Message) -> ApiError:
-        if message.get("timed_out"):  # the listener's BODY_TIMED_OUT: the client is there but stalled
+    def _body_lost(scope: Scope) -> ApiError:
+        """The body ended in a disconnect: why, the server noted in the scope (httpserver.BODY_ERROR)."""
+        error = scope.get(BODY_ERROR)
+        if error == "timeout":  # the client is there but its body stalled
             return ApiError(408, "request_timeout", "the request body stopped arriving; send it whole, at once")
-        if message.get("malformed"):  # BODY_MALFORMED: the body's framing broke (a bad chunk size)
+        if error == "malformed":  # the body's framing broke (a bad chunk size)
             return bad_request("malformed HTTP request body (its chunked framing)")
         return ApiError(400, "invalid_request_error", "the client went away while sending the body")
 
