@@ -129,7 +129,7 @@ class KeyBroadcaster:
                 log.warning("key change subscription lost (%s); resubscribing", exc)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # unannotated in redis-py
+                    await pubsub.aclose()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
