@@ -31,7 +31,7 @@ from quotagate.metering import install as install_metering
 from quotagate.metering import metrics_route
 from quotagate.metering.interfaces import Meter
 from quotagate.settings import Settings
-from quotagate.store.engine import make_engine, migrate
+from quotagate.store.engine import make_engine, migrate, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class Runtime:
         return runtime
 
     async def start(self) -> None:
+        private_dir(self.settings.data_dir)  # before the journal (and SQLite) put anything in it
         for hook in self.on_start:
             await hook()
 

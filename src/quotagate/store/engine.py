@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,27 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.pool import NullPool
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+def private_dir(path: Path) -> None:
+    """Create ``path`` (and its missing parents) readable by this user only (0700); an existing directory
+    is left as the operator made it."""
+    if not path.exists():
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)  # mkdir's mode is masked by the umask
+
+
+def private_sqlite_file(url: str) -> None:
+    """Create the SQLite database file of ``url`` empty and 0600 (in a 0700 directory) before SQLite does,
+    which would make it 0644: the store holds password and secret hashes and the audit log. SQLite gives its
+    -wal and -shm files the database file's mode. An existing file is left as it is."""
+    path = url.removeprefix("sqlite:///")
+    if not url.startswith("sqlite:///") or not path or path == ":memory:":
+        return
+    file = Path(path)
+    private_dir(file.parent)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
 
 
 def make_engine(url: str, *, pool_size: int = 10, keep_sqlite_open: bool = False) -> Engine:
@@ -24,9 +47,7 @@ def make_engine(url: str, *, pool_size: int = 10, keep_sqlite_open: bool = False
     Statement parameters are never rendered into error messages (``hide_parameters``), so that no
     value from a request, hashed or not, can reach a log line through a database error."""
     if url.startswith("sqlite"):
-        path = url.removeprefix("sqlite:///")
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite_file(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
                                hide_parameters=True,
                                **({"pool_size": 1, "max_overflow": 0} if keep_sqlite_open else {"poolclass": NullPool}))
