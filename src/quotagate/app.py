@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -20,6 +21,7 @@ from quotagate.accounts.service import AccountService
 from quotagate.audit import AuditLog
 from quotagate.config import Config, load_config
 from quotagate.console.api import ConsoleAPI
+from quotagate.console.headers import SecurityHeaders
 from quotagate.console.http import JSON, client_disconnect_handler, http_exception_handler
 from quotagate.keys.events import KeyEvents
 from quotagate.keys.service import KeyService, project_keys_invalidator
@@ -119,5 +121,6 @@ def build_console_app(runtime: Runtime, extra_routes: list[BaseRoute] | None = N
                                *api.routes(runtime.settings.console_max_body_bytes, extra=usage_handlers)]
     routes.extend(extra_routes or [])
     routes.extend(web.routes())
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_exception_handler,
-                                                        ClientDisconnect: client_disconnect_handler})
+    return Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)],
+                     exception_handlers={HTTPException: http_exception_handler,
+                                         ClientDisconnect: client_disconnect_handler})

@@ -50,6 +50,9 @@ def meter_bar(used: int, limit: int, *, label: str) -> str:
     """A horizontal gauge of ``used`` against ``limit``."""
     frac = min(used / limit, 1.0) if limit else 0.0
     cls = "meter-fill warn" if frac >= 0.9 else "meter-fill"
-    return (f'<div class="meter" role="meter" aria-label="{escape(label)}" aria-valuemin="0" '
-            f'aria-valuemax="{limit}" aria-valuenow="{used}"><div class="{cls}" style="width:{frac * 100:.1f}%">'
-            f'</div></div><div class="meter-text">{human(used)} of {human(limit)} tokens ({frac * 100:.1f}%)</div>')
+    # An SVG rectangle's width attribute, not an inline style: the console's CSP refuses inline styles.
+    return (f'<svg class="meter" role="meter" aria-label="{escape(label)}" aria-valuemin="0" '
+            f'aria-valuemax="{limit}" aria-valuenow="{used}" viewBox="0 0 100 10" preserveAspectRatio="none">'
+            f'<rect class="meter-track" width="100" height="10"></rect>'
+            f'<rect class="{cls}" width="{frac * 100:.1f}" height="10"></rect></svg>'
+            f'<div class="meter-text">{human(used)} of {human(limit)} tokens ({frac * 100:.1f}%)</div>')

@@ -111,14 +111,9 @@ class WebConsole:
         return Page(request, actor, secret)
 
     def render(self, page: Page, template: str, status: int = 200, **context: Any) -> HTMLResponse:
-        response = self.templates.TemplateResponse(
+        # No headers here: the console's security headers go on every answer (console/headers.py).
+        return self.templates.TemplateResponse(
             page.request, template, {"actor": page.actor, "csrf": page.csrf, **context}, status_code=status)
-        response.headers["Cache-Control"] = "no-store"
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Content-Security-Policy"] = ("default-src 'self'; img-src 'self' data:; "
-                                                       "style-src 'self'; script-src 'self'; frame-ancestors 'none'")
-        response.headers["Referrer-Policy"] = "same-origin"
-        return response
 
     def page(self, *, write: bool = False) -> Callable[[Callable[..., Awaitable[Response]]],
                                                      Callable[[Request], Awaitable[Response]]]:
