@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine
@@ -17,7 +18,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from quotagate.accounts.passwords import Passwords
-from quotagate.accounts.service import AccountService
+from quotagate.accounts.service import AccountService, SessionPolicy
+from quotagate.accounts.signin import HashGate, SignInThrottle, ThrottlePolicy
 from quotagate.audit import AuditLog
 from quotagate.config import Config, load_config
 from quotagate.console.api import ConsoleAPI
@@ -67,7 +69,9 @@ class Runtime:
         events = KeyEvents()
         model_ids = lambda: config.model_ids  # noqa: E731 - the catalog is fixed for the process's life
         passwords = Passwords()
-        accounts = AccountService(engine, passwords, model_ids, project_keys_invalidator(events))
+        sessions = SessionPolicy(max_age=timedelta(seconds=settings.session_max_age_seconds),
+                                 idle=timedelta(seconds=settings.session_idle_seconds))
+        accounts = AccountService(engine, passwords, model_ids, project_keys_invalidator(events), sessions=sessions)
         keys = KeyService(engine, accounts, events, model_ids)
         limiter = build_limiter(settings)
         runtime = cls(settings=settings, config=config, engine=engine, events=events, accounts=accounts,
@@ -112,9 +116,14 @@ def build_console_app(runtime: Runtime, extra_routes: list[BaseRoute] | None = N
     """The console listener's ASGI app: the console API under /v1 and the web console at /."""
     from quotagate.web.views import WebConsole
 
+    s = runtime.settings
     api = ConsoleAPI(runtime.accounts, runtime.keys, runtime.audit)
+    throttle = SignInThrottle(ThrottlePolicy(free_attempts=s.login_free_attempts,
+                                             address_free_attempts=s.login_address_free_attempts,
+                                             max_delay=float(s.login_max_delay_seconds)))
+    gate = HashGate(s.login_hash_concurrency, s.login_hash_queue)
     web = WebConsole(runtime.accounts, runtime.keys, lambda: runtime.config.model_ids,
-                     usage=runtime.extras.get("web_usage"))
+                     usage=runtime.extras.get("web_usage"), throttle=throttle, gate=gate, origin=s.console_origin)
 
     usage_handlers, metering_routes = metering_console_routes(runtime)
     routes: list[BaseRoute] = [Route("/healthz", _healthz), *metering_routes,

@@ -50,9 +50,36 @@ class Settings(BaseModel):
     llm_max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     database_pool_size: int = Field(default=10, ge=1, le=1000,
                                     description="PostgreSQL connections kept per process (as many again on demand)")
+    session_max_age_seconds: int = Field(default=14 * 86400, ge=1, description="a web console session ends this "
+                                         "long after sign-in, however much it is used")
+    session_idle_seconds: int = Field(default=86400, ge=1, description="a web console session ends when unused "
+                                      "for this long")
+    login_free_attempts: int = Field(default=5, ge=1, le=1000, description="sign-in attempts per email and "
+                                     "client address before each further one must wait (1 s, 2 s, 4 s, ...)")
+    login_address_free_attempts: int = Field(default=20, ge=1, le=100000, description="sign-in attempts per "
+                                             "client address, whatever the emails, before the delays start")
+    login_max_delay_seconds: int = Field(default=900, ge=1, le=86400, description="the longest wait the "
+                                         "sign-in throttle imposes between two attempts")
+    login_hash_concurrency: int | None = Field(default=None, ge=1, le=256, description="password checks run at "
+                                               "once (each takes 64 MiB); default: the cores, at most 8")
+    login_hash_queue: int = Field(default=16, ge=0, le=10000, description="sign-ins that may wait for a password "
+                                  "check; more are answered 503 at once")
+    console_origin: str | None = Field(default=None, description="the web console's public origin "
+                                       "(https://console.example.com); sign-in posts from elsewhere are refused")
     shipper_nice: int = Field(default=19, ge=0, le=19, description="the usage shipper process's niceness: "
                               "19 lets serving come first; lower it if usage must reach the store sooner on a "
                               "saturated core")
+
+    @field_validator("console_origin")
+    @classmethod
+    def _an_origin(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        origin = value.strip().rstrip("/").lower()
+        scheme, _, rest = origin.partition("://")
+        if scheme not in ("http", "https") or not rest or "/" in rest or "?" in rest or "#" in rest:
+            raise ValueError("must be an origin: http(s)://HOST[:PORT], with no path")
+        return origin
 
     @field_validator("database_url")
     @classmethod

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from quotagate.ids import isoformat
+from quotagate.ids import isoformat, utcnow
 
 Role = Literal["owner", "member", "viewer"]
+TokenKind = Literal["api", "session"]  # a console API access token, or a web console session
 ROLES: tuple[Role, ...] = ("viewer", "member", "owner")  # in rising order of power
 
 
@@ -74,9 +75,17 @@ class AccessToken:
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None
+    kind: TokenKind = "api"
+    expires_at: datetime | None = None  # sessions only: the earlier of the absolute and the idle expiry
+
+    @property
+    def status(self) -> str:
+        if self.revoked_at:
+            return "revoked"
+        return "expired" if self.expires_at is not None and self.expires_at <= utcnow() else "active"
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "object": "access_token", "name": self.name, "prefix": self.prefix,
-                "status": "revoked" if self.revoked_at else "active",
+                "kind": self.kind, "status": self.status,
                 "created_at": isoformat(self.created_at), "last_used_at": isoformat(self.last_used_at),
-                "revoked_at": isoformat(self.revoked_at)}
+                "expires_at": isoformat(self.expires_at), "revoked_at": isoformat(self.revoked_at)}

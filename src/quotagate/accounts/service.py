@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, Row, func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from quotagate.accounts.models import AccessToken, Actor, Member, Project, Role, User, role_at_least
+from quotagate.accounts.models import (
+    AccessToken,
+    Actor,
+    Member,
+    Project,
+    Role,
+    TokenKind,
+    User,
+    role_at_least,
+)
 from quotagate.accounts.passwords import MAX_LENGTH, MIN_LENGTH, Passwords
 from quotagate.accounts.schemas import EMAIL_PATTERN, MemberAdd, MemberUpdate, ProjectCreate, ProjectUpdate
 from quotagate.audit import record
@@ -30,6 +40,26 @@ NAME_MAX = 200
 # last_used_at of an access token is written at most this often, so reads stay reads.
 TOKEN_TOUCH_INTERVAL = timedelta(seconds=60)
 
+API_TOKEN: TokenKind = "api"  # noqa: S105 - a kind, not a password
+WEB_SESSION: TokenKind = "session"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPolicy:
+    """How long a web session lasts on the server: ``max_age`` from sign-in whatever happens, and
+    ``idle`` since it was last used."""
+
+    max_age: timedelta = timedelta(days=14)
+    idle: timedelta = timedelta(hours=24)
+
+    @property
+    def touch_interval(self) -> timedelta:
+        # Often enough that an active session never looks idle.
+        return min(TOKEN_TOUCH_INTERVAL, self.idle / 4)
+
+    def expires_at(self, created_at: datetime, last_used_at: datetime | None) -> datetime:
+        return min(created_at + self.max_age, (last_used_at or created_at) + self.idle)
+
 
 def normalise_email(email: str) -> str:
     email = email.strip().lower()
@@ -42,16 +72,20 @@ def _user(row: Row[Any]) -> User:
     return User(id=row.id, email=row.email, is_admin=bool(row.is_admin), created_at=row.created_at)
 
 
-def _token(row: Row[Any]) -> AccessToken:
+def _token(row: Row[Any], sessions: SessionPolicy) -> AccessToken:
+    expires_at = sessions.expires_at(row.created_at, row.last_used_at) if row.kind == WEB_SESSION else None
     return AccessToken(id=row.id, name=row.name, prefix=row.prefix, created_at=row.created_at,
-                       last_used_at=row.last_used_at, revoked_at=row.revoked_at)
+                       last_used_at=row.last_used_at, revoked_at=row.revoked_at, kind=row.kind,
+                       expires_at=expires_at)
 
 
 class AccountService:
     def __init__(self, engine: Engine, passwords: Passwords, model_ids: Callable[[], frozenset[str]],
-                 on_project_models_changed: Callable[[Connection, str], Callable[[], None]]) -> None:
+                 on_project_models_changed: Callable[[Connection, str], Callable[[], None]], *,
+                 sessions: SessionPolicy | None = None) -> None:
         """``on_project_models_changed(conn, project_id)`` runs inside the transaction and returns a
         callback to run after commit (the key service uses it to invalidate the project's keys)."""
+        self.sessions = sessions or SessionPolicy()
         self._engine = engine
         self._passwords = passwords
         self._model_ids = model_ids
@@ -88,8 +122,10 @@ class AccountService:
         return _user(row)
 
     # -- access tokens -----------------------------------------------------------------------
-    def create_token(self, user: User, name: str = "console") -> tuple[AccessToken, str]:
-        """A new access token for ``user``; the secret is returned here and never again."""
+    def create_token(self, user: User, name: str = "console", *,
+                     kind: TokenKind = API_TOKEN) -> tuple[AccessToken, str]:
+        """A new access token (or, with ``kind="session"``, a web session) for ``user``; the secret is
+        returned here and never again."""
         try:
             name = clean_name(name)
         except ValueError as exc:
@@ -99,27 +135,45 @@ class AccountService:
         secret = secrets.generate(secrets.ACCESS_TOKEN_KIND)
         now = utcnow()
         token = AccessToken(id=new_id("tok"), name=name, prefix=secrets.masked_prefix(secret),
-                            created_at=now, last_used_at=None, revoked_at=None)
+                            created_at=now, last_used_at=None, revoked_at=None, kind=kind,
+                            expires_at=self.sessions.expires_at(now, None) if kind == WEB_SESSION else None)
         with self._engine.begin() as conn:
             conn.execute(access_tokens.insert().values(
                 id=token.id, user_id=user.id, name=name, token_hash=secrets.hash_secret(secret),
-                prefix=token.prefix, created_at=now))
+                prefix=token.prefix, created_at=now, kind=kind))
         return token, secret
 
     def authenticate_token(self, secret: str) -> tuple[User, str]:
-        """The user an access token belongs to, and the token's id; Unauthenticated otherwise."""
+        """The user an access token belongs to, and the token's id; Unauthenticated otherwise (also for a
+        web session's token: sessions are for the web console only)."""
+        return self._authenticate(secret, API_TOKEN)
+
+    def authenticate_session(self, secret: str) -> tuple[User, str]:
+        """The user a web session belongs to, and its id; Unauthenticated when it is unknown, revoked,
+        past its absolute lifetime or idle for too long, or an API access token."""
+        return self._authenticate(secret, WEB_SESSION)
+
+    def _authenticate(self, secret: str, kind: TokenKind) -> tuple[User, str]:
         if not secrets.is_well_formed(secret, secrets.ACCESS_TOKEN_KIND):
             raise Unauthenticated("the access token is malformed")
         with self._engine.connect() as conn:
             row = conn.execute(
                 select(users, access_tokens.c.id.label("token_id"), access_tokens.c.revoked_at,
-                       access_tokens.c.last_used_at)
+                       access_tokens.c.last_used_at, access_tokens.c.kind,
+                       access_tokens.c.created_at.label("token_created_at"))
                 .join(access_tokens, access_tokens.c.user_id == users.c.id)
                 .where(access_tokens.c.token_hash == secrets.hash_secret(secret))).first()
-        if row is None or row.revoked_at is not None:
+        # A session's token and an API token look alike; which one it is lives only here, so a stolen
+        # session cookie is no bearer token for the API (nor an API token a session).
+        if row is None or row.revoked_at is not None or row.kind != kind:
             raise Unauthenticated("the access token is unknown or revoked")
         now = utcnow()
-        if row.last_used_at is None or now - row.last_used_at > TOKEN_TOUCH_INTERVAL:
+        touch = TOKEN_TOUCH_INTERVAL
+        if kind == WEB_SESSION:
+            if now >= self.sessions.expires_at(row.token_created_at, row.last_used_at):
+                raise Unauthenticated("the session has expired; sign in again")
+            touch = self.sessions.touch_interval
+        if row.last_used_at is None or now - row.last_used_at > touch:
             with self._engine.begin() as conn:
                 conn.execute(update(access_tokens).where(access_tokens.c.id == row.token_id)
                              .values(last_used_at=now))
@@ -129,7 +183,7 @@ class AccountService:
         with self._engine.connect() as conn:
             rows = conn.execute(select(access_tokens).where(access_tokens.c.user_id == user.id)
                                 .order_by(access_tokens.c.created_at.desc(), access_tokens.c.id.desc())).all()
-        return [_token(r) for r in rows]
+        return [_token(r, self.sessions) for r in rows]
 
     def revoke_token(self, user: User, token_id: str) -> AccessToken:
         """Revoke one of ``user``'s own tokens; repeating it is harmless."""
@@ -142,7 +196,7 @@ class AccountService:
                 conn.execute(update(access_tokens).where(access_tokens.c.id == token_id)
                              .values(revoked_at=utcnow()))
                 row = conn.execute(select(access_tokens).where(access_tokens.c.id == token_id)).one()
-        return _token(row)
+        return _token(row, self.sessions)
 
     # -- projects ----------------------------------------------------------------------------
     def _check_models(self, models: Iterable[str] | None) -> tuple[str, ...] | None:

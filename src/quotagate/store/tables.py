@@ -76,6 +76,8 @@ access_tokens = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("last_used_at", UTCDateTime, nullable=True),
     Column("revoked_at", UTCDateTime, nullable=True),
+    # "api": a console API access token; "session": a web console session (never accepted by the API).
+    Column("kind", String(16), nullable=False, server_default="api"),
 )
 
 projects = Table(

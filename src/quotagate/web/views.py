@@ -3,11 +3,12 @@ calls the same service, and renders the result or the service's error next to th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
@@ -20,6 +21,8 @@ from starlette.templating import Jinja2Templates
 
 from quotagate.accounts.models import Actor, Project
 from quotagate.accounts.service import AccountService
+from quotagate.accounts.signin import GateFull, HashGate, SignInThrottle
+from quotagate.console.http import read_body
 from quotagate.errors import InvalidRequest, NotFound, QuotagateError, Unauthenticated
 from quotagate.ids import utcnow
 from quotagate.keys.models import PERIODS, InferenceKey
@@ -27,7 +30,7 @@ from quotagate.keys.schemas import KeyCreate, KeyUpdate, RotateRequest
 from quotagate.keys.service import KeyService
 from quotagate.validation import parse_model
 from quotagate.web import charts
-from quotagate.web.session import COOKIE, SESSION_TOKEN_NAME, SignInThrottle, csrf_ok, csrf_token
+from quotagate.web.session import COOKIE, SESSION_TOKEN_NAME, csrf_ok, csrf_token
 
 HERE = Path(__file__).parent
 UsageQuery = Callable[[Actor, str, datetime, datetime, str], dict[str, Any]]
@@ -75,6 +78,8 @@ def fill_series(points: list[dict[str, Any]], start: datetime, end: datetime,
 
 # Keys shown per page of the web console's key list.
 KEYS_PER_PAGE = 100
+# The sign-in form is an email, a password (at most 1024 characters) and a path to go back to.
+LOGIN_MAX_BODY_BYTES = 16 * 1024
 
 class Page:
     """One request's context: the signed-in actor (if any), the session secret and the CSRF token."""
@@ -88,12 +93,17 @@ class Page:
 
 class WebConsole:
     def __init__(self, accounts: AccountService, keys: KeyService, catalog: Callable[[], frozenset[str]],
-                 usage: UsageQuery | None = None, throttle: SignInThrottle | None = None) -> None:
+                 usage: UsageQuery | None = None, throttle: SignInThrottle | None = None,
+                 gate: HashGate | None = None, origin: str | None = None) -> None:
+        """``origin``: the console's public origin, which sign-in posts must come from; None: the origin
+        each request was addressed to (its scheme and Host header)."""
         self.accounts = accounts
         self.keys = keys
         self._catalog = catalog
         self.usage = usage
         self.throttle = throttle or SignInThrottle()
+        self.gate = gate or HashGate()
+        self.origin = origin
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.globals.update(human=charts.human, limits_text=limits_text, periods=PERIODS)
 
@@ -103,7 +113,7 @@ class WebConsole:
         if not secret:
             return Page(request, None, None)
         try:
-            user, token_id = await run_in_threadpool(self.accounts.authenticate_token, secret)
+            user, token_id = await run_in_threadpool(self.accounts.authenticate_session, secret)
         except Unauthenticated:
             return Page(request, None, None)
         ip = request.client.host if request.client else None
@@ -154,29 +164,59 @@ class WebConsole:
             return RedirectResponse("/", status_code=303)
         return self.render(page, "login.html", next=request.query_params.get("next", "/"))
 
+    def _from_our_page(self, request: Request) -> bool:
+        """Whether a sign-in post comes from the console's own page (login CSRF: another site's form must
+        not sign a browser in as the attacker). Browsers send Origin (and Sec-Fetch-Site) with every
+        form POST; a client that sends neither is no browser, and cannot be forged into one."""
+        site = request.headers.get("sec-fetch-site")
+        if site is not None and site != "same-origin":
+            return False
+        origin = request.headers.get("origin")
+        if origin is None:
+            return True
+        expected = self.origin or f"{request.url.scheme}://{request.headers.get('host', '')}"
+        return origin.lower() == expected.lower()
+
     async def login(self, request: Request) -> Response:
-        form = await request.form(max_files=0, max_fields=10)
-        email = str(form.get("email", "")).strip().lower()
-        password = str(form.get("password", ""))
-        nxt = str(form.get("next", "/"))
-        nxt = nxt if nxt.startswith("/") and not nxt.startswith("//") else "/"
         page = Page(request, None, None)
-        ip = request.client.host if request.client else None
-        wait = self.throttle.retry_after(email, ip)
-        if wait > 0:
-            return self.render(page, "login.html", 429, email=email, next=nxt,
-                               error=f"Too many failed attempts. Try again in {int(wait) + 1} seconds.")
         try:
-            user = await self.call(self.accounts.authenticate_password, email, password)
+            body = await read_body(request, LOGIN_MAX_BODY_BYTES)
+        except QuotagateError as exc:
+            return self.render(page, "login.html", exc.status, next="/", error=exc.message)
+        form = dict(parse_qsl(body.decode("utf-8", "replace"), max_num_fields=10))
+        email = form.get("email", "").strip().lower()
+        password = form.get("password", "")
+        nxt = form.get("next", "/")
+        nxt = nxt if nxt.startswith("/") and not nxt.startswith("//") else "/"
+        if not self._from_our_page(request):
+            return self.render(page, "login.html", 403, email=email, next=nxt,
+                               error="Sign-in from another site was refused. Sign in on this page.")
+        ip = request.client.host if request.client else None
+        # Recorded before the password is checked, in one step with the check of the count: simultaneous
+        # attempts cannot all get through (they all used to be checked).
+        wait = self.throttle.admit(email, ip)
+        if wait > 0:
+            seconds = math.ceil(wait)
+            response = self.render(page, "login.html", 429, email=email, next=nxt,
+                                   error=f"Too many failed attempts. Try again in {seconds} seconds.")
+            response.headers["Retry-After"] = str(seconds)
+            return response
+        try:
+            user = await self.gate.run(self.accounts.authenticate_password, email, password)
+        except GateFull:
+            self.throttle.refund(email, ip)
+            response = self.render(page, "login.html", 503, email=email, next=nxt,
+                                   error="Too many sign-ins at this moment. Try again in a second.")
+            response.headers["Retry-After"] = "1"
+            return response
         except (Unauthenticated, InvalidRequest):
-            self.throttle.failed(email, ip)
             return self.render(page, "login.html", 401, email=email, next=nxt, error="Wrong email or password.")
-        self.throttle.succeeded(email)
-        _token, secret = await self.call(self.accounts.create_token, user, SESSION_TOKEN_NAME)
-        response = RedirectResponse(nxt, status_code=303)
-        response.set_cookie(COOKIE, secret, httponly=True, samesite="lax", secure=request.url.scheme == "https",
-                            max_age=14 * 86400, path="/")
-        return response
+        self.throttle.succeeded(email, ip)
+        _token, secret = await self.call(self.accounts.create_token, user, SESSION_TOKEN_NAME, kind="session")
+        signed_in = RedirectResponse(nxt, status_code=303)
+        signed_in.set_cookie(COOKIE, secret, httponly=True, samesite="lax", secure=request.url.scheme == "https",
+                             max_age=int(self.accounts.sessions.max_age.total_seconds()), path="/")
+        return signed_in
 
     async def logout(self, request: Request) -> Response:
         page = await self._page(request)
