@@ -71,7 +71,8 @@ class Runtime:
         passwords = Passwords()
         sessions = SessionPolicy(max_age=timedelta(seconds=settings.session_max_age_seconds),
                                  idle=timedelta(seconds=settings.session_idle_seconds))
-        accounts = AccountService(engine, passwords, model_ids, project_keys_invalidator(events), sessions=sessions)
+        accounts = AccountService(engine, passwords, model_ids, project_keys_invalidator(events), sessions=sessions,
+                                  max_projects_per_user=settings.max_projects_per_user)
         keys = KeyService(engine, accounts, events, model_ids)
         limiter = build_limiter(settings)
         runtime = cls(settings=settings, config=config, engine=engine, events=events, accounts=accounts,

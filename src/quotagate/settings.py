@@ -64,6 +64,8 @@ class Settings(BaseModel):
                                                "once (each takes 64 MiB); default: the cores, at most 8")
     login_hash_queue: int = Field(default=16, ge=0, le=10000, description="sign-ins that may wait for a password "
                                   "check; more are answered 503 at once")
+    max_projects_per_user: int = Field(default=100, ge=0, le=1_000_000, description="projects one user may "
+                                       "create (instance admins: no limit)")
     console_origin: str | None = Field(default=None, description="the web console's public origin "
                                        "(https://console.example.com); sign-in posts from elsewhere are refused")
     shipper_nice: int = Field(default=19, ge=0, le=19, description="the usage shipper process's niceness: "

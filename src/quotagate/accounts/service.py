@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Row, func, select, update
+from sqlalchemy import Connection, Engine, Row, and_, func, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from quotagate.accounts.models import (
@@ -72,6 +72,11 @@ def _user(row: Row[Any]) -> User:
     return User(id=row.id, email=row.email, is_admin=bool(row.is_admin), created_at=row.created_at)
 
 
+def _project(row: Row[Any], role: Role) -> Project:
+    return Project(id=row.id, name=row.name, models=tuple(row.models) if row.models is not None else None,
+                   created_at=row.created_at, updated_at=row.updated_at, role=role)
+
+
 def _token(row: Row[Any], sessions: SessionPolicy) -> AccessToken:
     expires_at = sessions.expires_at(row.created_at, row.last_used_at) if row.kind == WEB_SESSION else None
     return AccessToken(id=row.id, name=row.name, prefix=row.prefix, created_at=row.created_at,
@@ -82,10 +87,11 @@ def _token(row: Row[Any], sessions: SessionPolicy) -> AccessToken:
 class AccountService:
     def __init__(self, engine: Engine, passwords: Passwords, model_ids: Callable[[], frozenset[str]],
                  on_project_models_changed: Callable[[Connection, str], Callable[[], None]], *,
-                 sessions: SessionPolicy | None = None) -> None:
+                 sessions: SessionPolicy | None = None, max_projects_per_user: int = 100) -> None:
         """``on_project_models_changed(conn, project_id)`` runs inside the transaction and returns a
         callback to run after commit (the key service uses it to invalidate the project's keys)."""
         self.sessions = sessions or SessionPolicy()
+        self.max_projects_per_user = max_projects_per_user
         self._engine = engine
         self._passwords = passwords
         self._model_ids = model_ids
@@ -210,16 +216,31 @@ class AccountService:
         return tuple(dict.fromkeys(models))
 
     def create_project(self, actor: Actor, body: ProjectCreate) -> Project:
+        """A new project, owned by the actor; Conflict ``project_limit_reached`` when a user who is not an
+        admin has created ``max_projects_per_user`` already."""
         models = self._check_models(body.models)
         now = utcnow()
         pid = new_id("proj")
         with self._engine.begin() as conn:
+            if not actor.user.is_admin:
+                self._check_project_quota(conn, actor.user)
             conn.execute(projects.insert().values(id=pid, name=body.name, models=list(models) if models else None,
-                                                  created_at=now, updated_at=now))
+                                                  created_at=now, updated_at=now, created_by=actor.user.id))
             conn.execute(memberships.insert().values(project_id=pid, user_id=actor.user.id, role="owner",
                                                      created_at=now))
             record(conn, actor, pid, "project.created", "project", pid, {"name": body.name})
         return Project(id=pid, name=body.name, models=models, created_at=now, updated_at=now, role="owner")
+
+    def _check_project_quota(self, conn: Connection, user: User) -> None:
+        # The user's row is locked (PostgreSQL; SQLite's writers take turns anyway), so that simultaneous
+        # creations are counted one after the other and cannot all pass the check.
+        conn.execute(select(users.c.id).where(users.c.id == user.id).with_for_update())
+        made = conn.execute(select(func.count()).select_from(projects)
+                            .where(projects.c.created_by == user.id)).scalar_one()
+        if made >= self.max_projects_per_user:
+            raise Conflict(f"you have created {made} projects, the most a user may create "
+                           f"(max_projects_per_user = {self.max_projects_per_user}); ask an instance admin "
+                           "to raise QUOTAGATE_MAX_PROJECTS_PER_USER", code="project_limit_reached")
 
     def role_in(self, conn: Connection, actor: Actor, project_id: str, *, lock: bool = False) -> Role:
         """The actor's role in the project; NotFound if it does not exist or they are not in it.
@@ -249,21 +270,29 @@ class AccountService:
             self.require(conn, actor, project_id, needed)
 
     def _project(self, conn: Connection, project_id: str, role: Role) -> Project:
-        row = conn.execute(select(projects).where(projects.c.id == project_id)).one()
-        return Project(id=row.id, name=row.name, models=tuple(row.models) if row.models is not None else None,
-                       created_at=row.created_at, updated_at=row.updated_at, role=role)
+        return _project(conn.execute(select(projects).where(projects.c.id == project_id)).one(), role)
 
-    def list_projects(self, actor: Actor) -> list[Project]:
+    def list_projects(self, actor: Actor, *, limit: int | None = None, before: str | None = None) -> list[Project]:
+        """The actor's projects (every project for an admin), newest first, in one query: at most ``limit``
+        of them, those after project ``before`` (a cursor: the last id of the previous page)."""
+        admin = actor.user.is_admin
+        if admin:
+            query = select(projects, literal("owner").label("role"))
+        else:
+            query = (select(projects, memberships.c.role)
+                     .join(memberships, memberships.c.project_id == projects.c.id)
+                     .where(memberships.c.user_id == actor.user.id))
         with self._engine.connect() as conn:
-            if actor.user.is_admin:
-                rows = conn.execute(select(projects.c.id)).all()
-                pairs: list[tuple[str, Role]] = [(r.id, "owner") for r in rows]
-            else:
-                rows = conn.execute(select(memberships.c.project_id, memberships.c.role)
-                                    .where(memberships.c.user_id == actor.user.id)).all()
-                pairs = [(r.project_id, cast(Role, r.role)) for r in rows]
-            found = [self._project(conn, pid, role) for pid, role in pairs]
-        return sorted(found, key=lambda p: (p.created_at, p.id), reverse=True)
+            if before is not None:
+                cursor = conn.execute(query.with_only_columns(projects.c.created_at)
+                                      .where(projects.c.id == before)).first()
+                if cursor is None:
+                    raise InvalidRequest(f"before: no project {before!r} of yours", field="before")
+                query = query.where(or_(projects.c.created_at < cursor.created_at,
+                                        and_(projects.c.created_at == cursor.created_at, projects.c.id < before)))
+            query = query.order_by(projects.c.created_at.desc(), projects.c.id.desc())
+            rows = conn.execute(query if limit is None else query.limit(limit)).all()
+        return [_project(row, cast(Role, row.role)) for row in rows]
 
     def get_project(self, actor: Actor, project_id: str) -> Project:
         with self._engine.connect() as conn:

@@ -36,6 +36,7 @@ def check_params(call: Call, allowed: frozenset[str]) -> None:
 
 
 KEY_LIST_PARAMS = frozenset({"include_archived", "limit", "before", "starting_after"})
+PROJECT_LIST_PARAMS = frozenset({"limit", "before", "starting_after"})
 
 
 class ConsoleAPI:
@@ -76,7 +77,13 @@ class ConsoleAPI:
         return 201, self.accounts.create_project(call.actor, call.json(ProjectCreate)).to_json()
 
     def list_projects(self, call: Call) -> Result:
-        return 200, {"object": "list", "data": [p.to_json() for p in self.accounts.list_projects(call.actor)]}
+        check_params(call, PROJECT_LIST_PARAMS)
+        limit = page_limit(call)
+        before = call.query.get("before") or call.query.get("starting_after")
+        found = self.accounts.list_projects(call.actor, limit=limit + 1, before=before)
+        more = len(found) > limit
+        return 200, {"object": "list", "data": [p.to_json() for p in found[:limit]], "has_more": more,
+                     "next_cursor": found[limit - 1].id if more else None}
 
     def get_project(self, call: Call) -> Result:
         return 200, self.accounts.get_project(call.actor, call.path["projectId"]).to_json()

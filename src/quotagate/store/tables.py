@@ -89,6 +89,9 @@ projects = Table(
     Column("models", JSON, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    # Who created it (None before migration 0004 found no record): counted by the per-user project quota.
+    Column("created_by", String(40), nullable=True, index=True),
+    Index("ix_projects_created", "created_at", "id"),
 )
 
 memberships = Table(

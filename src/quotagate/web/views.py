@@ -23,7 +23,7 @@ from quotagate.accounts.models import Actor, Project
 from quotagate.accounts.service import AccountService
 from quotagate.accounts.signin import GateFull, HashGate, SignInThrottle
 from quotagate.console.http import read_body
-from quotagate.errors import InvalidRequest, NotFound, QuotagateError, Unauthenticated
+from quotagate.errors import Conflict, InvalidRequest, NotFound, QuotagateError, Unauthenticated
 from quotagate.ids import utcnow
 from quotagate.keys.models import PERIODS, InferenceKey
 from quotagate.keys.schemas import KeyCreate, KeyUpdate, RotateRequest
@@ -78,6 +78,9 @@ def fill_series(points: list[dict[str, Any]], start: datetime, end: datetime,
 
 # Keys shown per page of the web console's key list.
 KEYS_PER_PAGE = 100
+# Projects per page of /projects, and in the top bar's picker (which also offers "All projects…").
+PROJECTS_PER_PAGE = 100
+PICKER_SIZE = 50
 # The sign-in form is an email, a password (at most 1024 characters) and a path to go back to.
 LOGIN_MAX_BODY_BYTES = 16 * 1024
 
@@ -230,15 +233,32 @@ class WebConsole:
     # -- projects ------------------------------------------------------------------------------
     async def home(self, page: Page) -> Response:
         assert page.actor is not None
-        projects = await self.call(self.accounts.list_projects, page.actor)
+        projects = await self.call(self.accounts.list_projects, page.actor, limit=1)
         if projects:
             return RedirectResponse(f"/projects/{projects[0].id}/keys", status_code=303)
         return RedirectResponse("/projects", status_code=303)
 
-    async def projects(self, page: Page) -> Response:
+    async def projects(self, page: Page, status: int = 200, **extra: Any) -> Response:
+        """One page of the user's projects, newest first, and the form to create one."""
         assert page.actor is not None
-        projects = await self.call(self.accounts.list_projects, page.actor)
-        return self.render(page, "projects.html", projects=projects, project=None)
+        before = page.request.query_params.get("before") or None
+        try:
+            found = await self.call(self.accounts.list_projects, page.actor, limit=PROJECTS_PER_PAGE + 1,
+                                    before=before)
+        except InvalidRequest as exc:
+            return self.render(page, "error.html", 400, title="No such page", message=exc.message)
+        older = found[PROJECTS_PER_PAGE - 1].id if len(found) > PROJECTS_PER_PAGE else None
+        found = found[:PROJECTS_PER_PAGE]
+        return self.render(page, "projects.html", status, projects=found, picker=found[:PICKER_SIZE],
+                           project=None, older=older, paged=before is not None, **extra)
+
+    async def picker(self, page: Page, current: Project | None = None) -> list[Project]:
+        """The projects in the top bar's picker: the newest few (one query), and the current one."""
+        assert page.actor is not None
+        shown: list[Project] = await self.call(self.accounts.list_projects, page.actor, limit=PICKER_SIZE)
+        if current is not None and all(p.id != current.id for p in shown):
+            shown.append(current)
+        return shown
 
     async def go_to_project(self, page: Page) -> Response:
         """The project picker without JavaScript: a GET form whose value is the page to open."""
@@ -252,10 +272,8 @@ class WebConsole:
         try:
             body = parse_model(ProjectCreate, {"name": str(form.get("name", ""))})
             project = await self.call(self.accounts.create_project, page.actor, body)
-        except InvalidRequest as exc:
-            projects = await self.call(self.accounts.list_projects, page.actor)
-            return self.render(page, "projects.html", 400, projects=projects, project=None,
-                               errors={exc.field or "name": exc.message})
+        except (InvalidRequest, Conflict) as exc:
+            return await self.projects(page, exc.status, errors={exc.field or "name": exc.message})
         return RedirectResponse(f"/projects/{project.id}/keys", status_code=303)
 
     # -- keys ----------------------------------------------------------------------------------
@@ -270,9 +288,9 @@ class WebConsole:
                                limit=KEYS_PER_PAGE + 1, before=before)
         older = keys[KEYS_PER_PAGE - 1].id if len(keys) > KEYS_PER_PAGE else None
         keys = keys[:KEYS_PER_PAGE]
-        projects = await self.call(self.accounts.list_projects, page.actor)
         models = sorted(project.models) if project.models is not None else sorted(self._catalog())
-        return self.render(page, "keys.html", status, project=project, projects=projects, keys=keys,
+        return self.render(page, "keys.html", status, project=project, picker=await self.picker(page, project),
+                           keys=keys,
                            show_archived=show_archived, models=models, now=utcnow(), older=older,
                            paged=before is not None,
                            can_write=project.role != "viewer", **extra)
@@ -329,7 +347,6 @@ class WebConsole:
         assert page.actor is not None
         key: InferenceKey = await self.call(self.keys.get, page.actor, key_id)
         project: Project = await self.call(self.accounts.get_project, page.actor, key.project_id)
-        projects = await self.call(self.accounts.list_projects, page.actor)
         rng = page.request.query_params.get("range", "day")
         if rng not in RANGES:
             rng = "day"
@@ -350,7 +367,8 @@ class WebConsole:
                                                         label=f"Budget used this {budget['period']}")
             activity = usage.get("activity", [])
         models = sorted(project.models) if project.models is not None else sorted(self._catalog())
-        return self.render(page, "key.html", status, key=key, project=project, projects=projects, now=utcnow(),
+        return self.render(page, "key.html", status, key=key, project=project, picker=await self.picker(page, project),
+                           now=utcnow(),
                            can_write=project.role != "viewer", usage=usage, activity=activity, charts=charts_svg,
                            range=rng, models=models, **extra)
 
@@ -388,8 +406,7 @@ class WebConsole:
     async def _tokens_page(self, page: Page, status: int = 200, **extra: Any) -> Response:
         assert page.actor is not None
         tokens = await self.call(self.accounts.list_tokens, page.actor.user)
-        projects = await self.call(self.accounts.list_projects, page.actor)
-        return self.render(page, "tokens.html", status, tokens=tokens, projects=projects, project=None,
+        return self.render(page, "tokens.html", status, tokens=tokens, picker=await self.picker(page), project=None,
                            current_token=page.actor.token_id, **extra)
 
     async def token_action(self, page: Page, form: FormData) -> Response:
