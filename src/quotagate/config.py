@@ -6,6 +6,7 @@ id = "qwen3.6-27b"
 type = "chat"                                # "chat" or "embedding"
 upstreams = ["http://127.0.0.1:8000/v1"]
 upstream_api_key_env = "VLLM_API_KEY"        # optional
+context_length = 32768                       # optional: the model's context, in tokens
 
 [simulator]                                  # optional: a simulated model server, for demos and tests
 port = 8402
@@ -38,6 +39,7 @@ class _ModelEntry(BaseModel):
     upstreams: list[str] = Field(min_length=1)
     upstream_api_key_env: str | None = None
     timeout_seconds: float = Field(default=600.0, gt=0)
+    context_length: int | None = Field(default=None, gt=0, le=100_000_000)
 
     @field_validator("upstreams")
     @classmethod
@@ -76,6 +78,7 @@ class _GatewayEntry(BaseModel):
 
     default_max_tokens: int = Field(default=4096, gt=0, description="max_tokens the gateway sets when absent")
     connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    upstream_request_id: Literal["uuid", "none"] = "uuid"
 
 
 class _ConfigFile(BaseModel):
@@ -93,6 +96,7 @@ class ModelSpec:
     upstreams: tuple[str, ...]
     upstream_api_key_env: str | None = None
     timeout_seconds: float = 600.0
+    context_length: int | None = None   # the model's context in tokens: no completion is longer
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +110,7 @@ class SimulatorSpec:
 class GatewaySpec:
     default_max_tokens: int = 4096
     connect_timeout_seconds: float = 5.0
+    upstream_request_id: Literal["uuid", "none"] = "uuid"   # X-Request-Id to the model servers, or none
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,11 +165,13 @@ def parse_config(text: str, source: str = "<string>") -> Config:
             upstreams=tuple(entry.upstreams),
             upstream_api_key_env=entry.upstream_api_key_env,
             timeout_seconds=entry.timeout_seconds,
+            context_length=entry.context_length,
         )
     sim = parsed.simulator
     return Config(
         models=models,
         simulator=SimulatorSpec(sim.host, sim.port, sim.tokens_per_second) if sim else None,
-        gateway=GatewaySpec(parsed.gateway.default_max_tokens, parsed.gateway.connect_timeout_seconds),
+        gateway=GatewaySpec(parsed.gateway.default_max_tokens, parsed.gateway.connect_timeout_seconds,
+                            parsed.gateway.upstream_request_id),
         source=source,
     )

@@ -14,6 +14,17 @@ with ``extra_body={"fake": {...}}``):
     hang_after      (stream) hang after this many token chunks
     die_after       (stream) drop the connection after this many token chunks
     token_delay     (stream) seconds between token chunks
+    tool_call       (stream) answer with one forced tool call: a name chunk, then one chunk per argument
+                    token, finish_reason "tool_calls"
+    usage_on_finish (stream) put the usage on the finish chunk (as some servers do) instead of a chunk of its own
+    error_body      with ``status``: this JSON body instead of the OpenAI-shaped error
+    stream_error    (stream) send this object as the first event, then end (a server failing mid-stream)
+
+Like real servers, it obeys every completion length field it knows: llama.cpp's ``n_predict`` first
+(it overrides ``max_tokens`` there), then ``max_completion_tokens``, then ``max_tokens``; and ``best_of``
+candidates are generated (and reported) besides the ``n`` returned, as vLLM does. With
+``require_uuid_request_id`` set it answers 400 with an empty body to an X-Request-Id that is not a UUID,
+as llama-cpp-python's server does.
 
 Every request body received is appended to ``requests``, so tests can check what was (not) forwarded.
 Reported prompt tokens are the prompt's text bytes // 2: always within the gateway's honest bound.
@@ -24,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from typing import Any
 
 import orjson
@@ -51,6 +63,8 @@ class FakeUpstream:
         self.requests: list[dict[str, Any]] = []
         self.authorizations: list[str | None] = []
         self.disconnects = 0
+        self.request_ids: list[str | None] = []
+        self.require_uuid_request_id = False
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -96,14 +110,25 @@ class FakeUpstream:
         except orjson.JSONDecodeError:
             body = {}
         self.requests.append(body)
-        auth = dict(scope["headers"]).get(b"authorization")
+        headers = dict(scope["headers"])
+        auth = headers.get(b"authorization")
         self.authorizations.append(auth.decode() if auth else None)
+        rid = headers.get(b"x-request-id")
+        self.request_ids.append(rid.decode() if rid is not None else None)
+        if self.require_uuid_request_id and rid is not None:
+            try:
+                uuid.UUID(rid.decode())
+            except ValueError:
+                await send({"type": "http.response.start", "status": 400, "headers": [(b"content-length", b"0")]})
+                await send({"type": "http.response.body", "body": b""})
+                return
         fake = body.get("fake") or {}
         if self.mode == "hang" or fake.get("hang"):
             await asyncio.sleep(3600)
         status = 500 if self.mode == "error500" else fake.get("status")
         if status:
-            await self._json(send, status, {"error": {"message": f"fake failure {status}", "type": "server_error"}})
+            await self._json(send, status, fake.get("error_body") or
+                             {"error": {"message": f"fake failure {status}", "type": "server_error"}})
             return
         if self.mode == "garbage" or fake.get("garbage"):
             await send({"type": "http.response.start", "status": 200,
@@ -137,11 +162,15 @@ class FakeUpstream:
 
     async def _chat(self, send: Any, receive: Any, body: dict[str, Any], fake: dict[str, Any]) -> None:
         natural = int(fake.get("tokens", 8))
-        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        n_predict = body.get("n_predict")
+        limit = (n_predict if isinstance(n_predict, int) and n_predict >= 0 else None) \
+            or body.get("max_completion_tokens") or body.get("max_tokens")
         count = natural if fake.get("ignore_max") or not limit else min(natural, limit)
         n = body.get("n") or 1
+        generated = max(n, body.get("best_of") or 1)
         prompt = max(1, _text(body.get("messages")) // 2)
-        usage = {"prompt_tokens": prompt, "completion_tokens": count * n, "total_tokens": prompt + count * n}
+        usage = {"prompt_tokens": prompt, "completion_tokens": count * generated,
+                 "total_tokens": prompt + count * generated}
         if fake.get("usage"):
             usage = fake["usage"]
         base = {"id": "chatcmpl-fake", "created": 1, "model": body.get("model")}
@@ -162,6 +191,14 @@ class FakeUpstream:
                         "more_body": True})
 
         chunk = {**base, "object": "chat.completion.chunk"}
+        if fake.get("stream_error"):
+            await event(fake["stream_error"])
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        if fake.get("tool_call"):
+            await self._tool_call_stream(event, chunk, count, usage, body, fake)
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+            return
         await event({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}}
                                           for i in range(n)]})
         delay = float(fake.get("token_delay", 0))
@@ -174,8 +211,28 @@ class FakeUpstream:
                 await asyncio.sleep(delay)
             await event({**chunk, "choices": [{"index": i, "delta": {"content": " tok"}, "finish_reason": None}
                                               for i in range(n)]})
-        await event({**chunk, "choices": [{"index": i, "delta": {}, "finish_reason": finish} for i in range(n)]})
+        final = {**chunk, "choices": [{"index": i, "delta": {}, "finish_reason": finish} for i in range(n)]}
         options = body.get("stream_options") or {}
-        if options.get("include_usage") and not fake.get("no_usage"):
+        wants_usage = options.get("include_usage") and not fake.get("no_usage")
+        if wants_usage and fake.get("usage_on_finish"):
+            final["usage"] = usage
+        await event(final)
+        if wants_usage and not fake.get("usage_on_finish"):
             await event({**chunk, "choices": [], "usage": usage})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    @staticmethod
+    async def _tool_call_stream(event: Any, chunk: dict[str, Any], count: int, usage: dict[str, Any],
+                                body: dict[str, Any], fake: dict[str, Any]) -> None:
+        """A forced tool call as vLLM and llama.cpp stream one: the call's id and name with empty
+        arguments first, then one argument token per chunk."""
+        call = {"index": 0, "id": "call_fake", "type": "function", "function": {"name": "lookup", "arguments": ""}}
+        await event({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [call]},
+                                           "finish_reason": None}]})
+        for t in range(count):
+            piece = '{"q": "' if t == 0 else ("x" if t < count - 1 else '"}')
+            await event({**chunk, "choices": [{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, "function": {"arguments": piece}}]}, "finish_reason": None}]})
+        await event({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+        if (body.get("stream_options") or {}).get("include_usage") and not fake.get("no_usage"):
+            await event({**chunk, "choices": [], "usage": usage})

@@ -8,8 +8,10 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 
+from quotagate.gateway.parsing import parse_chat
 from tests.fakes.upstream import FakeUpstream
 from tests.gateway.conftest import Mint
 from tests.gateway.helpers import budget_remaining, hi, raw, sdk
@@ -101,7 +103,10 @@ def test_over_reported_usage_is_capped_at_the_reservation(gw: Gateway, budget_ke
     r = sdk(gw, budget_key).chat.completions.create(model="chat", messages=hi(), max_tokens=5,
                                                     extra_body={"fake": {"usage": lie}})
     assert r.usage is not None
-    assert r.usage.prompt_tokens < 100 and r.usage.completion_tokens == 5
+    # Charged (and told) the reservation's prompt bound: the bound of this very body.
+    bound = parse_chat(orjson.dumps({"model": "chat", "messages": hi(), "max_tokens": 5,
+                                     "fake": {"usage": lie}})).prompt_bound
+    assert r.usage.prompt_tokens == bound and r.usage.completion_tokens == 5
     assert budget_remaining(gw, budget_key) == LIMIT - r.usage.total_tokens
 
 

@@ -37,7 +37,9 @@ MESSAGES = [{"role": "user", "content": "hello"}]
 MAX_TOKENS = 8
 # The most one request can reserve: the gateway's prompt bound plus its completion allowance. When a
 # limit refuses everything with nothing in flight, less than this is left of it.
-ONE_REQUEST = parse_chat(orjson.dumps({"model": "chat", "messages": MESSAGES})).prompt_bound + MAX_TOKENS
+# (Every field of the body counts into the bound, the fake server's instructions too: the body as sent.)
+ONE_REQUEST = parse_chat(orjson.dumps({"model": "chat", "messages": MESSAGES, "max_tokens": MAX_TOKENS,
+                                       "fake": {"tokens": 8, "token_delay": 0.0}})).prompt_bound + MAX_TOKENS
 
 
 @contextlib.contextmanager

@@ -23,8 +23,10 @@ from quotagate.config import ModelSpec
 from quotagate.gateway import headers as rl
 from quotagate.gateway.errors import ApiError, bad_request
 from quotagate.gateway.keycache import KeyCache
-from quotagate.gateway.parsing import parse_chat, parse_embeddings, text_bytes
+from quotagate.gateway.parsing import LENGTH_FIELDS, parse_chat, parse_embeddings, text_bytes
+from quotagate.gateway.refusals import refusal_error
 from quotagate.gateway.streaming import StreamRelay
+from quotagate.gateway.upstream_errors import upstream_failure
 from quotagate.gateway.usage import charge, reported, usage_object
 from quotagate.httpserver import BODY_ERROR
 from quotagate.keys.models import KeyRecord
@@ -173,8 +175,8 @@ class LLMApp:
         extra: Headers = []
         if exc.status == 429 or exc.retry_after is not None:
             extra = rl.retry_after(exc.retry_after or 1.0)
-            if (exc.retry_after or 0) > 60:
-                extra.append((b"x-should-retry", b"false"))
+            retry = exc.should_retry if exc.should_retry is not None else (exc.retry_after or 0) <= 60
+            extra.append((b"x-should-retry", b"true" if retry else b"false"))
         if exc.status != 503 and call.key is not None and not call.rate_headers and self._rt.limiter is not None:
             with contextlib.suppress(Exception):
                 call.rate_headers = rl.from_state(await self._rt.limiter.state(call.key))
@@ -288,12 +290,7 @@ class LLMApp:
                 # Revoked elsewhere (with Redis: another instance's marker) before this cache heard of it.
                 self._keys.revoked(key.secret_hash)
                 raise ApiError(401, "key_revoked", "This API key has been revoked.")
-            if adm.refusal == "token_limit_exceeded":
-                raise ApiError(429, "token_limit_exceeded", "This key's token budget for the current "
-                               f"{key.token_limit_period} is used up (or too small for this request).",
-                               retry_after=adm.retry_after)
-            raise ApiError(429, "rate_limit_exceeded", "Rate limit reached for this key (requests or tokens "
-                           "per minute).", retry_after=adm.retry_after)
+            raise refusal_error(key, adm, prompt + min_completion)
         call.admission = adm
         return adm
 
@@ -332,23 +329,33 @@ class LLMApp:
         req = parse_chat(raw)
         call.model = req.model
         call.stream = req.stream
-        self._usable(key, req.model, "chat")
-        wanted = req.max_tokens or self._default_max_tokens
+        spec = self._usable(key, req.model, "chat")
+        # The most a choice can generate: what the client asked for, else the model's context (a completion
+        # never outgrows it), else nothing bounds it and the gateway's default becomes the limit.
+        natural = req.max_tokens or spec.context_length
+        wanted = natural or self._default_max_tokens
         adm = await self._admit(call, key, req.prompt_bound, req.n * wanted, req.n)
         body = req.body
         changed = False
         if adm.granted is not None:
             per_choice = min(wanted, adm.granted // req.n)
-            if per_choice != req.max_tokens:
+            # Every length field sent says the grant; one is added only where without it a limit could
+            # be overrun (the client sent none, and nothing else bounds the completion within the grant).
+            present = [name for name in LENGTH_FIELDS if body.get(name) is not None]
+            cap = req.max_tokens is None and (natural is None or per_choice < natural)
+            if cap or any(body[name] != per_choice for name in present):
                 changed = True
-                if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
-                    body["max_completion_tokens"] = per_choice
-                if "max_completion_tokens" not in body or body.get("max_tokens") is not None:
+                for name in present:
+                    body[name] = per_choice
+                if cap and "max_tokens" not in present and "max_completion_tokens" not in present:
                     body["max_tokens"] = per_choice
+                min_tokens = body.get("min_tokens")
+                if type(min_tokens) is int and min_tokens > per_choice:
+                    body["min_tokens"] = per_choice
         if req.stream and not req.include_usage:
             changed = True
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        payload = orjson.dumps(body) if changed else raw
+        payload = orjson.dumps(body) if changed else req.canonical
         granted = None if adm.granted is None else (adm.granted // req.n) * req.n
         response = await self._forward(call, key, adm, req.model, "/chat/completions", payload)
         if req.stream and response.status == 200:
@@ -363,7 +370,7 @@ class LLMApp:
         call.model = req.model
         self._usable(key, req.model, "embedding")
         adm = await self._admit(call, key, req.prompt_bound, 0, 0)
-        response = await self._forward(call, key, adm, req.model, "/embeddings", raw)
+        response = await self._forward(call, key, adm, req.model, "/embeddings", req.canonical)
         granted = None if adm.granted is None else 0
         await self._finish_plain(call, key, adm, response, send, req.prompt_bound, granted, chat=False)
 
@@ -393,7 +400,7 @@ class LLMApp:
                 response.release()
             status = response.status
             if status != 200:
-                raise self._upstream_failure(status, data)
+                raise upstream_failure(status, data)
             try:
                 obj = orjson.loads(data)
             except orjson.JSONDecodeError:
@@ -418,23 +425,6 @@ class LLMApp:
             data = orjson.dumps(obj)
         await self._settle(key, adm, prompt + completion)
         await self._respond(call, send, 200, data, prompt=prompt, completion=completion)
-
-    @staticmethod
-    def _upstream_failure(status: int, data: bytes) -> ApiError:
-        message = None
-        try:
-            obj = orjson.loads(data)
-            err = obj.get("error") if isinstance(obj, dict) else None
-            message = err.get("message") if isinstance(err, dict) else (err if isinstance(err, str) else None)
-            if message is None and isinstance(obj, dict) and isinstance(obj.get("detail"), str):
-                message = obj["detail"]
-        except (orjson.JSONDecodeError, AttributeError):
-            pass
-        if status in (400, 413, 422):
-            # The model server refused the request itself (context too long, bad parameter): the client's error.
-            return bad_request(f"the model server refused the request: {message or 'no reason given'}")
-        return ApiError(502, "upstream_error", f"the model server answered {status}"
-                        + (f": {message}" if message else ""))
 
     async def _relay_stream(self, call: Call, key: KeyRecord, adm: Admission, response: Response,
                             send: Send, receive: Receive, prompt_bound: int, granted: int | None,

@@ -8,7 +8,8 @@
      ├── status 405  method_not_allowed
      ├── status 408  request_timeout       the request body stalled (httpserver.py, BODY_TIMEOUT)
      ├── status 413  payload_too_large
-     ├── status 429  rate_limit_exceeded / token_limit_exceeded (always with Retry-After)
+     ├── status 429  rate_limit_exceeded / token_limit_exceeded (always with Retry-After and
+     │               x-should-retry: whether waiting can help; gateway/refusals.py)
      ├── status 502  upstream_error
      ├── status 503  limiter_unavailable   the shared limiter (Redis) is down and its failure policy
      │                                     refuses (always with Retry-After; nothing was forwarded)
@@ -33,13 +34,15 @@ class ApiError(Exception):
     """An error the LLM API answers with; ``retry_after`` (seconds) goes into Retry-After (always on 429)."""
 
     def __init__(self, status: int, code: str, message: str, *, param: str | None = None,
-                 retry_after: float | None = None) -> None:
+                 retry_after: float | None = None, should_retry: bool | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.param = param
         self.retry_after = retry_after
+        # x-should-retry on an answer with Retry-After; None: retrying helps if the wait is a minute at most.
+        self.should_retry = should_retry
 
     def body(self) -> bytes:
         return orjson.dumps({"error": {"message": self.message, "type": _TYPES.get(self.status, "api_error"),

@@ -4,11 +4,21 @@ The prompt bound needs no tokenizer: every token of a byte-level BPE tokenizer (
 open model uses) stands for at least one byte of text, so a text of N UTF-8 bytes is at most N tokens.
 The model sees the text of the messages plus what its chat template wraps around them (role markers,
 a default system prompt, tool instructions); those get a fixed allowance per request, per message and
-for tools. Images and audio get a fixed allowance per part. See docs/gateway.md.
+for tools. Images and audio get a fixed allowance per part. Every string of the body but the model's name
+counts, not only the messages': servers put more than the messages into the prompt (tools, vLLM's
+``documents`` and ``chat_template_kwargs``, ...), and a field the gateway does not know may be one of them.
+
+One body policy (docs/gateway.md, "What is forwarded"): a body with a duplicate key is refused (servers
+disagree on which of the two values counts); every field a supported server family reads as a completion
+length (``max_tokens``, ``max_completion_tokens``, llama.cpp's ``n_predict``, TGI's ``max_new_tokens``,
+Ollama's ``num_predict``) or a choice count (``n``, vLLM's ``best_of``) is read here, and the gateway
+rewrites them all to what it granted; a client's own chat template is refused (it could put anything
+into the prompt); and what is forwarded is the body as parsed and checked, never the raw bytes.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +36,13 @@ MEDIA_PART_ALLOWANCE = 16_384     # an image/audio/video part: the largest commo
 EMBEDDING_INPUT_ALLOWANCE = 2     # special tokens (CLS/SEP, BOS/EOS) around each input
 _MEDIA_TYPES = frozenset({"image_url", "input_audio", "audio_url", "video_url", "image", "input_image"})
 
+# Completion lengths per choice, as the server families read them: all are rewritten to the grant.
+LENGTH_FIELDS = ("max_tokens", "max_completion_tokens", "n_predict", "max_new_tokens", "num_predict")
+# Sequences generated per request: n choices, or vLLM's best_of candidates of which n are returned.
+CHOICE_FIELDS = ("n", "best_of")
+# Fields that would let the client change what the server puts into the prompt beyond counting.
+REFUSED_FIELDS = {"chat_template": "a chat template of the client's own cannot be counted; use the model's"}
+
 # Optional fields the gateway type-checks so that a wrong type is a 400 here, not an upstream's 500.
 _NUMBER = (int, float)
 _CHECKED: dict[str, tuple[tuple[type, ...], str]] = {
@@ -39,10 +56,11 @@ _CHECKED: dict[str, tuple[tuple[type, ...], str]] = {
 @dataclass(slots=True)
 class ChatRequest:
     body: dict[str, Any]
+    canonical: bytes               # the body as parsed, written again: what is forwarded if nothing changes
     model: str
     stream: bool
     include_usage: bool            # the client asked for the usage chunk of a stream
-    n: int
+    n: int                         # sequences generated (the largest of n and best_of)
     max_tokens: int | None         # the client's completion allowance per choice, if it gave one
     prompt_bound: int
 
@@ -50,6 +68,7 @@ class ChatRequest:
 @dataclass(slots=True)
 class EmbeddingsRequest:
     body: dict[str, Any]
+    canonical: bytes
     model: str
     prompt_bound: int
 
@@ -61,21 +80,52 @@ class EmbeddingsRequest:
 MAX_DEPTH = 254
 
 
-def parse_object(raw: bytes) -> dict[str, Any]:
+def parse_object(raw: bytes) -> tuple[dict[str, Any], bytes]:
+    """The body as a JSON object, and the same written again (compact); a 400 if it is not one, is
+    nested too deep or repeats a key."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise bad_request("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
-    # Counting brackets is C-fast and rules out almost every body; only one with more than MAX_DEPTH of
-    # them (a long conversation, say) is written once to find out.
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
+    try:
+        canonical = orjson.dumps(body)
+    except TypeError:
+        raise bad_request(f"the request body is nested more than {MAX_DEPTH} levels deep") from None
+    if _has_duplicate_key(raw, canonical):
+        raise bad_request("the request body repeats a key in an object; each key may appear once "
+                          "(servers differ on which of the values they use)")
+    return body, canonical
+
+
+def _has_duplicate_key(raw: bytes, canonical: bytes) -> bool:
+    """Whether a JSON object in ``raw`` repeats a key (``canonical`` is its parse written again).
+
+    Every key is followed by a colon, and a colon in a string is the same character in both texts
+    (orjson never escapes one). Parsing keeps one of the repeated keys, so with a duplicate the raw text
+    has more colons than the canonical one: each key dropped takes its own colon with it, and the
+    colons of its value. Counting a byte is C-fast (a stdlib parse with a hook to see every key cost
+    ~6x orjson). Only a colon written as an escape (``\\u003a``) breaks the count: then the slow way.
+    """
+    if b"\\" in raw and (b"\\u003a" in raw or b"\\u003A" in raw):
         try:
-            orjson.dumps(body)
-        except TypeError:
-            raise bad_request(f"the request body is nested more than {MAX_DEPTH} levels deep") from None
-    return body
+            json.loads(raw, object_pairs_hook=_unique_pairs)
+        except _DuplicateKey:
+            return True
+        return False
+    return raw.count(b":") != canonical.count(b":")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _DuplicateKey
+    return obj
 
 
 def _model(body: dict[str, Any]) -> str:
@@ -98,15 +148,23 @@ def _int(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
     return value
 
 
-def text_bytes(value: Any) -> int:
-    """UTF-8 bytes of every string inside ``value``; media parts count as MEDIA_PART_ALLOWANCE."""
+def field_bytes(body: dict[str, Any], skip: frozenset[str]) -> int:
+    """UTF-8 bytes of the keys and strings of every field of ``body`` but those in ``skip``."""
+    return sum(len(name) + text_bytes(value, keys=True) for name, value in body.items() if name not in skip)
+
+
+def text_bytes(value: Any, *, keys: bool = False) -> int:
+    """UTF-8 bytes of every string inside ``value`` (and of the objects' keys, with ``keys``: a template
+    may print those too); media parts count as MEDIA_PART_ALLOWANCE."""
     if isinstance(value, str):
         return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
     if isinstance(value, list):
-        return sum(text_bytes(v) for v in value)
+        return sum(text_bytes(v, keys=keys) for v in value)
     if isinstance(value, dict):
         if value.get("type") in _MEDIA_TYPES:
             return MEDIA_PART_ALLOWANCE
+        if keys:
+            return sum(len(k) + text_bytes(v, keys=True) for k, v in value.items())
         return sum(text_bytes(v) for v in value.values())
     if isinstance(value, bool) or value is None:
         return 0
@@ -120,9 +178,17 @@ def _parts(content: Any) -> bool:
     return isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in content)
 
 
+# Chat fields whose strings are not prompt text (the model's name is checked, the rest are options).
+_NOT_PROMPT = frozenset({"model", "messages", "stream", "stream_options", *LENGTH_FIELDS, *CHOICE_FIELDS,
+                         "temperature", "top_p", "seed", "user", "logit_bias", "stop"})
+
+
 def parse_chat(raw: bytes) -> ChatRequest:
-    body = parse_object(raw)
+    body, canonical = parse_object(raw)
     model = _model(body)
+    for name, why in REFUSED_FIELDS.items():
+        if body.get(name) is not None:
+            raise bad_request(f"{name}: not accepted: {why}", name)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages: must be a non-empty list of messages", "messages")
@@ -148,22 +214,35 @@ def parse_chat(raw: bytes) -> ChatRequest:
         value = body.get(name)
         if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
             raise bad_request(f"{name}: must be {what}", name)
-    tools = body.get("tools")
-    if tools:
-        # Templates print tool schemas as JSON with spaces after ',' and ':': at most twice the compact form.
-        bound += TOOLS_ALLOWANCE + 2 * len(orjson.dumps(tools))
-    functions = body.get("functions")
-    if functions:
-        bound += TOOLS_ALLOWANCE + 2 * len(orjson.dumps(functions))
-    n = _int(body, "n", 1, MAX_CHOICES) or 1
-    limits = [v for v in (_int(body, "max_completion_tokens", 1, MAX_TOKENS_CEILING),
-                          _int(body, "max_tokens", 1, MAX_TOKENS_CEILING)) if v is not None]
-    return ChatRequest(body=body, model=model, stream=stream, include_usage=include_usage, n=n,
-                       max_tokens=min(limits) if limits else None, prompt_bound=bound)
+    for name in ("tools", "functions"):
+        value = body.get(name)
+        if value:
+            # Templates print tool schemas as JSON with spaces after ',' and ':': at most twice the compact form.
+            bound += TOOLS_ALLOWANCE + 2 * len(orjson.dumps(value))
+    # Everything else the server might put into the prompt (documents, template arguments, unknown fields).
+    bound += field_bytes(body, _NOT_PROMPT | {"tools", "functions"})
+    n = max(_int(body, name, 1, MAX_CHOICES) or 1 for name in CHOICE_FIELDS)
+    limits = [v for v in (_length(body, name) for name in LENGTH_FIELDS) if v is not None]
+    min_tokens = _int(body, "min_tokens", 0, MAX_TOKENS_CEILING)
+    if min_tokens is not None and limits and min_tokens > min(limits):
+        raise bad_request(f"min_tokens: must not exceed the completion limit ({min(limits)}), got {min_tokens}",
+                          "min_tokens")
+    return ChatRequest(body=body, canonical=canonical, model=model, stream=stream, include_usage=include_usage,
+                       n=n, max_tokens=min(limits) if limits else None, prompt_bound=bound)
+
+
+def _length(body: dict[str, Any], name: str) -> int | None:
+    """A completion length field; llama.cpp's ``n_predict`` and Ollama's ``num_predict`` say "no limit"
+    with a negative number, which counts as absent."""
+    if name in ("n_predict", "num_predict"):
+        value = body.get(name)
+        if type(value) is int and value < 0:
+            return None
+    return _int(body, name, 1, MAX_TOKENS_CEILING)
 
 
 def parse_embeddings(raw: bytes) -> EmbeddingsRequest:
-    body = parse_object(raw)
+    body, canonical = parse_object(raw)
     model = _model(body)
     value = body.get("input")
     if value is None:
@@ -192,4 +271,4 @@ def parse_embeddings(raw: bytes) -> EmbeddingsRequest:
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise bad_request("user: must be a string", "user")
-    return EmbeddingsRequest(body=body, model=model, prompt_bound=bound)
+    return EmbeddingsRequest(body=body, canonical=canonical, model=model, prompt_bound=bound)

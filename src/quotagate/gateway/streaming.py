@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from quotagate.gateway.errors import ApiError
+from quotagate.gateway.upstream_errors import stream_failure
 from quotagate.gateway.usage import charge, reported, usage_object
 from quotagate.upstreams.client import Response, UpstreamError, UpstreamTimeout
 
@@ -29,7 +30,23 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 _DONE = b"data: [DONE]\n\n"
-_TOKEN_FIELDS = ("content", "reasoning_content", "reasoning", "tool_calls", "refusal", "function_call")
+_TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
+
+
+def _carries_token(delta: dict[str, Any]) -> bool:
+    """Whether a delta holds generated text. A tool call's first delta (its id, type and name, with
+    empty arguments) is the server's framing, not a token, and neither is an empty string."""
+    for name in _TEXT_FIELDS:
+        if delta.get(name):
+            return True
+    calls = delta.get("tool_calls")
+    if isinstance(calls, list):
+        for call in calls:
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and function.get("arguments"):
+                return True
+    function = delta.get("function_call")
+    return isinstance(function, dict) and bool(function.get("arguments"))
 
 
 def _tokens_in(choices: list[Any]) -> tuple[int, bool]:
@@ -40,11 +57,8 @@ def _tokens_in(choices: list[Any]) -> tuple[int, bool]:
         if not isinstance(choice, dict):
             continue
         delta = choice.get("delta")
-        if isinstance(delta, dict):
-            for name in _TOKEN_FIELDS:
-                if delta.get(name):
-                    count += 1
-                    break
+        if isinstance(delta, dict) and _carries_token(delta):
+            count += 1
         if choice.get("finish_reason"):
             finished = True
     return count, finished
@@ -221,10 +235,8 @@ class StreamRelay:
         if not isinstance(obj, dict):
             return ApiError(502, "upstream_error", "the model server sent a malformed stream event")
         choices = obj.get("choices")
-        if choices is None and "error" in obj:
-            err = obj["error"]
-            message = err.get("message") if isinstance(err, dict) else str(err)
-            return ApiError(502, "upstream_error", f"the model server failed mid-stream: {message}")
+        if choices is None and ("error" in obj or obj.get("object") == "error"):
+            return stream_failure(obj)
         if not self._template:
             self._template = {k: obj.get(k) for k in ("id", "created", "model")}
         usage = obj.get("usage")
@@ -245,5 +257,10 @@ class StreamRelay:
             return True
         self._counted += count
         self._finished = self._finished or finished
+        if usage is not None:
+            # Usage on a chunk with choices (some servers put it on the finish chunk): the client gets it
+            # once, in the usage chunk at the end, and only if it asked for one.
+            del obj["usage"]
+            payload = orjson.dumps(obj)
         out.append(b"data: " + payload + b"\n\n")
         return None

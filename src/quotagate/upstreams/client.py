@@ -56,6 +56,15 @@ class _Route:
         return [u for u in ordered if u.down_until <= now] + [u for u in ordered if u.down_until > now]
 
 
+def as_uuid(request_id: str) -> str:
+    """The request id's 128 bits (``req_`` + 32 hex digits) written as a UUID, the form every server
+    accepts in X-Request-Id: llama-cpp-python's answers any other with a 400 and an empty body."""
+    h = request_id.removeprefix("req_")
+    if len(h) != 32:
+        return request_id
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 class UpstreamClient:
     """Forwards requests to a model's upstreams; ``start`` and ``close`` bracket its life."""
 
@@ -63,6 +72,7 @@ class UpstreamClient:
                  env: Mapping[str, str] | None = None) -> None:
         env = os.environ if env is None else env
         self._connect_timeout = gateway.connect_timeout_seconds
+        self._send_request_id = gateway.upstream_request_id == "uuid"
         self._routes: dict[str, _Route] = {}
         for spec in models.values():
             headers = {"Content-Type": "application/json"}
@@ -97,10 +107,11 @@ class UpstreamClient:
         route = self._routes[model]
         last: str = "no upstream configured"
         candidates = route.candidates()
+        upstream_id = as_uuid(request_id) if self._send_request_id else None
         for index, upstream in enumerate(candidates):
             is_last = index == len(candidates) - 1
             pool = upstream.pool
-            request = pool.request(path, body, request_id)
+            request = pool.request(path, body, upstream_id)
             for attempt in (0, 1):
                 try:
                     response = await pool.post(request, route.timeout, fresh=attempt == 1)

@@ -375,11 +375,14 @@ class Pool:
         self._idle: collections.deque[Connection] = collections.deque()
         self._reaper: asyncio.TimerHandle | None = None
 
-    def request(self, path: str, body: bytes, request_id: str) -> bytes:
-        """The bytes of a POST of ``body`` (JSON) to ``path`` under the base URL."""
+    def request(self, path: str, body: bytes, request_id: str | None) -> bytes:
+        """The bytes of a POST of ``body`` (JSON) to ``path`` under the base URL, with an X-Request-Id
+        header unless ``request_id`` is None."""
         line = self._lines.get(path)
         if line is None:
             line = self._lines[path] = f"POST {self._base_path}{path} HTTP/1.1\r\n".encode("latin-1") + self._static
+        if request_id is None:
+            return b"%sContent-Length: %d\r\n\r\n%s" % (line, len(body), body)
         return b"%sX-Request-Id: %s\r\nContent-Length: %d\r\n\r\n%s" % (line, request_id.encode(), len(body), body)
 
     async def post(self, request: bytes, read_timeout: float, *, fresh: bool = False) -> Response:
