@@ -30,9 +30,11 @@ from quotagate.keys.service import KeyService, project_keys_invalidator
 from quotagate.limits import build_broadcaster, build_limiter
 from quotagate.limits import register_metrics as register_limiter_metrics
 from quotagate.limits.interfaces import Limiter
+from quotagate.limits.memory import MemoryLimiter
 from quotagate.metering import console_routes as metering_console_routes
 from quotagate.metering import install as install_metering
 from quotagate.metering import metrics_route
+from quotagate.metering.history import restore_limits
 from quotagate.metering.interfaces import Meter
 from quotagate.settings import Settings
 from quotagate.store.engine import make_engine, migrate, private_dir
@@ -84,6 +86,9 @@ class Runtime:
             runtime.on_stop.append(broadcaster.stop)  # runs before the limiter closes (reverse order)
             runtime.extras["broadcaster"] = broadcaster
         install_metering(runtime)
+        if isinstance(limiter, MemoryLimiter) and runtime.meter is not None:
+            # After the meter's start (which ships the journals of processes now gone into the store).
+            runtime.on_start.append(lambda: restore_limits(limiter, engine))
         register_limiter_metrics(limiter, runtime.extras.get("metrics_registry"))
         return runtime
 

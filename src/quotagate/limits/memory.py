@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from quotagate.keys.models import KeyRecord, Period
 from quotagate.limits.interfaces import Admission, Budget, LimitState, Refusal
@@ -231,6 +231,28 @@ class MemoryLimiter:
 
     async def close(self) -> None:
         self._keys.clear()
+
+    def restore(self, budgets: Iterable[tuple[str, Period, int, int, int]],
+                requests: Iterable[tuple[str, float, int]]) -> None:
+        """Take up what keys used before this process started (read from the store at start, before the
+        first admission): ``budgets`` as (key id, period, period start, period end, tokens used), and
+        ``requests`` of the last minute as (key id, Unix time, tokens), oldest first, into the windows."""
+        now = self._now()
+        for key_id, period, start, end, used in budgets:
+            if end <= now or used <= 0:
+                continue
+            st = self._touch(key_id, now)
+            counter = st.budgets.get((period, start))
+            if counter is None:
+                counter = st.budgets[(period, start)] = _Counter(end)
+            counter.used += used
+        for key_id, at, tokens in requests:
+            if at <= now - WINDOW or at > now:
+                continue
+            st = self._touch(key_id, now)
+            st.requests.append(at)
+            st.entries.append(_Entry(at, tokens))
+            st.tokens_sum += tokens
 
     def _touch(self, key_id: str, now: float) -> _KeyState:
         """The key's state (created if new), marked as just used; also drops a few idle keys."""
