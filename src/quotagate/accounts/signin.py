@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -34,6 +35,8 @@ MAX_ENTRIES = 100_000
 # Attempts older than this are forgotten: after an hour of quiet the free attempts come back.
 FORGET_AFTER = 3600.0
 FIRST_DELAY = 1.0
+# Niceness added to password-hashing threads (Linux schedules threads by their own nice value).
+HASH_NICENESS = 10
 
 
 def default_hash_concurrency() -> int:
@@ -129,6 +132,13 @@ class SignInThrottle:
             count.attempts = max(0, count.attempts - 1)
 
 
+def _lower_priority() -> None:
+    """Run this (hashing) thread at a lower priority than the event loop's, which serves the LLM API: a flood
+    of sign-ins then waits for the CPU, not the gateway. argon2's own lane threads inherit it (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_NICENESS)
+
+
 class GateFull(Exception):
     """Too many password checks are running or waiting already; the caller should answer 503 at once."""
 
@@ -141,7 +151,8 @@ class HashGate:
         self.concurrency = concurrency or default_hash_concurrency()
         self.limit = self.concurrency + queue
         self.pending = 0
-        self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="password-hash")
+        self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="password-hash",
+                                            initializer=_lower_priority)
 
     def _done(self) -> None:
         self.pending -= 1
