@@ -22,7 +22,7 @@ from starlette.templating import Jinja2Templates
 from quotagate.accounts.models import Actor, Project
 from quotagate.accounts.service import AccountService
 from quotagate.accounts.signin import GateFull, HashGate, SignInThrottle
-from quotagate.console.http import read_body
+from quotagate.console.http import error_response, read_body
 from quotagate.errors import Conflict, InvalidRequest, NotFound, QuotagateError, Unauthenticated
 from quotagate.ids import utcnow
 from quotagate.keys.models import PERIODS, InferenceKey
@@ -184,8 +184,8 @@ class WebConsole:
         page = Page(request, None, None)
         try:
             body = await read_body(request, LOGIN_MAX_BODY_BYTES)
-        except QuotagateError as exc:
-            return self.render(page, "login.html", exc.status, next="/", error=exc.message)
+        except QuotagateError as exc:  # too large, stalled or broken: answered as the other forms' bodies are
+            return error_response(exc)
         form = dict(parse_qsl(body.decode("utf-8", "replace"), max_num_fields=10))
         email = form.get("email", "").strip().lower()
         password = form.get("password", "")
