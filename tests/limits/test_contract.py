@@ -383,3 +383,71 @@ async def test_concurrent_admissions_and_settlements(backend: Backend) -> None:
     assert state.budget is not None and state.budget.reserved == 0
     assert state.budget.used == charged <= 20_000
     assert state.tokens_in_window == charged
+
+
+# --- extending a reservation (streams reserve their completion as it is generated) --------------
+
+
+async def test_extend_grows_a_reservation_as_far_as_the_budget_allows(backend: Backend) -> None:
+    lim = backend.limiter
+    key = make_key(token_limit=1_000)
+    a = await lim.admit(key, 100, 50)
+    assert a.reserved_tokens == 150
+    assert await lim.extend(key, a, 300) == 300
+    b = await lim.admit(key, 100, 1_000)
+    assert b.admitted and b.granted == 1_000 - 450 - 100  # the extension counts against the others
+    assert await lim.extend(key, a, 10) == 0  # nothing left
+    state = await lim.state(key)
+    assert state.budget is not None and state.budget.reserved == 1_000
+    await lim.settle(key, a, 220)  # the whole reservation, extensions included, is replaced
+    state = await lim.state(key)
+    assert state.budget is not None and (state.budget.used, state.budget.reserved) == (220, b.reserved_tokens)
+    assert await lim.extend(key, a, 10) == 0  # settled: extends nothing any more
+
+
+async def test_extend_is_bounded_by_tpm_while_in_the_window(backend: Backend) -> None:
+    lim, clock = backend.limiter, backend.clock
+    key = make_key(tpm=500)
+    a = await lim.admit(key, 100, 100)
+    assert await lim.extend(key, a, 1_000) == 300
+    assert (await lim.state(key)).tokens_in_window == 500
+    assert not (await lim.admit(key, 1, 1)).admitted
+    clock.advance(61)  # its tokens counted at its admission: once it has left the window, tpm is no bound
+    assert await lim.extend(key, a, 1_000) == 1_000
+    assert (await lim.state(key)).tokens_in_window == 0
+
+
+async def test_extend_of_unknown_or_untracked_admissions_adds_nothing(backend: Backend) -> None:
+    lim = backend.limiter
+    key = make_key(token_limit=1_000)
+    assert await lim.extend(key, Admission(admitted=True), 10) == 0
+    a = await lim.admit(key, 10, 10)
+    assert await lim.extend(key, a, 0) == 0
+    assert await lim.extend(replace(key, revoked=True), a, 10) == 0
+
+
+async def test_concurrent_extensions_never_exceed_the_budget(backend: Backend) -> None:
+    lim = backend.limiter
+    limit = 20_000
+    key = make_key(token_limit=limit, tpm=1_000_000)
+    rng = random.Random(5)
+
+    async def stream() -> int:
+        a = await lim.admit(key, rng.randint(5, 50), 16)
+        if not a.admitted:
+            return 0
+        held = a.reserved_tokens
+        for _ in range(rng.randint(0, 20)):
+            await asyncio.sleep(0)
+            got = await lim.extend(key, a, 32)
+            held += got
+            if not got:
+                break
+        used = rng.randint(held // 2, held)
+        await lim.settle(key, a, used)
+        return used
+
+    charged = sum(await asyncio.gather(*(stream() for _ in range(300))))
+    state = await lim.state(key)
+    assert state.budget is not None and state.budget.reserved == 0
+    assert state.budget.used == charged <= limit

@@ -14,6 +14,10 @@ It reserves ``prompt_tokens + granted`` tokens, where ``granted`` (the completio
 ``max_completion`` lowered to what tpm and the budget still allow; if that is below ``min_completion``
 the request is refused and nothing is reserved or counted. Refused requests are never charged.
 
+``extend`` grows a reservation while its request runs (a stream reserves its completion block by block,
+as it is generated, instead of its worst case up front); it takes only what tpm and the budget still
+allow, so concurrent requests are not refused for tokens nobody will spend.
+
 ``settle`` replaces a reservation by the actual tokens (which may be 0 for a failed request); it is
 idempotent per reservation. The Redis backend applies it asynchronously (queued, then sent with this
 instance's next admission or a moment later), so the same instance always sees it, others within
@@ -85,6 +89,11 @@ class Limiter(Protocol):
     async def admit(self, key: KeyRecord, prompt_tokens: int, max_completion: int,
                     min_completion: int = 1) -> Admission:
         """Check every limit of ``key`` and, if all allow, count the request and reserve its tokens."""
+
+    async def extend(self, key: KeyRecord, admission: Admission, tokens: int) -> int:
+        """Add up to ``tokens`` to the admission's reservation, as far as ``key``'s tpm (if the admission is
+        still in the window) and the budget of its period allow, checked and reserved atomically as ``admit``
+        does; returns how many were added (0: none left, or the reservation is settled or unknown)."""
 
     async def settle(self, key: KeyRecord, admission: Admission, actual_tokens: int) -> None:
         """Replace the admission's reservation by ``actual_tokens``; a second call does nothing."""

@@ -192,6 +192,32 @@ class MemoryLimiter:
             st.collect(now)
         return self._admission(key, st, now, counter, end, reservation=rid, reserved=reserved, granted=granted)
 
+    async def extend(self, key: KeyRecord, admission: Admission, tokens: int) -> int:
+        rid = admission.reservation
+        st = self._keys.get(key.id) if rid is not None else None
+        res = st.reservations.get(rid) if st is not None and rid is not None else None
+        if st is None or res is None or tokens <= 0 or key.revoked:
+            return 0
+        now = self._now()
+        st.prune(now)
+        room = tokens
+        entry = res.entry
+        if key.tpm is not None and entry is not None and entry.live:
+            room = min(room, key.tpm - st.tokens_sum)
+        counter = res.counter
+        if counter is not None and key.token_limit is not None:
+            room = min(room, key.token_limit - counter.used - counter.reserved)
+        if room <= 0:
+            return 0
+        res.tokens += room
+        if entry is not None:
+            entry.tokens += room
+            if entry.live:
+                st.tokens_sum += room
+        if counter is not None:
+            counter.reserved += room
+        return room
+
     async def settle(self, key: KeyRecord, admission: Admission, actual_tokens: int) -> None:
         rid = admission.reservation
         if rid is None:

@@ -74,7 +74,8 @@ class RedisLimiter:
         # the rest (state, revocation markers, script loading) over redis-py's pool.
         self._fast = RespConnection(client)
         self._state_script = client.register_script(scripts.STATE)
-        self._sources = {scripts.ADMIT_SHA: scripts.ADMIT, scripts.SETTLE_SHA: scripts.SETTLE}
+        self._sources = {scripts.ADMIT_SHA: scripts.ADMIT, scripts.SETTLE_SHA: scripts.SETTLE,
+                         scripts.EXTEND_SHA: scripts.EXTEND}
         # Admission ids: unique across instances without coordination.
         self._id_prefix = secrets.token_hex(6) + "."
         self._ids = itertools.count(1)
@@ -165,6 +166,23 @@ class RedisLimiter:
             reset_requests=rreset / 1e6 if rpm is not None else None,
             limit_tokens=limit_tokens, remaining_tokens=remaining_tokens, reset_tokens=reset_tokens,
             budget=budget)
+
+    async def extend(self, key: KeyRecord, admission: Admission, tokens: int) -> int:
+        if admission.reservation is None or tokens <= 0 or key.revoked:
+            return 0
+        rid, _, period = admission.reservation.partition("|")
+        k = self.key_prefix(key.id)
+        limit = key.token_limit if period and key.token_limit_period == period else None
+        keys = [k + "tpm", k + "tpmh", k + "pend", k + "b:" + (period or "-")]
+        try:
+            added = await self._eval(scripts.EXTEND_SHA, keys,
+                                     [rid, tokens, key.tpm or 0, limit or 0, self._override()])
+        except UNAVAILABLE as exc:
+            # Nothing more can be reserved: the request ends at what it has (its stream is cut there).
+            self._note_down(exc)
+            return 0
+        self._up()
+        return int(added)
 
     async def settle(self, key: KeyRecord, admission: Admission, actual_tokens: int) -> None:
         if admission.reservation is None:

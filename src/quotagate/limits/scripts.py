@@ -268,6 +268,42 @@ if redis.call('PTTL', KEYS[5]) < keep then redis.call('PEXPIRE', KEYS[5], keep) 
 return {1, 0, 0, granted, reserved, nreq, rr, tsum, tr, bused, bres, bend, now}
 """
 
+# Extending a reservation while its request runs (a stream's completion, block by block).
+# KEYS: tpm, tpmh, pend, budget (of the reservation's period kind)
+# ARGV: reservation id, tokens wanted, tpm (0 = none), limit (0 = none), now override ('')
+# Returns the tokens added (0: nothing left, or the reservation is settled or unknown). Not idempotent: a
+# reply lost and the command sent again reserves twice, which only holds back tokens until the settle.
+EXTEND = PERIODS_LUA + r"""
+local v = redis.call('HGET', KEYS[3], ARGV[1])
+if not v or v == 'c' then return 0 end
+local sep = string.find(v, ':', 1, true)
+local reserved, bstart = tonumber(string.sub(v, 1, sep - 1)), tonumber(string.sub(v, sep + 1))
+local room, tpm, limit = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local windowed = false
+if tpm > 0 and redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  local tsum = prune_tokens(KEYS[1], KEYS[2], clock(ARGV[5]) - 60000000)
+  -- Still in the window after pruning: its tokens count at its admission time, so the window's limit holds.
+  if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+    windowed = true
+    if tpm - tsum < room then room = tpm - tsum end
+  end
+end
+local budgeted = limit > 0 and bstart > 0 and tonumber(redis.call('HGET', KEYS[4], 's')) == bstart
+if budgeted then
+  local b = redis.call('HMGET', KEYS[4], 'u', 'r')
+  local left = limit - (tonumber(b[1]) or 0) - (tonumber(b[2]) or 0)
+  if left < room then room = left end
+end
+if room <= 0 then return 0 end
+redis.call('HSET', KEYS[3], ARGV[1], (reserved + room) .. ':' .. bstart)
+if windowed then
+  redis.call('HINCRBY', KEYS[2], ARGV[1], room)
+  redis.call('HINCRBY', KEYS[2], '_s', room)
+end
+if budgeted then redis.call('HINCRBY', KEYS[4], 'r', room) end
+return room
+"""
+
 # KEYS: rpm, tpm, tpmh, budget.  ARGV: period ('' = no budget), now override ('').
 # Returns {requests in window, tokens in window, budget used, budget reserved, budget end (s)}.
 STATE = PERIODS_LUA + r"""
@@ -293,3 +329,4 @@ return {s, e}
 # The names Redis knows the scripts by (EVALSHA): SHA-1 is what Redis uses, not a security measure.
 ADMIT_SHA = hashlib.sha1(ADMIT.encode(), usedforsecurity=False).hexdigest()
 SETTLE_SHA = hashlib.sha1(SETTLE.encode(), usedforsecurity=False).hexdigest()
+EXTEND_SHA = hashlib.sha1(EXTEND.encode(), usedforsecurity=False).hexdigest()
