@@ -7,6 +7,7 @@ type = "chat"                                # "chat" or "embedding"
 upstreams = ["http://127.0.0.1:8000/v1"]
 upstream_api_key_env = "VLLM_API_KEY"        # optional
 context_length = 32768                       # optional: the model's context, in tokens
+tokenizer = "qwen/tokenizer.json"            # optional: count prompts exactly (relative to this file)
 
 [simulator]                                  # optional: a simulated model server, for demos and tests
 port = 8402
@@ -40,6 +41,8 @@ class _ModelEntry(BaseModel):
     upstream_api_key_env: str | None = None
     timeout_seconds: float = Field(default=600.0, gt=0)
     context_length: int | None = Field(default=None, gt=0, le=100_000_000)
+    tokenizer: str | None = Field(default=None, min_length=1)
+    chat_template: str | None = Field(default=None, min_length=1)
 
     @field_validator("upstreams")
     @classmethod
@@ -97,6 +100,8 @@ class ModelSpec:
     upstream_api_key_env: str | None = None
     timeout_seconds: float = 600.0
     context_length: int | None = None   # the model's context in tokens: no completion is longer
+    tokenizer: Path | None = None       # its tokenizer.json: prompts are counted exactly (tokens/)
+    chat_template: Path | None = None   # a Jinja chat template file, instead of tokenizer_config.json's
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,17 +138,31 @@ DEMO_CONFIG_NAME = "demo.toml"
 def load_config(path: Path | None) -> Config:
     """Load the config file at ``path``, or the built-in demo configuration when ``path`` is None."""
     if path is None:
-        text = resources.files("quotagate").joinpath(DEMO_CONFIG_NAME).read_text(encoding="utf-8")
-        return parse_config(text, source=f"built-in {DEMO_CONFIG_NAME} (simulated models)")
+        demo = resources.files("quotagate").joinpath(DEMO_CONFIG_NAME)
+        return parse_config(demo.read_text(encoding="utf-8"), source=f"built-in {DEMO_CONFIG_NAME} (simulated models)",
+                            base=Path(str(demo)).parent)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    return parse_config(text, source=str(path))
+    return parse_config(text, source=str(path), base=path.resolve().parent)
 
 
-def parse_config(text: str, source: str = "<string>") -> Config:
-    """Parse and validate configuration text; errors name the source and the offending field."""
+def _file(source: str, model: str, name: str, value: str | None, base: Path | None) -> Path | None:
+    """A file the catalog names (relative to the config file's folder), which must exist."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    if not path.is_file():
+        raise ConfigError(f"{source}: models: {model}: {name} {value!r}: no such file ({path})")
+    return path
+
+
+def parse_config(text: str, source: str = "<string>", base: Path | None = None) -> Config:
+    """Parse and validate configuration text; errors name the source and the offending field. Relative
+    file names in it are taken from ``base`` (the config file's folder)."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -159,6 +178,8 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     for entry in parsed.models:
         if entry.id in models:
             raise ConfigError(f"{source}: models: model id {entry.id!r} appears twice")
+        if entry.chat_template is not None and entry.tokenizer is None:
+            raise ConfigError(f"{source}: models: {entry.id}: chat_template needs a tokenizer to count with")
         models[entry.id] = ModelSpec(
             id=entry.id,
             type=entry.type,
@@ -166,6 +187,8 @@ def parse_config(text: str, source: str = "<string>") -> Config:
             upstream_api_key_env=entry.upstream_api_key_env,
             timeout_seconds=entry.timeout_seconds,
             context_length=entry.context_length,
+            tokenizer=_file(source, entry.id, "tokenizer", entry.tokenizer, base),
+            chat_template=_file(source, entry.id, "chat_template", entry.chat_template, base),
         )
     sim = parsed.simulator
     return Config(

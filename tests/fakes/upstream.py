@@ -27,7 +27,8 @@ candidates are generated (and reported) besides the ``n`` returned, as vLLM does
 as llama-cpp-python's server does.
 
 Every request body received is appended to ``requests``, so tests can check what was (not) forwarded.
-Reported prompt tokens are the prompt's text bytes // 2: always within the gateway's honest bound.
+Reported prompt tokens are the prompt's text bytes // 2: always within the gateway's honest bound; with
+``counter`` set (a model's ``TokenCounter``), they are counted with it, as a real server counts them.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class FakeUpstream:
         self.disconnects = 0
         self.request_ids: list[str | None] = []
         self.require_uuid_request_id = False
+        self.counter: Any = None  # a TokenCounter: count prompts as a real server of that model does
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -150,7 +152,7 @@ class FakeUpstream:
     async def _embeddings(self, send: Any, body: dict[str, Any], fake: dict[str, Any]) -> None:
         value = body.get("input")
         inputs = [value] if isinstance(value, str) else list(value or [])
-        prompt = max(1, _text(inputs) // 2)
+        prompt = max(1, _text(inputs) // 2) if self.counter is None else sum(self.counter.input(i) for i in inputs)
         usage = fake.get("usage") or {"prompt_tokens": prompt, "total_tokens": prompt}
         data = [{"object": "embedding", "index": i,
                  "embedding": "AACAPwAAAEA=" if body.get("encoding_format") == "base64" else [1.0, 2.0]}
@@ -168,7 +170,7 @@ class FakeUpstream:
         count = natural if fake.get("ignore_max") or not limit else min(natural, limit)
         n = body.get("n") or 1
         generated = max(n, body.get("best_of") or 1)
-        prompt = max(1, _text(body.get("messages")) // 2)
+        prompt = max(1, _text(body.get("messages")) // 2) if self.counter is None else self.counter.prompt(body)
         usage = {"prompt_tokens": prompt, "completion_tokens": count * generated,
                  "total_tokens": prompt + count * generated}
         if fake.get("usage"):

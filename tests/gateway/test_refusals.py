@@ -3,13 +3,14 @@ never fit are three different answers, and clients act on Retry-After and x-shou
 
 from __future__ import annotations
 
+import threading
 import time
 
 import orjson
 
 from quotagate.gateway.parsing import parse_chat
 from tests.gateway.conftest import Mint
-from tests.gateway.helpers import budget_remaining, hi, raw, sdk
+from tests.gateway.helpers import budget_remaining, hi, raw
 from tests.support import Gateway
 
 MAX_TOKENS = 100
@@ -32,18 +33,22 @@ def _ask(gw: Gateway, secret: str, **extra: object) -> tuple[int, dict[str, str]
 
 def test_budget_held_by_requests_in_flight_is_a_short_retryable_wait(gw: Gateway, mint: Mint) -> None:
     # Room for one reservation: while it is in flight a second request is refused, but told to retry soon.
-    secret, _ = mint(token_limit=_bound() + MAX_TOKENS + 50, token_limit_period="day")
-    client = sdk(gw, secret)
-    stream = client.chat.completions.create(model="chat", messages=hi(), max_tokens=MAX_TOKENS, stream=True,
-                                            extra_body={"fake": {"tokens": 5, "token_delay": 0.3}})
-    next(iter(stream))  # admitted and streaming: its reservation is held
+    # (A non-streamed request reserves its whole max_tokens up front; this one hangs until the model's
+    # 1.5 s timeout, then is settled at nothing.)
+    limit = _bound(fake={"hang": True}) + MAX_TOKENS + 50
+    secret, _ = mint(token_limit=limit, token_limit_period="day")
+    slow = threading.Thread(target=_ask, args=(gw, secret), kwargs={"fake": {"hang": True}})
+    slow.start()
+    deadline = time.monotonic() + 5
+    while budget_remaining(gw, secret) == limit:  # until it is admitted
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     status, headers, body = _ask(gw, secret)
     assert status == 429 and body["error"]["code"] == "token_limit_exceeded"  # type: ignore[index]
     assert "in flight" in body["error"]["message"]  # type: ignore[index]
     assert headers["retry-after"] == "1" and headers["x-should-retry"] == "true"
-    for _ in stream:
-        pass
-    # Settled at its real usage (5 tokens): the same request now fits.
+    slow.join()
+    # Settled at nothing (it timed out): the same request now fits.
     status, _, body = _ask(gw, secret)
     assert status == 200, body
 

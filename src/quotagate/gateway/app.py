@@ -21,11 +21,12 @@ import orjson
 from quotagate.app import Runtime
 from quotagate.config import ModelSpec
 from quotagate.gateway import headers as rl
+from quotagate.gateway.counting import answer_tokens, chat_prompt, embeddings_prompt
 from quotagate.gateway.errors import ApiError, bad_request
 from quotagate.gateway.keycache import KeyCache
 from quotagate.gateway.parsing import LENGTH_FIELDS, parse_chat, parse_embeddings, text_bytes
 from quotagate.gateway.refusals import refusal_error
-from quotagate.gateway.streaming import StreamRelay
+from quotagate.gateway.streaming import Lease, StreamRelay
 from quotagate.gateway.upstream_errors import upstream_failure
 from quotagate.gateway.usage import charge, reported, usage_object
 from quotagate.httpserver import BODY_ERROR
@@ -34,6 +35,7 @@ from quotagate.keys.secrets import INFERENCE_KEY_KIND, hash_secret, is_well_form
 from quotagate.limits.errors import LimiterUnavailable
 from quotagate.limits.interfaces import Admission
 from quotagate.metering.interfaces import UsageEvent
+from quotagate.tokens.counter import TokenCounter, load_counters
 from quotagate.upstreams.client import Response, UpstreamClient, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,7 @@ class LLMApp:
         self._upstreams = UpstreamClient(rt.config.models, rt.config.gateway)
         self._max_body = rt.settings.llm_max_body_bytes
         self._default_max_tokens = rt.config.gateway.default_max_tokens
+        self._counters = load_counters(rt.config.models.values())
         self._model_lists: dict[frozenset[str] | None, bytes] = {}
         if rt.limiter is None:
             log.warning("no limiter configured: rpm, tpm and token budgets are NOT enforced")
@@ -330,28 +333,35 @@ class LLMApp:
         call.model = req.model
         call.stream = req.stream
         spec = self._usable(key, req.model, "chat")
-        # The most a choice can generate: what the client asked for, else the model's context (a completion
-        # never outgrows it), else nothing bounds it and the gateway's default becomes the limit.
-        natural = req.max_tokens or spec.context_length
+        counter = self._counters.get(req.model)
+        prompt, exact = chat_prompt(counter, req, spec)
+        # The most a choice can generate: what the client asked for, else what is left of the model's
+        # context (a completion never outgrows it), else nothing bounds it and the gateway's default is the limit.
+        room = None if spec.context_length is None else spec.context_length - (prompt if exact else 0)
+        natural = room if req.max_tokens is None else req.max_tokens if room is None else min(req.max_tokens, room)
+        # A stream of a key with token limits reserves its completion as it is generated (a Lease), so
+        # concurrent streams are not refused for tokens nobody will spend: the first block now.
+        leasing = req.stream and self._rt.limiter is not None and (key.tpm is not None or key.token_limit is not None)
         wanted = natural or self._default_max_tokens
-        adm = await self._admit(call, key, req.prompt_bound, req.n * wanted, req.n)
+        first = min(wanted, Lease.FIRST) if leasing else wanted
+        adm = await self._admit(call, key, prompt, req.n * first, req.n)
         body = req.body
         changed = False
-        if adm.granted is not None:
+        lease: Lease | None = None
+        if adm.granted is not None and leasing:
+            # Cut off by the relay when nothing more can be reserved: no length to add; the client's own
+            # are made one (its smallest), so that every server reads the same.
+            changed = _lengths(body, req.max_tokens, cap=False) if req.max_tokens is not None else False
+            limiter = self._rt.limiter
+            assert limiter is not None
+            lease = Lease(lambda tokens: limiter.extend(key, adm, tokens), first=first,
+                          ceiling=None if natural is None else req.n * natural)
+        elif adm.granted is not None:
             per_choice = min(wanted, adm.granted // req.n)
             # Every length field sent says the grant; one is added only where without it a limit could
             # be overrun (the client sent none, and nothing else bounds the completion within the grant).
-            present = [name for name in LENGTH_FIELDS if body.get(name) is not None]
-            cap = req.max_tokens is None and (natural is None or per_choice < natural)
-            if cap or any(body[name] != per_choice for name in present):
-                changed = True
-                for name in present:
-                    body[name] = per_choice
-                if cap and "max_tokens" not in present and "max_completion_tokens" not in present:
-                    body["max_tokens"] = per_choice
-                min_tokens = body.get("min_tokens")
-                if type(min_tokens) is int and min_tokens > per_choice:
-                    body["min_tokens"] = per_choice
+            unbounded = req.max_tokens is None and (natural is None or per_choice < natural)
+            changed = _lengths(body, per_choice, cap=unbounded)
         if req.stream and not req.include_usage:
             changed = True
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
@@ -359,20 +369,21 @@ class LLMApp:
         granted = None if adm.granted is None else (adm.granted // req.n) * req.n
         response = await self._forward(call, key, adm, req.model, "/chat/completions", payload)
         if req.stream and response.status == 200:
-            await self._relay_stream(call, key, adm, response, send, receive, req.prompt_bound, granted,
-                                     req.include_usage, req.n)
+            await self._relay_stream(call, key, adm, response, send, receive, prompt, granted,
+                                     req.include_usage, req.n, counter, lease)
             return
-        await self._finish_plain(call, key, adm, response, send, req.prompt_bound, granted, chat=True)
+        await self._finish_plain(call, key, adm, response, send, prompt, granted, counter, chat=True)
 
     async def _embeddings(self, call: Call, key: KeyRecord, scope: Scope, receive: Receive, send: Send) -> None:
         raw = await self._read_body(scope, receive)
         req = parse_embeddings(raw)
         call.model = req.model
-        self._usable(key, req.model, "embedding")
-        adm = await self._admit(call, key, req.prompt_bound, 0, 0)
+        spec = self._usable(key, req.model, "embedding")
+        prompt = embeddings_prompt(self._counters.get(req.model), req, spec)
+        adm = await self._admit(call, key, prompt, 0, 0)
         response = await self._forward(call, key, adm, req.model, "/embeddings", req.canonical)
         granted = None if adm.granted is None else 0
-        await self._finish_plain(call, key, adm, response, send, req.prompt_bound, granted, chat=False)
+        await self._finish_plain(call, key, adm, response, send, prompt, granted, None, chat=False)
 
     async def _forward(self, call: Call, key: KeyRecord, adm: Admission, model: str, path: str,
                        payload: bytes) -> Response:
@@ -386,7 +397,8 @@ class LLMApp:
             raise
 
     async def _finish_plain(self, call: Call, key: KeyRecord, adm: Admission, response: Response,
-                            send: Send, prompt_bound: int, granted: int | None, *, chat: bool) -> None:
+                            send: Send, prompt_bound: int, granted: int | None, counter: TokenCounter | None,
+                            *, chat: bool) -> None:
         """A non-streamed answer: read it whole, check it, charge it, send it on."""
         try:
             try:
@@ -412,12 +424,17 @@ class LLMApp:
             await self._settle(key, adm, 0)
             raise
         report = reported(obj.get("usage"))
-        fallback = 0
-        if report is None and chat:
+        fallback = counted = 0
+        if chat and counter is not None and (report is None or len(obj["choices"]) > 1):
+            # Counted where the server said nothing, or may have said too little: servers have reported
+            # one choice's tokens for several (llama-server with n: 2).
+            counted = answer_tokens(counter, obj["choices"])
+            fallback = counted
+        elif report is None and chat:
             fallback = text_bytes([c.get("message") for c in obj["choices"] if isinstance(c, dict)])
             if granted is not None:
                 fallback = min(fallback, granted)
-        prompt, completion = charge(report, prompt_bound, granted, fallback_completion=fallback,
+        prompt, completion = charge(report, prompt_bound, granted, counted=counted, fallback_completion=fallback,
                                     request_id=call.request_id)
         if report != (prompt, completion):
             obj["usage"] = usage_object(prompt, completion) if chat else {"prompt_tokens": prompt,
@@ -428,11 +445,11 @@ class LLMApp:
 
     async def _relay_stream(self, call: Call, key: KeyRecord, adm: Admission, response: Response,
                             send: Send, receive: Receive, prompt_bound: int, granted: int | None,
-                            include_usage: bool, n: int) -> None:
+                            include_usage: bool, n: int, counter: TokenCounter | None, lease: Lease | None) -> None:
         hdrs = [*_SSE, (b"x-request-id", call.request_id.encode()), *call.rate_headers]
         relay = StreamRelay(request_id=call.request_id, response=response, send=send, receive=receive,
                             headers=hdrs, prompt_bound=prompt_bound, granted=granted, include_usage=include_usage,
-                            n=n, started_at=call.t0, clock=time.perf_counter)
+                            n=n, started_at=call.t0, clock=time.perf_counter, counter=counter, lease=lease)
         settled = False
 
         async def finish(prompt: int, completion: int, error_code: str | None) -> None:
@@ -457,6 +474,22 @@ class LLMApp:
             raise
         finally:
             response.release()
+
+
+def _lengths(body: dict[str, Any], per_choice: int, *, cap: bool) -> bool:
+    """Write ``per_choice`` into every completion length field of ``body`` (and ``max_tokens`` if ``cap``
+    and it has none); ``min_tokens`` follows it down. Returns whether the body changed."""
+    present = [name for name in LENGTH_FIELDS if body.get(name) is not None]
+    if not cap and all(body[name] == per_choice for name in present):
+        return False
+    for name in present:
+        body[name] = per_choice
+    if cap and "max_tokens" not in present and "max_completion_tokens" not in present:
+        body["max_tokens"] = per_choice
+    min_tokens = body.get("min_tokens")
+    if type(min_tokens) is int and min_tokens > per_choice:
+        body["min_tokens"] = per_choice
+    return True
 
 
 def build_llm_app(rt: Runtime) -> LLMApp:

@@ -22,6 +22,7 @@ import orjson
 from quotagate.gateway.errors import ApiError
 from quotagate.gateway.upstream_errors import stream_failure
 from quotagate.gateway.usage import charge, reported, usage_object
+from quotagate.tokens.counter import TokenCounter
 from quotagate.upstreams.client import Response, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,60 @@ def _tokens_in(choices: list[Any]) -> tuple[int, bool]:
     return count, finished
 
 
+class _More:
+    """An event that needs more completion tokens than are reserved (the relay reserves them, then
+    handles it again)."""
+
+
+_MORE = _More()
+
+
+class Lease:
+    """A stream's completion tokens, reserved block by block as they are generated instead of all at once.
+
+    ``more(tokens)`` reserves at least ``tokens`` more if the key's tpm and budget have them (a block
+    that doubles each time, up to ``ceiling``, so a long stream asks rarely); it returns how many it got.
+    """
+
+    FIRST = 16            # per choice: the first block, reserved at admission
+    LARGEST = 1024        # the largest block asked for at once
+
+    def __init__(self, extend: Callable[[int], Awaitable[int]], *, first: int, ceiling: int | None) -> None:
+        self._extend = extend
+        self._block = first
+        self._ceiling = ceiling  # the most the request may reserve in all (None: its budget is the bound)
+
+    def more_allowed(self, reserved: int) -> bool:
+        return self._ceiling is None or reserved < self._ceiling
+
+    async def more(self, need: int, reserved: int) -> int:
+        """Reserve at least ``need`` more tokens (a whole block if it can), on top of ``reserved``."""
+        self._block = min(self._block * 2, self.LARGEST)
+        ask = max(need, self._block)
+        if self._ceiling is not None:
+            ask = min(ask, self._ceiling - reserved)
+        return await self._extend(ask) if ask > 0 else 0
+
+
+def _collect(choices: list[Any], texts: dict[int, list[str]]) -> None:
+    """Append the generated text of each choice's delta to ``texts`` (by choice index)."""
+    for choice in choices:
+        if not isinstance(choice, dict) or not isinstance(delta := choice.get("delta"), dict):
+            continue
+        index = choice.get("index", 0)
+        pieces = texts.setdefault(index if type(index) is int else 0, [])
+        for name in _TEXT_FIELDS:
+            text = delta.get(name)
+            if isinstance(text, str):
+                pieces.append(text)
+        calls = delta.get("tool_calls")
+        if isinstance(calls, list):
+            for call in calls:
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                    pieces.append(function["arguments"])
+
+
 @dataclass(slots=True)
 class StreamOutcome:
     prompt_tokens: int
@@ -79,7 +134,8 @@ class StreamRelay:
 
     def __init__(self, *, request_id: str, response: Response, send: Send, receive: Receive,
                  headers: list[tuple[bytes, bytes]], prompt_bound: int, granted: int | None,
-                 include_usage: bool, n: int, started_at: float, clock: Callable[[], float]) -> None:
+                 include_usage: bool, n: int, started_at: float, clock: Callable[[], float],
+                 counter: TokenCounter | None = None, lease: Lease | None = None) -> None:
         self._rid = request_id
         self._resp = response
         self._send = send
@@ -101,6 +157,11 @@ class StreamRelay:
         self._usage_raw: bytes | None = None
         self._template: dict[str, Any] = {}  # id/created/model of the stream, for chunks the gateway writes
         self._cut = False
+        self._counter = counter
+        # With a tokenizer: the text relayed per choice, counted if the server reports no usage.
+        self._texts: dict[int, list[str]] | None = {} if counter is not None else None
+        self._lease = lease
+        self._want = 0  # completion tokens the event being handled needs beyond the reservation
 
     @property
     def started(self) -> bool:
@@ -136,8 +197,15 @@ class StreamRelay:
             await finish(0, 0, error.code)
             raise error
         report = None if error is not None else reported(self._usage)
-        prompt, completion = charge(report, self._bound, self._granted, counted=self._counted,
-                                    request_id=self._rid)
+        if report is not None and self._granted is not None and self._lease is not None \
+                and report[1] > self._granted and not self._cut:
+            # The server says it generated more than was reserved (several tokens in a chunk): reserve the
+            # rest if the budget has it, so that the charge is the server's count, not the reservation.
+            self._granted += await self._lease.more(report[1] - self._granted, self._granted)
+        counted = self._counted
+        if report is None and self._counter is not None and self._texts:
+            counted = max(counted, sum(self._counter.text("".join(t)) for t in self._texts.values()))
+        prompt, completion = charge(report, self._bound, self._granted, counted=counted, request_id=self._rid)
         if self._cut:
             prompt, completion = charge(None, self._bound, self._granted, counted=self._granted or 0)
         tail: list[bytes] = []
@@ -202,6 +270,8 @@ class StreamRelay:
                     break
                 event, buf = buf[:end], buf[end + 2:]
                 result = self._event(event, out)
+                while result is _MORE:
+                    result = await self._reserve_more(event, out)
                 if result is not None:
                     if isinstance(result, ApiError):
                         if out:
@@ -214,13 +284,26 @@ class StreamRelay:
         self._resp.close() if self._cut else self._resp.release()
         return None
 
+    async def _reserve_more(self, event: bytes, out: list[bytes]) -> ApiError | bool | _More | None:
+        """The event needs more completion tokens than are reserved: reserve the next block and handle it
+        again, or cut the stream off before it if nothing more can be had."""
+        assert self._lease is not None and self._granted is not None
+        got = await self._lease.more(self._want, self._granted)
+        self._granted += got
+        if got < self._want:
+            log.info("request %s: its tokens per minute or budget has nothing more for it; cutting the stream "
+                     "off at %d completion tokens", self._rid, self._counted)
+            self._cut = True
+            return True
+        return self._event(event, out)
+
     async def _relay(self, out: list[bytes]) -> None:
         if self._ttft is None:
             self._ttft = (self._clock() - self._t0) * 1000
         await self._start()
         await self._send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
 
-    def _event(self, event: bytes, out: list[bytes]) -> ApiError | bool | None:
+    def _event(self, event: bytes, out: list[bytes]) -> ApiError | bool | _More | None:
         """Handle one SSE event: append what to relay to ``out``; True when the stream is over."""
         data = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
         if not data:
@@ -251,12 +334,18 @@ class StreamRelay:
         count, finished = _tokens_in(choices)
         granted = self._granted
         if granted is not None and self._counted + count > granted:
+            lease = self._lease
+            if lease is not None and lease.more_allowed(granted):
+                self._want = self._counted + count - granted
+                return _MORE
             log.warning("request %s: the model server went past max_tokens; cutting the stream off at its "
                         "reservation (%d completion tokens)", self._rid, granted)
             self._cut = True
             return True
         self._counted += count
         self._finished = self._finished or finished
+        if self._texts is not None and count:
+            _collect(choices, self._texts)
         if usage is not None:
             # Usage on a chunk with choices (some servers put it on the finish chunk): the client gets it
             # once, in the usage chunk at the end, and only if it asked for one.

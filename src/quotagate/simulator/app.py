@@ -3,22 +3,30 @@ without a GPU. It runs no model: it writes deterministic made-up text at ``token
 reports usage the way vLLM does (``stream_options.include_usage`` included). Every answer says so:
 ``system_fingerprint: "quotagate-simulator"`` and an ``x-quotagate-simulated: true`` header.
 
-Token counts are made up too (about 4 bytes of prompt per token, one word per completion token).
+Token counts are a real tokenizer's: the simulated models have one (``simulator/tokenizer/``, a small
+byte-level BPE with a ChatML template, the demo catalog's ``tokenizer``), so prompts are counted as a real
+server counts them (chat template applied) and the gateway's exact counts can be tried on the demo. The
+made-up answers are words that are one token each.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
 import math
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import orjson
+
+from quotagate.tokens.counter import TokenCounter
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +55,30 @@ def _prompt_tokens(messages: Any) -> int:
     return max(1, size // 4) + 3 * count
 
 
-def _words(seed: int, count: int) -> list[str]:
-    return [(" " if i else "") + _WORDS[((seed >> (i % 48)) ^ i) % len(_WORDS)] for i in range(count)]
+def demo_counter() -> TokenCounter:
+    """The simulated models' tokenizer and chat template, shipped with the package."""
+    path = resources.files("quotagate").joinpath("simulator", "tokenizer", "tokenizer.json")
+    return TokenCounter.from_files(Path(str(path)))
 
 
 class SimulatorApp:
-    def __init__(self, tokens_per_second: float) -> None:
+    def __init__(self, tokens_per_second: float, counter: TokenCounter | None = None) -> None:
         self._delay = 1.0 / tokens_per_second
+        self._counter = counter
+        # Words that are one token each (with the space before them), so that each is one token generated.
+        single = [w for w in _WORDS if counter.text(" " + w) == 1] if counter is not None else []
+        self._vocabulary = tuple(single) or _WORDS
+
+    def _words(self, seed: int, count: int) -> list[str]:
+        vocabulary = self._vocabulary
+        return [" " + vocabulary[((seed >> (i % 48)) ^ i) % len(vocabulary)] for i in range(count)]
+
+    def _prompt(self, body: dict[str, Any]) -> int:
+        counted = None
+        if self._counter is not None:
+            with contextlib.suppress(Exception):  # a shape the template does not take: made-up counts
+                counted = self._counter.prompt(body)
+        return counted if counted is not None else _prompt_tokens(body.get("messages"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -82,7 +107,8 @@ class SimulatorApp:
     async def _chat(self, raw: bytes, send: Send) -> None:
         try:
             body = orjson.loads(raw)
-            messages = body["messages"]
+            if not isinstance(body["messages"], list):
+                raise TypeError
         except (orjson.JSONDecodeError, KeyError, TypeError):
             await _json(send, 400, {"error": {"message": "a JSON body with messages is required",
                                               "type": "invalid_request_error"}})
@@ -93,11 +119,11 @@ class SimulatorApp:
         count = min(natural, limit) if isinstance(limit, int) and limit > 0 else natural
         finish = "length" if count < natural else "stop"
         n = body.get("n") if isinstance(body.get("n"), int) and body.get("n", 1) > 0 else 1
-        prompt = _prompt_tokens(messages)
+        prompt = self._prompt(body)
         usage = {"prompt_tokens": prompt, "completion_tokens": count * n, "total_tokens": prompt + count * n}
         base = {"id": f"chatcmpl-sim-{seed:016x}", "created": int(time.time()), "model": body.get("model", ""),
                 "system_fingerprint": FINGERPRINT}
-        words = _words(seed, count)
+        words = self._words(seed, count)
         if not body.get("stream"):
             if self._delay * count > 0.0005:
                 await asyncio.sleep(self._delay * count)
@@ -135,7 +161,10 @@ class SimulatorApp:
         tokens = 0
         for i, item in enumerate(inputs):
             text = orjson.dumps(item)
-            tokens += len(item) if isinstance(item, list) else max(1, len(text) // 4)
+            if isinstance(item, list):
+                tokens += len(item)
+            else:
+                tokens += self._counter.input(item) if self._counter is not None else max(1, len(text) // 4)
             seed = _seed(text)
             raw_vec = [math.sin(seed % 1000 + j * 0.7) for j in range(dims)]
             norm = math.sqrt(sum(v * v for v in raw_vec)) or 1.0
@@ -168,4 +197,4 @@ def build_simulator_app(tokens_per_second: float) -> SimulatorApp:
     """The simulated model server's ASGI app (made-up tokens; see the module docstring)."""
     log.warning("the simulated model server writes made-up text at %g tokens/s; it runs no model",
                 tokens_per_second)
-    return SimulatorApp(tokens_per_second)
+    return SimulatorApp(tokens_per_second, demo_counter())

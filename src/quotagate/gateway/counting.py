@@ -1,0 +1,73 @@
+"""The prompt tokens a request reserves: counted with the model's tokenizer where the catalog gives one
+(``tokens/``), else the byte bound of ``parsing.py``; and the answers' tokens, where they must be
+counted because the model server did not (or could not be trusted to) say."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quotagate.config import ModelSpec
+from quotagate.gateway.errors import ApiError, bad_request
+from quotagate.gateway.parsing import ChatRequest, EmbeddingsRequest
+from quotagate.tokens.counter import TemplateError, TokenCounter
+
+
+def chat_prompt(counter: TokenCounter | None, req: ChatRequest, spec: ModelSpec) -> tuple[int, bool]:
+    """(prompt tokens to reserve, whether that is an exact count). A prompt counted at the model's
+    context length or beyond is a 400 ``context_length_exceeded`` before anything is reserved."""
+    if counter is None:
+        return req.prompt_bound, False
+    try:
+        counted = counter.prompt(req.body)
+    except TemplateError as exc:
+        raise bad_request(f"the model's chat template refused the conversation: {exc}", "messages") from None
+    if counted is None:
+        return req.prompt_bound, False
+    context = spec.context_length
+    if context is not None and counted >= context:
+        raise ApiError(400, "context_length_exceeded", f"This model's maximum context length is {context} tokens. "
+                       f"However, your messages resulted in {counted} tokens. Please reduce the length of the "
+                       "messages.", param="messages")
+    return counted, True
+
+
+def embeddings_prompt(counter: TokenCounter | None, req: EmbeddingsRequest, spec: ModelSpec) -> int:
+    """The tokens of an embeddings request's inputs: counted with the tokenizer (special tokens added), else
+    bounded. An input longer than the context is a 400."""
+    if counter is None:
+        return req.prompt_bound
+    value = req.body["input"]
+    inputs: list[Any] = [value] if isinstance(value, str) else value
+    if inputs and all(type(t) is int for t in inputs):
+        inputs = [inputs]
+    total = 0
+    for item in inputs:
+        tokens = counter.input(item) if isinstance(item, str) else len(item)
+        if spec.context_length is not None and tokens > spec.context_length:
+            raise ApiError(400, "context_length_exceeded", f"This model's maximum context length is "
+                           f"{spec.context_length} tokens. However, an input resulted in {tokens} tokens.",
+                           param="input")
+        total += tokens
+    return total
+
+
+def answer_tokens(counter: TokenCounter, choices: list[Any]) -> int:
+    """Tokens of the text of a non-streamed answer's choices (content, reasoning, refusal, tool-call
+    arguments), counted with the tokenizer."""
+    total = 0
+    for choice in choices:
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(message, dict):
+            continue
+        for name in ("content", "reasoning_content", "reasoning", "refusal"):
+            text = message.get(name)
+            if isinstance(text, str):
+                total += counter.text(text)
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            for call in calls:
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                    total += counter.text(function["arguments"])
+    return total
+

@@ -1,0 +1,251 @@
+"""Count, don't bound: a model with a tokenizer in the catalog reserves its prompt's exact token count
+(chat template applied, tools and documents included), refuses a prompt longer than its context before
+touching any limit, and adds no max_tokens a limit does not need.
+
+The expected counts come from the test model's own files rendered by the test harness
+(``tests/realserver/model.py``: an implementation of its own of transformers' template rendering), not
+from the gateway's code."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from quotagate.gateway.parsing import parse_chat
+from quotagate.tokens.counter import TokenCounter
+from tests.conftest import fresh_database
+from tests.fakes.upstream import FakeUpstream
+from tests.gateway.helpers import async_sdk, budget_remaining, hi, sdk
+from tests.realserver.model import CONTEXT_LENGTH, TinyModel, make_model
+from tests.support import Console, Gateway, start_gateway
+
+STRICT_TEMPLATE = """{%- if messages[0]['role'] != 'user' %}\
+{{ raise_exception('the first message must be the user\\'s') }}{%- endif %}\
+{%- for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{%- endfor %}\
+{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"""
+
+CONFIG = """
+[[models]]
+id = "counted"
+type = "chat"
+upstreams = ["{main}"]
+tokenizer = "{tokenizer}"
+context_length = {context}
+
+[[models]]
+id = "strict"
+type = "chat"
+upstreams = ["{main}"]
+tokenizer = "{tokenizer}"
+chat_template = "strict.jinja"
+
+[[models]]
+id = "counted-embed"
+type = "embedding"
+upstreams = ["{main}"]
+tokenizer = "{tokenizer}"
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    return make_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def counting_upstream(tiny: TinyModel) -> Iterator[FakeUpstream]:
+    fake = FakeUpstream().start()
+    fake.counter = TokenCounter.from_files(tiny.tokenizer_path)  # reports usage as a server of the model would
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="module")
+def cgw(tmp_path_factory: pytest.TempPathFactory, _pg_template: str | None, tiny: TinyModel,
+        counting_upstream: FakeUpstream) -> Iterator[Gateway]:
+    directory = tmp_path_factory.mktemp("counting")
+    (directory / "strict.jinja").write_text(STRICT_TEMPLATE)
+    config = directory / "gateway.toml"
+    config.write_text(CONFIG.format(main=counting_upstream.base_url, tokenizer=tiny.tokenizer_path,
+                                    context=CONTEXT_LENGTH))
+    with fresh_database(directory, _pg_template, "c") as url:
+        gateway = start_gateway(directory / "data", url, config)
+        yield gateway
+        gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def owner(cgw: Gateway) -> tuple[Console, str]:
+    console = cgw.user("counting@example.com", admin=True)
+    return console, console.project("counting")["id"]
+
+
+def _key(owner: tuple[Console, str], **limits: Any) -> str:
+    console, project = owner
+    return str(console.mint(project, **limits)["secret"])
+
+
+def _chat(gw: Gateway, secret: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{gw.llm_url}/chat/completions", json={"model": "counted", **body},
+                      headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+
+
+TOOLS = [{"type": "function", "function": {"name": "weather", "description": "The weather in a city",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string"}}, "required": ["city"]}}}]
+CONVERSATION = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "Which day?"}, {"role": "user", "content": "Today, café au lait."}]
+
+
+@pytest.mark.parametrize("tools", [None, TOOLS])
+def test_the_prompt_is_reserved_at_its_exact_count(cgw: Gateway, owner: tuple[Console, str], tiny: TinyModel,
+                                                   tools: list[dict[str, Any]] | None) -> None:
+    limit = 100_000
+    secret = _key(owner, token_limit=limit, token_limit_period="day")
+    body: dict[str, Any] = {"messages": CONVERSATION, "max_tokens": 10}
+    if tools:
+        body["tools"] = TOOLS
+    exact = tiny.count(tiny.render(CONVERSATION, tools=tools))
+    r = _chat(cgw, secret, body)
+    assert r.status_code == 200, r.text
+    # Taken at admission: the reservation is the exact prompt plus max_tokens (the byte bound was ~3x).
+    assert int(r.headers["x-ratelimit-remaining-tokens"]) == limit - exact - 10
+    assert exact < parse_chat(orjson.dumps({"model": "counted", **body})).prompt_bound / 2
+    assert r.json()["usage"]["prompt_tokens"] == exact
+    assert budget_remaining(cgw, secret) == limit - r.json()["usage"]["total_tokens"]
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_any_limit(
+        cgw: Gateway, owner: tuple[Console, str], counting_upstream: FakeUpstream) -> None:
+    secret = _key(owner, rpm=1, token_limit=1_000_000, token_limit_period="day")
+    before = len(counting_upstream.requests)
+    r = _chat(cgw, secret, {"messages": [{"role": "user", "content": "lorem ipsum dolor " * 2000}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert f"maximum context length is {CONTEXT_LENGTH} tokens" in r.json()["error"]["message"]
+    assert len(counting_upstream.requests) == before
+    assert budget_remaining(cgw, secret) == 1_000_000
+    assert _chat(cgw, secret, {"messages": hi()}).status_code == 200  # the rpm slot was not taken
+
+
+def test_no_length_is_added_when_the_context_bounds_the_completion(
+        cgw: Gateway, owner: tuple[Console, str], tiny: TinyModel, counting_upstream: FakeUpstream) -> None:
+    secret = _key(owner, token_limit=1_000_000, token_limit_period="day")
+    assert _chat(cgw, secret, {"messages": hi()}).status_code == 200
+    assert "max_tokens" not in counting_upstream.chat_requests()[-1]  # what is left of 2048 fits the budget
+    # A budget smaller than what is left of the context does need it: lowered to what the budget allows.
+    exact = tiny.count(tiny.render(hi()))
+    small = _key(owner, token_limit=exact + 100, token_limit_period="day")
+    assert _chat(cgw, small, {"messages": hi()}).status_code == 200
+    assert counting_upstream.chat_requests()[-1]["max_tokens"] == 100
+
+
+def test_a_stream_without_usage_is_charged_its_exact_prompt(cgw: Gateway, owner: tuple[Console, str],
+                                                            tiny: TinyModel) -> None:
+    # A server that ignores stream_options: the prompt was charged at its bound (140 instead of 53).
+    limit = 10_000
+    secret = _key(owner, token_limit=limit, token_limit_period="day")
+    stream = sdk(cgw, secret).chat.completions.create(
+        model="counted", messages=CONVERSATION, max_tokens=6, stream=True, stream_options={"include_usage": True},
+        extra_body={"fake": {"tokens": 6, "no_usage": True}})
+    usage = [c.usage for c in stream if c.usage][-1]
+    assert usage.prompt_tokens == tiny.count(tiny.render(CONVERSATION))
+    assert usage.completion_tokens >= 6
+    assert budget_remaining(cgw, secret) == limit - usage.total_tokens
+
+
+def test_under_reported_choices_are_charged_what_was_generated(cgw: Gateway, owner: tuple[Console, str],
+                                                               tiny: TinyModel) -> None:
+    # llama-server with n: 2 reported one choice's tokens for both.
+    secret = _key(owner, token_limit=10_000, token_limit_period="day")
+    lie = {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
+    r = sdk(cgw, secret).chat.completions.create(model="counted", messages=hi(), n=2, max_tokens=20,
+                                                 extra_body={"fake": {"tokens": 4, "usage": lie}})
+    assert len(r.choices) == 2
+    generated = sum(tiny.count(c.message.content or "") for c in r.choices)
+    assert r.usage is not None and r.usage.completion_tokens == generated > 4
+
+
+def test_a_template_that_refuses_the_conversation_is_a_400(cgw: Gateway, owner: tuple[Console, str],
+                                                           counting_upstream: FakeUpstream) -> None:
+    secret = _key(owner, token_limit=10_000, token_limit_period="day")
+    before = len(counting_upstream.requests)
+    r = httpx.post(f"{cgw.llm_url}/chat/completions", headers={"Authorization": f"Bearer {secret}"},
+                   json={"model": "strict", "messages": [{"role": "assistant", "content": "hi"}]}, timeout=30)
+    assert r.status_code == 400 and "the first message must be the user's" in r.json()["error"]["message"]
+    assert len(counting_upstream.requests) == before
+    r = httpx.post(f"{cgw.llm_url}/chat/completions", headers={"Authorization": f"Bearer {secret}"},
+                   json={"model": "strict", "messages": hi(), "max_tokens": 3}, timeout=30)
+    assert r.status_code == 200, r.text
+
+
+def test_embedding_inputs_are_counted(cgw: Gateway, owner: tuple[Console, str], tiny: TinyModel) -> None:
+    limit = 10_000
+    secret = _key(owner, token_limit=limit, token_limit_period="day")
+    inputs = ["the weather in Paris", "café au lait, s'il vous plaît"]
+    r = httpx.post(f"{cgw.llm_url}/embeddings", headers={"Authorization": f"Bearer {secret}"},
+                   json={"model": "counted-embed", "input": inputs}, timeout=30)
+    assert r.status_code == 200, r.text
+    exact = sum(len(tiny.tokenizer().encode(i).ids) for i in inputs)
+    assert int(r.headers["x-ratelimit-remaining-tokens"]) == limit - exact
+    assert r.json()["usage"]["prompt_tokens"] == exact
+
+
+async def _streams(gw: Gateway, secret: str, count: int, **kwargs: Any) -> tuple[list[int], int]:
+    """``count`` simultaneous streams; (tokens each admitted one was charged, how many were refused)."""
+    client = async_sdk(gw, secret)
+
+    async def one() -> int:
+        stream = await client.chat.completions.create(model="counted", messages=hi(), stream=True,
+                                                      stream_options={"include_usage": True}, **kwargs)
+        usage = None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+        assert usage is not None
+        return int(usage.total_tokens)
+
+    results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+    await client.close()
+    refused = [r for r in results if isinstance(r, BaseException)]
+    for r in refused:
+        assert isinstance(r, openai.RateLimitError), repr(r)
+        assert r.response.headers["x-should-retry"] == "true"  # held in flight: retry soon
+    return [r for r in results if isinstance(r, int)], len(refused)
+
+
+def _top_up(gw: Gateway, secret: str) -> int:
+    """Requests one at a time until refused; the tokens they were charged."""
+    charged = 0
+    while True:
+        try:
+            stream = sdk(gw, secret).chat.completions.create(model="counted", messages=hi(), stream=True,
+                                                            stream_options={"include_usage": True},
+                                                            extra_body={"fake": {"tokens": 16}})
+            charged += [c.usage for c in stream if c.usage][-1].total_tokens
+        except openai.RateLimitError:
+            return charged
+
+
+@pytest.mark.parametrize("limits", [{"token_limit": 2_000, "token_limit_period": "day"}, {"tpm": 2_000}])
+@pytest.mark.parametrize("max_tokens", [16, None])
+def test_a_burst_of_streams_uses_the_limit_and_never_passes_it(cgw: Gateway, owner: tuple[Console, str],
+                                                               tiny: TinyModel, limits: dict[str, Any],
+                                                               max_tokens: int | None) -> None:
+    # 120 streams at once, each really using its prompt and 16 tokens. Reserving worst cases admitted one
+    # stream per wave without max_tokens (8 of 20 with it), and told the rest to come back tomorrow.
+    secret = _key(owner, **limits)
+    extra: dict[str, Any] = {"extra_body": {"fake": {"tokens": 16}}}
+    if max_tokens is not None:
+        extra["max_tokens"] = max_tokens
+    charged, refused = asyncio.run(_streams(cgw, secret, 120, **extra))
+    one = tiny.count(tiny.render(hi())) + 16
+    assert all(c == one for c in charged)
+    # Every request real usage allows is admitted at once: its prompt and first block are what it uses.
+    assert len(charged) == 2_000 // one and refused == 120 - len(charged)
+    total = sum(charged) + _top_up(cgw, secret)
+    assert 0.95 * 2_000 <= total <= 2_000
