@@ -9,6 +9,7 @@ from the gateway's code."""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -249,3 +250,21 @@ def test_a_burst_of_streams_uses_the_limit_and_never_passes_it(cgw: Gateway, own
     assert len(charged) == 2_000 // one and refused == 120 - len(charged)
     total = sum(charged) + _top_up(cgw, secret)
     assert 0.95 * 2_000 <= total <= 2_000
+
+
+def test_counting_piece_by_piece_agrees_with_counting_whole(tiny: TinyModel) -> None:
+    # The counter keeps the counts of a prompt's pieces between special tokens; it must give the count
+    # of the whole text, whatever the text.
+    counter = TokenCounter.from_files(tiny.tokenizer_path)
+    rng = random.Random(4)
+    alphabet = ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<|endoftext|>", " ", "\n", "  ",
+                "a", "é", "日本", "tok", "user", "'s", "!", "12", "<|im", "_end|>"]
+    whole = tiny.tokenizer()
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        body = {"messages": [{"role": "user", "content": text}]}
+        rendered = counter.render(body)
+        assert rendered is not None
+        expected = len(whole.encode(rendered, add_special_tokens=False).ids)
+        assert counter.prompt(body) == expected, rendered
+        assert counter.prompt(body) == expected  # and again, from what it kept
