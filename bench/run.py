@@ -140,7 +140,7 @@ def main() -> None:
         for shipper in children(procs[1].pid):  # the metering shipper (inherits the gateway's core)
             os.sched_setaffinity(shipper, {args.shipper_cpu})
         minted = mint_bench_key(env, console_port)
-        key, key_id = minted["secret"], minted["id"]
+        key, key_id, admin = minted["secret"], minted["id"], minted["admin_token"]
         direct = f"http://127.0.0.1:{up_port}/v1/chat/completions"
         gateway = f"http://127.0.0.1:{llm_port}/v1/chat/completions"
         metrics = f"http://127.0.0.1:{console_port}/metrics"
@@ -158,8 +158,8 @@ def main() -> None:
             for _ in range(args.repeat):
                 wrk(gateway, script, conns, 2)  # warm-up
                 d = wrk(direct, script, conns, args.duration)
-                drain(metrics)  # the warm-up's usage is not this run's to pay for
-                g = wrk(gateway, script, conns, args.duration, pid=procs[1].pid, drained=lambda: drain(metrics))
+                drain(metrics, admin)  # the warm-up's usage is not this run's to pay for
+                g = wrk(gateway, script, conns, args.duration, pid=procs[1].pid, drained=lambda: drain(metrics, admin))
                 rows.append((stream, conns, d, g))
         t_direct = asyncio.run(ttft(direct, key, 100 if args.quick else 500))
         t_gw = asyncio.run(ttft(gateway, key, 100 if args.quick else 500))
@@ -202,14 +202,15 @@ def mint_bench_key(env: dict[str, str], console_port: int) -> dict[str, Any]:
     minted: dict[str, Any] = console.post(f"/v1/projects/{project}/inference/keys", json={
         "name": "bench", "rpm": 100_000_000, "tpm": 1_000_000_000_000, "token_limit": 1_000_000_000_000,
         "token_limit_period": "month", "allowed_models": ["bench"]}).json()
+    minted["admin_token"] = token  # /metrics on the console port is for instance admins
     return minted
 
 
-def drain(metrics_url: str, within: float = 120.0) -> None:
+def drain(metrics_url: str, token: str, within: float = 120.0) -> None:
     """Wait until the gateway's usage journal is shipped (its backlog gauge at 0)."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        text = httpx.get(metrics_url, timeout=10).text
+        text = httpx.get(metrics_url, headers={"Authorization": f"Bearer {token}"}, timeout=10).text
         match = re.search(r"^quotagate_journal_backlog_records (\S+)", text, re.M)
         if match is None:
             raise SystemExit("no quotagate_journal_backlog_records on /metrics")

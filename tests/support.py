@@ -91,6 +91,21 @@ class Gateway:
         token = self.cli("tokens", "create", email).stdout.strip()
         return Console(self.console_url, token)
 
+    def admin_token(self) -> str:
+        """An instance admin's access token (made once per gateway): for /metrics on the console port."""
+        if "admin" not in self._tokens:
+            email = f"metrics-{self.console_port}@example.com"
+            self.cli("users", "create", email, "--admin")
+            self._tokens["admin"] = self.cli("tokens", "create", email).stdout.strip()
+        return self._tokens["admin"]
+
+    def metrics(self) -> str:
+        """The text of /metrics on the console port."""
+        r = httpx.get(f"{self.console_url}/metrics", headers={"Authorization": f"Bearer {self.admin_token()}"},
+                      timeout=10)
+        r.raise_for_status()
+        return r.text
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

@@ -39,7 +39,7 @@ def hi(content: str = "hi") -> list[dict[str, Any]]:
 
 def metric(gw: Gateway, name: str, **labels: str) -> float:
     """The sum of the samples of ``name`` on the gateway's /metrics whose labels include ``labels``."""
-    text = httpx.get(f"{gw.console_url}/metrics", timeout=10).text
+    text = gw.metrics()
     total = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

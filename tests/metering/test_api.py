@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import pytest
 from sqlalchemy import Engine
 
@@ -90,3 +91,13 @@ def test_usage_and_activity_shapes(gateway_console: Gateway, store: Engine) -> N
     assert [r["request_id"] for r in rest["data"]] == [e.request_id for e in reversed(events)][4:]
     one = owner.ok("GET", f"/v1/inference/keys/{key['id']}/activity", params={"request_id": events[2].request_id})
     assert [r["prompt_tokens"] for r in one["data"]] == [2]
+
+
+def test_metrics_on_the_console_port_are_for_instance_admins(gateway: Gateway) -> None:
+    gw = gateway
+    # It shows every project's ids and model names; it was open to anyone who could reach the port.
+    assert httpx.get(f"{gw.console_url}/metrics", timeout=10).status_code == 401
+    member = gw.user("not-an-admin@example.com")
+    r = httpx.get(f"{gw.console_url}/metrics", headers={"Authorization": f"Bearer {member.token}"}, timeout=10)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    assert "quotagate_journal_backlog_records" in gw.metrics()

@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -51,7 +50,7 @@ def own_cluster(tmp_path: Path, upstream: FakeUpstream, redis_server: RedisServe
 def unavailable_total(c: Cluster) -> float:
     total = 0.0
     for gw in c.instances:
-        for family in text_string_to_metric_families(httpx.get(f"{gw.console_url}/metrics", timeout=10).text):
+        for family in text_string_to_metric_families(gw.metrics()):
             total += sum(s.value for s in family.samples if s.name == "quotagate_limiter_redis_unavailable_total")
     return total
 

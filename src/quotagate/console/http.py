@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from quotagate.accounts.models import Actor
 from quotagate.errors import (
+    Forbidden,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
@@ -165,3 +166,22 @@ def endpoint(handler: Handler, authenticate: Authenticator,
         return JSON(payload, status_code=status)
 
     return run
+
+
+def admin_only(endpoint: Callable[[Request], Awaitable[Response]],
+               authenticate: Callable[[str], tuple[Any, str]]) -> Callable[[Request], Awaitable[Response]]:
+    """``endpoint`` behind an instance admin's access token (``authenticate``: the accounts service's):
+    401 without a valid token, 403 for anyone else. For /metrics on the console port, which shows every
+    project's ids and model names."""
+
+    async def guarded(request: Request) -> Response:
+        try:
+            user, _ = await run_in_threadpool(authenticate, bearer_token(request))
+            if not user.is_admin:
+                raise Forbidden("/metrics is for instance admins (or scrape the metrics listener, "
+                                "QUOTAGATE_METRICS_PORT)")
+        except QuotagateError as exc:
+            return error_response(exc)
+        return await endpoint(request)
+
+    return guarded

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from starlette.routing import BaseRoute, Route
 
 from quotagate.accounts.models import Actor
-from quotagate.console.http import Handler
+from quotagate.console.http import Handler, admin_only
 from quotagate.metering.api import UsageAPI, limits_json, metrics_endpoint
 from quotagate.metering.interfaces import Meter, UsageEvent
 from quotagate.metering.meter import JournalMeter
@@ -95,9 +95,11 @@ def metrics_route(rt: Runtime) -> Route:
 
 
 def console_routes(rt: Runtime) -> tuple[list[tuple[str, str, Handler]], list[BaseRoute]]:
-    """(console API handlers for ``ConsoleAPI.routes(extra=...)``, plain routes: ``/metrics``)."""
+    """(console API handlers for ``ConsoleAPI.routes(extra=...)``, plain routes: ``/metrics``, for
+    instance admins only on the console port)."""
     metrics = metrics_route(rt)  # first: it installs metering (the meter the usage API flushes) if needed
-    return _usage_api(rt).routes(), [metrics]
+    guarded = Route("/metrics", admin_only(metrics.endpoint, rt.accounts.authenticate_token), methods=["GET"])
+    return _usage_api(rt).routes(), [guarded]
 
 
 def _web_usage(rt: Runtime) -> Any:
