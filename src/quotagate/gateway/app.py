@@ -50,6 +50,13 @@ _JSON = (b"content-type", b"application/json")
 _SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
         (b"x-accel-buffering", b"no")]
 _NOT_ADMITTED = Admission(admitted=True)
+UNKNOWN_MODEL = "unknown"  # what usage and metrics record for a model name not in the catalog
+_ECHO = 100  # characters of a caller's string an error message repeats
+
+
+def echo(value: str) -> str:
+    """A caller's string as an error message may repeat it: cut to ``_ECHO`` characters."""
+    return value if len(value) <= _ECHO else value[:_ECHO] + "…"
 
 
 class RequestIds:
@@ -191,10 +198,13 @@ class LLMApp:
         if meter is None:
             return
         key = call.key
+        # Only the catalog's model ids are kept (metric labels, usage rows): a name the caller made up
+        # would be a new label and a new row each time (50 names of 4 MiB once took 200 MB for good).
+        model = call.model if call.model is None or call.model in self._models else UNKNOWN_MODEL
         try:
             meter.record(UsageEvent(
                 request_id=call.request_id, created_at=call.started, key_id=key.id if key else None,
-                project_id=key.project_id if key else None, model=call.model, endpoint=call.endpoint,
+                project_id=key.project_id if key else None, model=model, endpoint=call.endpoint,
                 status_code=status, error_code=error_code, stream=call.stream, prompt_tokens=prompt,
                 completion_tokens=completion, latency_ms=(time.perf_counter() - call.t0) * 1000,
                 ttft_ms=ttft_ms, client_ip=call.client_ip, user_agent=call.user_agent))
@@ -235,7 +245,7 @@ class LLMApp:
     def _usable(self, key: KeyRecord, model: str, kind: str) -> ModelSpec:
         spec = self._models.get(model)
         if spec is None:
-            raise ApiError(404, "model_not_found", f"The model '{model}' does not exist.", param="model")
+            raise ApiError(404, "model_not_found", f"The model '{echo(model)}' does not exist.", param="model")
         if not key.may_use(model):
             raise ApiError(403, "model_not_allowed", f"This key may not use the model '{model}'.", param="model")
         if spec.type != kind:
@@ -314,7 +324,7 @@ class LLMApp:
             call.model = model
             spec = self._models.get(model)
             if spec is None or not key.may_use(model):
-                raise ApiError(404, "model_not_found", f"The model '{model}' does not exist.", param="model")
+                raise ApiError(404, "model_not_found", f"The model '{echo(model)}' does not exist.", param="model")
             await self._respond(call, send, 200, orjson.dumps(self._model_object(spec)))
             return
         body = self._model_lists.get(key.models)
