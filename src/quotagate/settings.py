@@ -48,6 +48,8 @@ class Settings(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     console_max_body_bytes: int = Field(default=64 * 1024, gt=0)
     llm_max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    llm_auth_failures_per_minute: int = Field(default=100, ge=0, description="unknown (well-formed) keys one "
+                                              "client address may send a minute before its lookups stop (0: no limit)")
     database_pool_size: int = Field(default=10, ge=1, le=1000,
                                     description="PostgreSQL connections kept per process (as many again on demand)")
     session_max_age_seconds: int = Field(default=14 * 86400, ge=1, description="a web console session ends this "

@@ -21,6 +21,7 @@ import orjson
 from quotagate.app import Runtime
 from quotagate.config import ModelSpec
 from quotagate.gateway import headers as rl
+from quotagate.gateway.authfail import FailedAuthThrottle
 from quotagate.gateway.counting import answer_tokens, chat_prompt, embeddings_prompt
 from quotagate.gateway.errors import ApiError, bad_request
 from quotagate.gateway.keycache import KeyCache
@@ -103,6 +104,7 @@ class LLMApp:
         self._rt = rt
         self._request_id = RequestIds()
         self._keys = KeyCache(rt.keys.resolve)
+        self._failed_auth = FailedAuthThrottle(rt.settings.llm_auth_failures_per_minute)
         rt.events.subscribe(self._keys.invalidate)
         rt.extras["key_cache"] = self._keys  # hits/misses for /metrics
         self._models = rt.config.models
@@ -226,13 +228,17 @@ class LLMApp:
         secret = secret_bytes.strip().decode("latin-1")
         if scheme.lower() != b"bearer" or not is_well_formed(secret, INFERENCE_KEY_KIND):
             raise ApiError(401, "invalid_api_key", "Incorrect API key provided.")
+        throttle, address = self._failed_auth, call.client_ip
         try:
-            key = await self._keys.get(hash_secret(secret))
+            key = await self._keys.get(hash_secret(secret), lambda: throttle.check(address))
+        except ApiError:
+            raise
         except Exception:
             log.exception("could not look a key up in the store")
             raise ApiError(503, "service_unavailable", "The key store is unavailable; retry shortly.",
                            retry_after=1.0) from None
         if key is None:
+            throttle.failed(address)
             raise ApiError(401, "invalid_api_key", "Incorrect API key provided.")
         call.key = key
         if key.revoked:

@@ -17,6 +17,9 @@ touches the store.
   revoked copy at once (later requests are refused without a limiter call) and reloaded from the store.
 - ``hits`` (answered from the cache, known or unknown) and ``misses`` (went to the store) are counted
   for the metrics (``quotagate_key_cache_*``).
+- At most ``max_lookups`` lookups run at once (the rest wait their turn), so a flood of made-up keys
+  cannot take every worker thread and store connection; ``get``'s ``before_lookup`` lets the caller
+  refuse a lookup (a client address that sent too many unknown keys, ``authfail.py``).
 """
 
 from __future__ import annotations
@@ -46,8 +49,10 @@ class _Load:
 
 class KeyCache:
     def __init__(self, resolve: Resolver, *, refresh_after: float = 5.0, negative_ttl: float = 2.0,
-                 negative_max: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+                 negative_max: int = 10_000, max_lookups: int = 8,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._resolve = resolve
+        self._lookups = asyncio.Semaphore(max_lookups)
         self._refresh_after = refresh_after
         self._negative_ttl = negative_ttl
         self._negative_max = negative_max
@@ -63,8 +68,9 @@ class KeyCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def get(self, secret_hash: str) -> KeyRecord | None:
-        """The key with that secret hash, or None if there is none. Raises if the store fails on a miss."""
+    async def get(self, secret_hash: str, before_lookup: Callable[[], None] | None = None) -> KeyRecord | None:
+        """The key with that secret hash, or None if there is none. Raises if the store fails on a miss,
+        or whatever ``before_lookup`` raises when the key must be looked up in the store."""
         entry = self._entries.get(secret_hash)
         if entry is not None:
             self.hits += 1
@@ -78,6 +84,8 @@ class KeyCache:
                 self.hits += 1
                 return None
             self._negative.pop(secret_hash, None)
+        if before_lookup is not None:
+            before_lookup()
         self.misses += 1
         return await self._load(secret_hash)
 
@@ -113,7 +121,8 @@ class KeyCache:
         load = _Load(asyncio.get_running_loop().create_future())
         self._pending[secret_hash] = load
         try:
-            record = await asyncio.to_thread(self._resolve, secret_hash)
+            async with self._lookups:
+                record = await asyncio.to_thread(self._resolve, secret_hash)
         except BaseException as exc:
             self._pending.pop(secret_hash, None)
             if not load.future.done():
