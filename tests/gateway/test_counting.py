@@ -122,16 +122,18 @@ def test_the_prompt_is_reserved_at_its_exact_count(cgw: Gateway, owner: tuple[Co
     assert budget_remaining(cgw, secret) == limit - r.json()["usage"]["total_tokens"]
 
 
-def test_a_prompt_longer_than_the_context_is_refused_before_any_limit(
+def test_a_prompt_longer_than_the_context_is_refused_before_any_token_is_reserved(
         cgw: Gateway, owner: tuple[Console, str], counting_upstream: FakeUpstream) -> None:
-    secret = _key(owner, rpm=1, token_limit=1_000_000, token_limit_period="day")
+    secret = _key(owner, rpm=2, token_limit=1_000_000, token_limit_period="day")
     before = len(counting_upstream.requests)
     r = _chat(cgw, secret, {"messages": [{"role": "user", "content": "lorem ipsum dolor " * 2000}]})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     assert f"maximum context length is {CONTEXT_LENGTH} tokens" in r.json()["error"]["message"]
     assert len(counting_upstream.requests) == before
-    assert budget_remaining(cgw, secret) == 1_000_000
-    assert _chat(cgw, secret, {"messages": hi()}).status_code == 200  # the rpm slot was not taken
+    assert budget_remaining(cgw, secret) == 1_000_000  # no token reserved or charged
+    # It was a request all the same (as every refusal that is the caller's fault): one of the two rpm slots.
+    assert _chat(cgw, secret, {"messages": hi()}).status_code == 200
+    assert _chat(cgw, secret, {"messages": hi()}).status_code == 429
 
 
 def test_no_length_is_added_when_the_context_bounds_the_completion(

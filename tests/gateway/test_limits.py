@@ -13,7 +13,7 @@ import orjson
 from quotagate.gateway.parsing import parse_chat
 from tests.fakes.upstream import FakeUpstream
 from tests.gateway.conftest import Mint
-from tests.gateway.helpers import async_sdk, budget_remaining, hi, sdk
+from tests.gateway.helpers import async_sdk, budget_remaining, hi, raw, sdk
 from tests.support import Gateway
 
 
@@ -139,3 +139,23 @@ def test_rpm_and_budget_on_one_key(gw: Gateway, mint: Mint) -> None:
     secret, _ = mint(rpm=10, token_limit=100_000, token_limit_period="month")
     ok, refused = asyncio.run(_burst(gw, secret, 100, stream=True))
     assert len(ok) == 10 and len(refused) == 90
+
+
+def test_refusals_that_are_the_callers_fault_count_against_rpm(gw: Gateway, mint: Mint,
+                                                               upstream: FakeUpstream) -> None:
+    # 400/403/404 skipped rpm: a key with rpm=1 sent 3,000 such requests in 0.9 s.
+    secret, _ = mint(rpm=3, allowed_models=["chat"])
+    before = len(upstream.chat_requests())
+    with raw(gw, secret) as client:
+        bad = [client.post("/chat/completions", json=body) for body in (
+            {"model": "chat", "messages": "not a list"},             # 400
+            {"model": "chat-b", "messages": hi()},                  # 403: not allowed
+            {"model": "no-such-model", "messages": hi()},           # 404
+        )]
+        assert [r.status_code for r in bad] == [400, 403, 404]
+        assert bad[-1].headers["x-ratelimit-remaining-requests"] == "0"
+        flood = [client.post("/chat/completions", json={"model": "chat", "messages": "bad"}) for _ in range(50)]
+        assert {r.status_code for r in flood} == {429}
+        assert {r.json()["error"]["param"] for r in flood} == {"rpm"}
+        assert client.post("/chat/completions", json={"model": "chat", "messages": hi()}).status_code == 429
+    assert len(upstream.chat_requests()) == before

@@ -51,6 +51,8 @@ _JSON = (b"content-type", b"application/json")
 _SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
         (b"x-accel-buffering", b"no")]
 _NOT_ADMITTED = Admission(admitted=True)
+# Refusals that are the caller's fault and come before admission: they count against rpm all the same.
+_CALLERS_FAULT = frozenset({400, 403, 404, 413})
 UNKNOWN_MODEL = "unknown"  # what usage and metrics record for a model name not in the catalog
 _ECHO = 100  # characters of a caller's string an error message repeats
 
@@ -151,6 +153,8 @@ class LLMApp:
             call.key = key
             await handler(call, key, scope, receive, send)
         except ApiError as exc:
+            if call.key is not None and call.admission is None and exc.status in _CALLERS_FAULT:
+                exc = await self._count_refused(call, call.key, exc)
             await self._error(call, send, exc)
         except LimiterUnavailable as exc:
             # The shared limiter (Redis) is down and its failure policy refuses: nothing was forwarded.
@@ -312,6 +316,25 @@ class LLMApp:
             raise refusal_error(key, adm, prompt + min_completion)
         call.admission = adm
         return adm
+
+    async def _count_refused(self, call: Call, key: KeyRecord, exc: ApiError) -> ApiError:
+        """A request refused before admission for the caller's fault (a bad body, a model it may not use)
+        still counts against the key's rpm: otherwise a key with rpm=1 sent 3,000 such requests in 0.9 s.
+        Nothing is reserved; once the window is full, the answer is the rpm's 429 instead."""
+        limiter = self._rt.limiter
+        if limiter is None or key.rpm is None:
+            return exc
+        try:
+            adm = await limiter.admit(key, 0, 0, 0)
+        except LimiterUnavailable:
+            return exc
+        call.rate_headers = rl.from_admission(adm)
+        if adm.admitted:
+            await self._settle(key, adm, 0)
+            return exc
+        if adm.refusal == "rate_limit_exceeded":
+            return refusal_error(key, adm, 0)
+        return exc
 
     async def _settle(self, key: KeyRecord, adm: Admission, tokens: int) -> None:
         limiter = self._rt.limiter
