@@ -201,3 +201,17 @@ def test_a_key_store_that_is_down_answers_503_with_retry_after_and_cached_keys_k
         pg.dispose()
     with raw(gateway, fresh) as client:  # the store is back: the key resolves (the failure was not cached)
         assert client.get("/models").status_code == 200
+
+
+def test_two_authorization_headers_are_a_400_on_both_apis(gw: Gateway, mint: Mint, admin: Console) -> None:
+    # The LLM API read the last of them and the console the first: a proxy that adds one could be bypassed.
+    secret, _ = mint()
+    body = b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}]}'
+    with httpx.Client(timeout=10) as client:
+        r = client.post(f"{gw.llm_url}/chat/completions", content=body, headers=[
+            ("Authorization", f"Bearer {secret}"), ("Authorization", "Bearer qgk_other"),
+            ("Content-Type", "application/json")])
+        assert r.status_code == 400 and "more than one Authorization" in r.json()["error"]["message"]
+        r = client.get(f"{gw.console_url}/v1/projects", headers=[
+            ("Authorization", f"Bearer {admin.token}"), ("Authorization", "Bearer qgt_other")])
+        assert r.status_code == 400 and "more than one Authorization" in r.json()["error"]["message"]

@@ -124,6 +124,8 @@ def client_ip(request: Request) -> str | None:
 
 
 def bearer_token(request: Request) -> str:
+    if len(request.headers.getlist("authorization")) > 1:  # which one counts differs between servers: neither
+        raise InvalidRequest("the request has more than one Authorization header")
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():

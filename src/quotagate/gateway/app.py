@@ -222,6 +222,8 @@ class LLMApp:
         auth: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"authorization":
+                if auth is not None:  # servers and proxies differ on which one counts: neither does
+                    raise bad_request("the request has more than one Authorization header")
                 auth = value
             elif name == b"user-agent":
                 call.user_agent = value.decode("latin-1")
