@@ -12,21 +12,22 @@ model server still runs on uvicorn. Why not uvicorn:
 
 This server parses requests with httptools (llhttp, as uvicorn does), hands the app a plain ASGI scope,
 and writes an answer's head together with its first body bytes, so a whole small answer leaves in one
-write. What it keeps from a full server: keep-alive with an idle timeout (which also bounds the time a
-request's head may take), a timeout for a request body that stalls, pipelined requests answered in
-order, ``Expect: 100-continue``, request bodies held back past 256 KiB until the app reads them, write
-back-pressure for streams, ``http.disconnect`` when the client goes away, HTTP/1.0 clients, HEAD, a 400
-for malformed requests and a 431 for oversized heads (in the LLM API's error shape, whose ``code`` and
-``message`` the console's clients read too), and a graceful stop that lets answers in flight finish (up
-to ``graceful_seconds``). The app is trusted: its status and headers are sent as given. There is no
-ASGI lifespan: ``startup`` and ``shutdown`` are plain callables. Proxy headers are the app's business
-(the console wraps itself in uvicorn's ProxyHeadersMiddleware; the LLM API reads none).
+write. What it keeps from a full server: caps on the connections open at once, per listener and per client
+address (connlimits), a short deadline for a new connection's first request head, keep-alive with an idle
+timeout (which also bounds the time a later request's head may take), a timeout for a request body that
+stalls, pipelined requests answered in order, ``Expect: 100-continue``, request bodies held back past
+256 KiB until the app reads them, write back-pressure for streams, ``http.disconnect`` when the client
+goes away, HTTP/1.0 clients, HEAD, a 400 for malformed requests and a 431 for oversized heads (in the LLM
+API's error shape, whose ``code`` and ``message`` the console's clients read too), and a graceful stop
+that lets answers in flight finish (up to ``graceful_seconds``). The app is trusted: its status and
+headers are sent as given. There is no ASGI lifespan: ``startup`` and ``shutdown`` are plain callables.
+Proxy headers are the app's business (the console wraps itself in uvicorn's ProxyHeadersMiddleware; the
+LLM API reads none).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import socket
@@ -37,6 +38,7 @@ from urllib.parse import unquote
 
 import httptools
 
+from quotagate.connlimits import ConnectionLimits, address_key
 from quotagate.gateway.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,10 @@ def _error(error: ApiError) -> bytes:
 
 
 _FAILED = ApiError(500, "internal_error", "the gateway failed on this request")
+# The whole answer to a connection over a cap (connlimits), written before the close.
+_BUSY = _error(ApiError(503, "too_many_connections", "this server has too many connections open (from your "
+                        "address, or in all); try again shortly")).replace(b"connection: close\r\n",
+                                                                          b"connection: close\r\nretry-after: 1\r\n")
 
 
 class _Exchange:
@@ -257,7 +263,9 @@ class _Connection(asyncio.Protocol):
         self.server = server
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        # Made at the first read: a connection that never sends a byte costs less (a flood of idle
+        # connections up to the caps is what they bound; a parser and a deque were a third of each one).
+        self.parser: httptools.HttpRequestParser | None = None
         self.client: tuple[str, int] | None = None
         self.local: tuple[str, int] | None = None
         self.gone = False
@@ -266,7 +274,7 @@ class _Connection(asyncio.Protocol):
         self._read_paused = False
         self._current: _Exchange | None = None       # the exchange being answered
         self._parsing: _Exchange | None = None       # the exchange whose request is being parsed
-        self._queue: collections.deque[_Exchange] = collections.deque()
+        self._queue: list[_Exchange] = []             # (at most FLOOD_PIPELINE: pop(0) is cheap enough)
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._wants_continue = False
@@ -284,24 +292,43 @@ class _Connection(asyncio.Protocol):
         self._closing = False
         self._deaf = False                           # what comes in is dropped (after an Upgrade, an error)
         self._flood = False
+        self._admitted = False                       # counted in the listener's connection limits
+        self._address: str | None = None             # what the per-address cap counts it under
+        self._served = False                         # a request has started: the first head came in time
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.client = (peer[0], peer[1]) if isinstance(peer, tuple) else None
+        self._address = address_key(self.client[0] if self.client else None)
+        if not self.server.limits.admit(self._address, self.loop):
+            # Answered and closed at once, so that its descriptor is free before the next accept.
+            self._deaf = True
+            self.gone = True
+            transport.write(_BUSY)  # type: ignore[attr-defined]  # (a BaseTransport: it is a Transport)
+            transport.close()
+            return
+        self._admitted = True
         local = transport.get_extra_info("sockname")
         self.local = (local[0], local[1]) if isinstance(local, tuple) else None
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.connections.add(self)
-        self._arm_idle()
+        # The first request's head must be whole within first_head_timeout of connecting (a connection
+        # that was never used costs a descriptor and earns nothing); later heads get the keep-alive time.
+        first = self.server.first_head_timeout
+        now = self.loop.time()
+        self._idle_since = now - (self.server.keepalive - first)  # (_check_idle: expires at now + first)
+        self._idle = self.loop.call_later(first, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
         if self._deaf:
             return
         try:
+            if self.parser is None:
+                self.parser = httptools.HttpRequestParser(self)
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # No protocol switch here: the request is served as it is, with no body, and the connection
@@ -327,8 +354,8 @@ class _Connection(asyncio.Protocol):
             if self._head_raw > MAX_HEAD_BYTES:
                 self._refuse(431, f"the request head is larger than {MAX_HEAD_BYTES} bytes")
                 return
-        if self._in_head and self._head_began is None and self._current is None and not self._closing \
-                and self.transport is not None:
+        if self._served and self._in_head and self._head_began is None and self._current is None \
+                and not self._closing and self.transport is not None:
             # The first read of a new request's head: the connection gets a keep-alive time from here to
             # send the rest of it. Other bytes read while idle — the rest of a head, CRLFs between requests,
             # the tail of a body already answered (read and dropped) — leave the idle clock running, so that
@@ -342,6 +369,9 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = True
         self.transport = None
+        if self._admitted:
+            self._admitted = False
+            self.server.limits.release(self._address)
         self.server.connections.discard(self)
         self._in_head = False
         self._idle_since = None
@@ -395,6 +425,7 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         parser = self.parser
+        assert parser is not None  # (a callback of its own)
         raw_url = self._url
         if raw_url[:1] == b"/" and b"?" not in raw_url and b"#" not in raw_url:
             raw_path, query = raw_url, b""  # the usual origin-form path: nothing for parse_url to split
@@ -491,7 +522,7 @@ class _Connection(asyncio.Protocol):
         if self._parsing is exchange:
             self.resume_reading()  # its unread body is still coming in, to be dropped
         if self._queue:
-            self._start(self._queue.popleft())
+            self._start(self._queue.pop(0))
             if len(self._queue) < MAX_PIPELINE:
                 self.resume_reading()
         elif self._closing:
@@ -510,6 +541,7 @@ class _Connection(asyncio.Protocol):
                 queued.keep_alive = False
 
     def _start(self, exchange: _Exchange) -> None:
+        self._served = True
         self._current = exchange
         self._idle_since = None  # busy until the answer is out (finished() arms the idle clock again)
         task = self.loop.create_task(exchange.run(self.server.app))
@@ -531,6 +563,8 @@ class _Connection(asyncio.Protocol):
             return
         left = since + self.server.keepalive - self.loop.time()
         if left <= 0:
+            if not self._served:
+                self.server.limits.head_timeouts += 1
             self.abort()
         else:
             self._idle = self.loop.call_later(left, self._check_idle)
@@ -588,16 +622,23 @@ class HTTPServer:
     """Serves ``app`` on ``host:port`` until ``should_exit`` is set; the shape ``serve_all`` drives.
 
     ``startup`` and ``shutdown``, if given, bracket the app's life (they take the place of the ASGI
-    lifespan)."""
+    lifespan). ``max_connections`` (None: no cap) and ``max_per_address`` (0: no cap) bound the client
+    connections open at once (connlimits); a new connection's first request head must be whole within
+    ``first_head_timeout`` (at most ``keepalive``) of connecting. ``name`` names the listener in the log
+    and on /metrics."""
 
     def __init__(self, app: App, host: str, port: int, *, keepalive: float,
                  startup: Callable[[], Awaitable[None]] | None = None,
                  shutdown: Callable[[], Awaitable[None]] | None = None,
-                 graceful_seconds: float = 10.0, body_timeout: float = BODY_TIMEOUT) -> None:
+                 graceful_seconds: float = 10.0, body_timeout: float = BODY_TIMEOUT, name: str = "http",
+                 max_connections: int | None = None, max_per_address: int = 0,
+                 first_head_timeout: float | None = None) -> None:
         self.app = app
         self.host = host
         self.port = port
         self.keepalive = keepalive
+        self.first_head_timeout = keepalive if first_head_timeout is None else min(first_head_timeout, keepalive)
+        self.limits = ConnectionLimits(name, max_connections, max_per_address)
         self.body_timeout = body_timeout
         self.graceful_seconds = graceful_seconds
         self._startup = startup
@@ -656,5 +697,6 @@ class HTTPServer:
                 server.close()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(server.wait_closed(), 1.0)
+            self.limits.close()
             if self._shutdown is not None:
                 await self._shutdown()

@@ -7,9 +7,11 @@ import logging
 import resource
 from typing import Any, cast
 
+from prometheus_client import CollectorRegistry
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from quotagate.app import Runtime, build_console_app, build_metrics_app
+from quotagate.connlimits import ConnectionMetrics, default_max_connections, open_file_limit
 from quotagate.httpserver import HTTPServer
 from quotagate.server import Listener, make_server, serve_all
 
@@ -54,27 +56,41 @@ async def run(rt: Runtime) -> None:
         log.warning("DEMO: serving a SIMULATED model server on http://%s:%d/v1 (made-up tokens, no model)",
                     sim.host, sim.port)
         servers.append(make_server(build_simulator_app(sim.tokens_per_second), sim.host, sim.port, s.log_level))
-    keepalive, body_timeout = s.keepalive_seconds, s.body_timeout_seconds
+    # Connection caps, after the open-file limit is raised (docs/security.md, "Connections").
+    max_connections = s.max_connections or default_max_connections(s.database_pool_size)
+
+    def listener(app: Any, host: str, port: int, name: str, **hooks: Any) -> HTTPServer:
+        return HTTPServer(app, host, port, name=name, keepalive=s.keepalive_seconds,
+                          body_timeout=s.body_timeout_seconds, max_connections=max_connections,
+                          max_per_address=s.max_connections_per_address,
+                          first_head_timeout=s.first_head_timeout_seconds, **hooks)
+
+    log.info("connections: at most %d per listener, %s per client address (open-file limit %d); a new "
+             "connection's first request within %gs", max_connections, s.max_connections_per_address or "no cap",
+             open_file_limit(), s.first_head_timeout_seconds)
+    listeners: list[HTTPServer] = []
     if s.role in ("all", "console"):
         # X-Forwarded-For/-Proto are believed from these proxies only (by default one on this machine, as
         # uvicorn did for the console): the audit log's addresses, the sign-in throttle and the secure
         # cookie flag depend on them.
         console = ProxyHeadersMiddleware(cast(Any, build_console_app(rt)), trusted_hosts=s.forwarded_allow_ips)
-        servers.append(HTTPServer(console, s.host, s.console_port, keepalive=keepalive, body_timeout=body_timeout))
+        listeners.append(listener(console, s.host, s.console_port, "console"))
         log.info("console API on http://%s:%d", s.host, s.console_port)
     if s.role in ("all", "llm"):
         from quotagate.gateway.app import build_llm_app
 
         llm = build_llm_app(rt)
-        servers.append(HTTPServer(llm, s.host, s.llm_port, keepalive=keepalive, body_timeout=body_timeout,
-                                  startup=llm.start, shutdown=llm.close))
+        listeners.append(listener(llm, s.host, s.llm_port, "llm", startup=llm.start, shutdown=llm.close))
         log.info("LLM API on http://%s:%d/v1", s.host, s.llm_port)
     if s.metrics_port is not None:
         # Its own address (loopback by default): /metrics has no authentication, and an LLM-only
         # instance's --host is usually public.
-        servers.append(HTTPServer(build_metrics_app(rt), s.metrics_host, s.metrics_port, keepalive=keepalive,
-                                  body_timeout=body_timeout))
+        listeners.append(listener(build_metrics_app(rt), s.metrics_host, s.metrics_port, "metrics"))
         log.info("metrics on http://%s:%d/metrics", s.metrics_host, s.metrics_port)
+    servers.extend(listeners)
+    registry = rt.extras.get("metrics_registry")
+    if isinstance(registry, CollectorRegistry):
+        registry.register(ConnectionMetrics(listeners))
     log.info("models: %s (from %s)", ", ".join(sorted(rt.config.models)) or "none", rt.config.source)
     await rt.start()
     tune_gc()

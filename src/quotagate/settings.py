@@ -45,6 +45,14 @@ class Settings(BaseModel):
                                      "'*') of proxies whose X-Forwarded-For/-Proto the console believes")
     body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600, description="how long the LLM listener "
                                         "waits for more of a request body that stalls before answering 408")
+    max_connections: int | None = Field(default=None, ge=1, le=100_000_000, description="client connections "
+                                        "each listener keeps open at once; default: a quarter of the open-file "
+                                        "limit left after a reserve")
+    max_connections_per_address: int = Field(default=1024, ge=0, le=100_000_000, description="client "
+                                              "connections one address (an IPv6 /64) may hold on a listener; "
+                                              "0: no cap (behind a load balancer)")
+    first_head_timeout_seconds: float = Field(default=10.0, gt=0, le=3600, description="how long a new "
+                                              "connection may take to send its first whole request head")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     console_max_body_bytes: int = Field(default=64 * 1024, gt=0)
     llm_max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
