@@ -181,13 +181,14 @@ def _parts(content: Any) -> bool:
 # Chat fields whose strings are not prompt text (the model's name is checked, the rest are options).
 _NOT_PROMPT = frozenset({"model", "messages", "stream", "stream_options", *LENGTH_FIELDS, *CHOICE_FIELDS,
                          "temperature", "top_p", "seed", "user", "logit_bias", "stop"})
+_NOT_PROMPT_OR_TOOLS = _NOT_PROMPT | {"tools", "functions"}  # tools have an allowance of their own
 
 
 def parse_chat(raw: bytes) -> ChatRequest:
     body, canonical = parse_object(raw)
     model = _model(body)
     for name, why in REFUSED_FIELDS.items():
-        if body.get(name) is not None:
+        if name in body and body[name] is not None:
             raise bad_request(f"{name}: not accepted: {why}", name)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -220,9 +221,10 @@ def parse_chat(raw: bytes) -> ChatRequest:
             # Templates print tool schemas as JSON with spaces after ',' and ':': at most twice the compact form.
             bound += TOOLS_ALLOWANCE + 2 * len(orjson.dumps(value))
     # Everything else the server might put into the prompt (documents, template arguments, unknown fields).
-    bound += field_bytes(body, _NOT_PROMPT | {"tools", "functions"})
-    n = max(_int(body, name, 1, MAX_CHOICES) or 1 for name in CHOICE_FIELDS)
-    limits = [v for v in (_length(body, name) for name in LENGTH_FIELDS) if v is not None]
+    bound += field_bytes(body, _NOT_PROMPT_OR_TOOLS)
+    n = max(_int(body, "n", 1, MAX_CHOICES) or 1, _int(body, "best_of", 1, MAX_CHOICES) or 1)
+    # (Only the fields present are read: this runs on every request.)
+    limits = [v for name in LENGTH_FIELDS if name in body and (v := _length(body, name)) is not None]
     min_tokens = _int(body, "min_tokens", 0, MAX_TOKENS_CEILING)
     if min_tokens is not None and limits and min_tokens > min(limits):
         raise bad_request(f"min_tokens: must not exceed the completion limit ({min(limits)}), got {min_tokens}",
