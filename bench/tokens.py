@@ -6,7 +6,8 @@
 Without --tokenizer it uses the tiny test model's (tests/realserver/model.py: a byte-level BPE of 1,002
 tokens, so about 3 bytes a token: a real model's vocabulary of 150k has fewer, longer tokens per byte of
 English). Prints, per prompt size, microseconds per request for the parse and bound (``parse_chat``), the
-template's rendering, the tokenizing, and the whole ``chat_prompt`` the gateway runs, best of 5 runs.
+template's rendering, the tokenizing, and the whole count the gateway makes (``TokenCounter.prompt``: render,
+then the pieces it has not seen tokenized), best of 5 runs.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ sys.path.insert(0, str(ROOT))
 from tests.realserver.model import make_model  # noqa: E402
 
 from quotagate.config import ModelSpec  # noqa: E402
-from quotagate.gateway.counting import chat_prompt  # noqa: E402
 from quotagate.gateway.parsing import ChatRequest, parse_chat  # noqa: E402
 from quotagate.tokens.counter import TokenCounter  # noqa: E402
 
@@ -93,7 +93,7 @@ def row(path: Path, spec: ModelSpec, size: int, rng: random.Random) -> str:
 
     def once(bodies: list[ChatRequest]) -> float:
         """Best of 5 sets of requests, each counted once: what is new in them is new to the counter."""
-        return min(per_call([partial(chat_prompt, counter, r, spec) for r in bodies[k::5]], rounds=1)
+        return min(per_call([partial(counter.prompt, r.body) for r in bodies[k::5]], rounds=1)
                    for k in range(5))
 
     # All new: a conversation never seen. A chat: the conversation so far, and a new last turn (~50 tokens).
@@ -103,7 +103,7 @@ def row(path: Path, spec: ModelSpec, size: int, rng: random.Random) -> str:
         *messages, {"role": "assistant", "content": "Noted."},
         {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(25)) + f" {i}"}]})) for i in range(n * 5)]
     cold, chat = once(fresh), once(turns)
-    warm = per_call([lambda: chat_prompt(counter, req, spec)] * n)
+    warm = per_call([lambda: counter.prompt(req.body)] * n)
     return (f"| {counter.text(rendered):,} | {parse:.1f} | {render:.1f} | {whole:.1f} | {cold:.1f} | {chat:.1f} "
             f"| {warm:.1f} |")
 

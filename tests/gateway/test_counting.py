@@ -270,3 +270,30 @@ def test_counting_piece_by_piece_agrees_with_counting_whole(tiny: TinyModel) -> 
         expected = len(whole.encode(rendered, add_special_tokens=False).ids)
         assert counter.prompt(body) == expected, rendered
         assert counter.prompt(body) == expected  # and again, from what it kept
+
+
+def test_a_long_new_prompt_is_counted_off_the_event_loop_the_same(tiny: TinyModel) -> None:
+    counter = TokenCounter.from_files(tiny.tokenizer_path)
+    document = " ".join(f"word{i % 97} café" for i in range(20_000))  # ~200 KB: tokenized in a worker thread
+    body = {"messages": [{"role": "system", "content": "Summarise."}, {"role": "user", "content": document}]}
+    expected = tiny.count(tiny.render(body["messages"]))
+
+    async def count_while_the_loop_runs() -> tuple[int | None, int]:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticker = asyncio.get_running_loop().create_task(tick())
+        await asyncio.sleep(0)
+        counted = await counter.prompt_async(body)
+        ticker.cancel()
+        return counted, ticks
+
+    counted, ticks = asyncio.run(count_while_the_loop_runs())
+    assert counted == expected
+    assert ticks > 10  # the loop went on serving while the document was tokenized
+    assert asyncio.run(counter.prompt_async(body)) == expected == counter.prompt(body)  # and from what it kept

@@ -375,7 +375,7 @@ class LLMApp:
         call.stream = req.stream
         spec = self._usable(key, req.model, "chat")
         counter = self._counters.get(req.model)
-        prompt, exact = chat_prompt(counter, req, spec)
+        prompt, exact = await chat_prompt(counter, req, spec)
         # The most a choice can generate: what the client asked for, else what is left of the model's
         # context (a completion never outgrows it), else nothing bounds it and the gateway's default is the limit.
         room = None if spec.context_length is None else spec.context_length - (prompt if exact else 0)

@@ -12,13 +12,13 @@ from quotagate.gateway.parsing import ChatRequest, EmbeddingsRequest
 from quotagate.tokens.counter import TemplateError, TokenCounter
 
 
-def chat_prompt(counter: TokenCounter | None, req: ChatRequest, spec: ModelSpec) -> tuple[int, bool]:
+async def chat_prompt(counter: TokenCounter | None, req: ChatRequest, spec: ModelSpec) -> tuple[int, bool]:
     """(prompt tokens to reserve, whether that is an exact count). A prompt counted at the model's
     context length or beyond is a 400 ``context_length_exceeded`` before anything is reserved."""
     if counter is None:
         return req.prompt_bound, False
     try:
-        counted = counter.prompt(req.body)
+        counted = await counter.prompt_async(req.body)
     except TemplateError as exc:
         raise bad_request(f"the model's chat template refused the conversation: {exc}", "messages") from None
     if counted is None:
