@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -70,6 +71,37 @@ def test_upgrade_from_empty_is_complete_and_repeatable(empty_database_url: str) 
         engine.dispose()
     migrate(url)  # again: nothing to do, no error
     assert current(url) == head()
+
+
+def test_pending_memberships_upgrade_and_downgrade(empty_database_url: str) -> None:
+    """0005 adds pending_memberships (members added by an email without an account); downgrading to 0004
+    drops it and leaves the rest; upgrading again brings it back exactly as tables.py describes it."""
+    url = empty_database_url
+    command.upgrade(alembic_config(url), "0004")
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert "pending_memberships" not in inspect(conn).get_table_names()
+        command.upgrade(alembic_config(url), "0005")
+        assert current(url) == "0005"
+        with engine.begin() as conn:
+            assert "pending_memberships" in inspect(conn).get_table_names()
+            conn.execute(text("INSERT INTO projects (id, name, created_at, updated_at) "
+                              "VALUES ('proj_m', 'm', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+            conn.execute(text("INSERT INTO pending_memberships (project_id, email, user_id, role, created_at) "
+                              "VALUES ('proj_m', 'x@example.com', 'usr_x', 'viewer', CURRENT_TIMESTAMP)"))
+        command.downgrade(alembic_config(url), "0004")
+        assert current(url) == "0004"
+        with engine.connect() as conn:
+            assert "pending_memberships" not in inspect(conn).get_table_names()
+            assert conn.execute(text("SELECT count(*) FROM projects")).scalar_one() == 1
+        migrate(url)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM pending_memberships")).scalar_one() == 0
+            diffs = compare_metadata(MigrationContext.configure(conn), metadata)
+            assert diffs == [], diffs
+    finally:
+        engine.dispose()
 
 
 def test_one_migration_chain() -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import secrets
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.console.conftest import UserFactory, email_of
-from tests.support import Console
+from tests.support import Console, Gateway
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +76,6 @@ def test_members_list_add_change_remove(alice: Console, make_user: UserFactory) 
 
 
 @pytest.mark.parametrize(("body", "status", "field"), [
-    ({"email": "nobody-here@example.com", "role": "member"}, 404, "email"),
     ({"email": "not-an-email", "role": "member"}, 400, "email"),
     ({"email": "a\u0000b@example.com", "role": "member"}, 400, "email"),
     ({"email": "x@example.com", "role": "admin"}, 400, "role"),
@@ -86,6 +88,103 @@ def test_add_member_validation(alice: Console, body: dict[str, Any], status: int
     r = alice.request("POST", f"/v1/projects/{pid}/members", json=body)
     assert r.status_code == status and r.json()["error"]["field"] == field, r.text
     assert len(alice.ok("GET", f"/v1/projects/{pid}/members")["data"]) == 1
+
+
+# -- an email with or without an account: the same answer (issue 13) ------------------------------------
+
+def _fresh_email(name: str) -> str:
+    return f"{name}-{secrets.token_hex(4)}@example.com"
+
+
+def _shape(r: httpx.Response, email: str, user_id: str) -> tuple[int, str, bytes]:
+    """The status, the headers that are not per response, and the body with the email, the user id and the
+    timestamps blanked: what must not depend on whether the email has an account."""
+    headers = "\n".join(f"{k}: {v}" for k, v in sorted(r.headers.items())
+                        if k not in {"date", "x-request-id", "content-length"})
+    body = r.content.replace(email.encode(), b"EMAIL").replace(user_id.encode(), b"USER_ID")
+    return r.status_code, headers, re.sub(rb'"\d{4}-\d\d-\d\dT[^"]+Z"', b'"TIME"', body)
+
+
+def test_adding_a_member_answers_the_same_whether_or_not_the_email_has_an_account(
+        alice: Console, make_user: UserFactory) -> None:
+    pid = alice.project("same-answer")["id"]
+    known = email_of(make_user("known"))  # "known-xxxxxxxx@example.com"
+    unknown = _fresh_email("nokno")  # the same length, and no account
+    assert len(known) == len(unknown)
+    answers = {}
+    for email in (known, unknown):
+        r = alice.request("POST", f"/v1/projects/{pid}/members", json={"email": email.upper(), "role": "viewer"})
+        assert r.status_code == 201, r.text
+        answers[email] = r
+    a, b = answers[known], answers[unknown]
+    assert a.headers["content-length"] == b.headers["content-length"]
+    ja, jb = a.json(), b.json()
+    assert list(ja) == list(jb) == ["object", "user_id", "email", "role", "created_at"]
+    assert re.fullmatch(r"usr_[0-9A-Za-z]{20}", ja["user_id"]) and re.fullmatch(r"usr_[0-9A-Za-z]{20}", jb["user_id"])
+    assert (ja["email"], jb["email"]) == (known, unknown)
+    assert _shape(a, known, ja["user_id"]) == _shape(b, unknown, jb["user_id"])
+    # adding either again is the same conflict
+    again = [alice.request("POST", f"/v1/projects/{pid}/members", json={"email": e, "role": "member"})
+             for e in (known, unknown)]
+    assert [r.status_code for r in again] == [409, 409]
+    assert _shape(again[0], known, ja["user_id"]) == _shape(again[1], unknown, jb["user_id"])
+    # the member list shows both alike
+    listed = {m["email"]: m for m in alice.ok("GET", f"/v1/projects/{pid}/members")["data"]}
+    assert listed[known] == ja and listed[unknown] == jb
+    # and so does the audit log
+    log = [e for e in alice.ok("GET", f"/v1/projects/{pid}/audit-log")["data"] if e["action"] == "member.added"]
+    by_target = {e["target_id"]: e for e in log}
+    ea, eb = by_target[ja["user_id"]], by_target[jb["user_id"]]
+    assert sorted(ea) == sorted(eb) and ea["details"] == {"email": known, "role": "viewer"}
+    assert eb["details"] == {"email": unknown, "role": "viewer"}
+
+
+def test_a_user_created_later_is_a_member_at_once(alice: Console, server: Gateway) -> None:
+    pid = alice.project("waiting")["id"]
+    other = alice.project("waiting-too")["id"]
+    email = _fresh_email("later")
+    added = alice.ok("POST", f"/v1/projects/{pid}/members", 201, json={"email": email, "role": "member"})
+    again = alice.ok("POST", f"/v1/projects/{other}/members", 201, json={"email": email.upper(), "role": "viewer"})
+    assert again["user_id"] == added["user_id"]  # one email, one user id, as for a user who exists
+    # the role of a member who has no account yet can be changed like anyone's
+    assert alice.ok("PATCH", f"/v1/projects/{other}/members/{added['user_id']}",
+                    json={"role": "owner"})["role"] == "owner"
+    later = server.user(email.upper())  # created with another case: emails are compared case-insensitively
+    me = later.ok("GET", "/v1/me")
+    assert me["id"] == added["user_id"] and me["email"] == email
+    assert later.ok("GET", f"/v1/projects/{pid}")["role"] == "member"
+    assert later.ok("GET", f"/v1/projects/{other}")["role"] == "owner"
+    assert {pid, other} <= {p["id"] for p in later.ok("GET", "/v1/projects")["data"]}
+    members = [m for m in alice.ok("GET", f"/v1/projects/{pid}/members")["data"] if m["email"] == email]
+    assert members == [added]
+    # now a member like any other: it can mint and leave
+    later.mint(pid, name="from-a-later-user")
+    later.ok("DELETE", f"/v1/projects/{pid}/members/{me['id']}", 204)
+    assert later.request("GET", f"/v1/projects/{pid}").status_code == 404
+
+
+def test_a_member_without_an_account_can_be_removed(alice: Console, server: Gateway) -> None:
+    pid = alice.project("removed-before-signup")["id"]
+    email = _fresh_email("gone")
+    added = alice.ok("POST", f"/v1/projects/{pid}/members", 201, json={"email": email, "role": "viewer"})
+    alice.ok("DELETE", f"/v1/projects/{pid}/members/{added['user_id']}", 204)
+    assert email not in [m["email"] for m in alice.ok("GET", f"/v1/projects/{pid}/members")["data"]]
+    assert alice.request("DELETE", f"/v1/projects/{pid}/members/{added['user_id']}").status_code == 404
+    log = alice.ok("GET", f"/v1/projects/{pid}/audit-log")["data"]
+    assert log[0]["action"] == "member.removed" and log[0]["details"] == {"email": email, "role": "viewer"}
+    user = server.user(email)
+    assert user.request("GET", f"/v1/projects/{pid}").status_code == 404
+    assert pid not in [p["id"] for p in user.ok("GET", "/v1/projects")["data"]]
+
+
+def test_the_last_owner_rule_does_not_tell_whether_the_other_owner_has_an_account(
+        alice: Console, make_user: UserFactory) -> None:
+    """Stepping down with a second owner succeeds whether or not that owner has an account yet."""
+    me = alice.ok("GET", "/v1/me")["id"]
+    for email in (email_of(make_user("co-owner")), _fresh_email("co-owner")):
+        pid = alice.project("two-owners")["id"]
+        alice.ok("POST", f"/v1/projects/{pid}/members", 201, json={"email": email, "role": "owner"})
+        assert alice.ok("PATCH", f"/v1/projects/{pid}/members/{me}", json={"role": "member"})["role"] == "member"
 
 
 def test_a_project_never_loses_its_last_owner(alice: Console, make_user: UserFactory) -> None:

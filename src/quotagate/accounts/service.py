@@ -7,13 +7,14 @@ existence is not revealed. Instance admins act as owners of every project.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Row, and_, func, literal, or_, select, update
+from sqlalchemy import Connection, Engine, Row, and_, func, literal, or_, select, text, union_all, update
 from sqlalchemy.exc import IntegrityError
 
 from quotagate.accounts.models import (
@@ -32,7 +33,7 @@ from quotagate.audit import record
 from quotagate.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthenticated
 from quotagate.ids import new_id, utcnow
 from quotagate.keys import secrets
-from quotagate.store.tables import access_tokens, memberships, projects, users
+from quotagate.store.tables import access_tokens, memberships, pending_memberships, projects, users
 from quotagate.validation import clean_name
 
 NAME_MAX = 200
@@ -66,6 +67,16 @@ def normalise_email(email: str) -> str:
     if len(email) > 320 or not re.fullmatch(EMAIL_PATTERN, email):
         raise InvalidRequest(f"email: {email!r} is not an email address", field="email")
     return email
+
+
+def _lock_email(conn: Connection, email: str) -> None:
+    """Hold a lock on ``email`` until the transaction ends (PostgreSQL; SQLite's writers take turns anyway),
+    so that adding a member by that email and creating a user with it run one after the other: a pending
+    membership is never written after the user it waits for was created, and every pending row of one
+    email gets the same user id."""
+    if conn.dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.sha256(b"quotagate-email:" + email.encode()).digest()[:8], "big", signed=True)
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
 
 def _user(row: Row[Any]) -> User:
@@ -102,12 +113,23 @@ class AccountService:
         email = normalise_email(email)
         if password is not None and not MIN_LENGTH <= len(password) <= MAX_LENGTH:
             raise InvalidRequest(f"password: must be {MIN_LENGTH} to {MAX_LENGTH} characters", field="password")
-        user = User(id=new_id("usr"), email=email, is_admin=is_admin, created_at=utcnow())
         password_hash = self._passwords.hash(password) if password is not None else None
         try:
             with self._engine.begin() as conn:
+                # Memberships waiting for this email (see add_member) become real ones in this transaction,
+                # under the user id they were given when they were added.
+                _lock_email(conn, email)
+                pending = conn.execute(select(pending_memberships).where(pending_memberships.c.email == email)
+                                       .order_by(pending_memberships.c.created_at)).all()
+                user = User(id=pending[0].user_id if pending else new_id("usr"), email=email, is_admin=is_admin,
+                            created_at=utcnow())
                 conn.execute(users.insert().values(id=user.id, email=email, is_admin=is_admin,
                                                    created_at=user.created_at, password_hash=password_hash))
+                if pending:
+                    conn.execute(memberships.insert(), [
+                        {"project_id": p.project_id, "user_id": user.id, "role": p.role, "created_at": p.created_at}
+                        for p in pending])
+                    conn.execute(pending_memberships.delete().where(pending_memberships.c.email == email))
         except IntegrityError:
             raise Conflict(f"a user with email {email!r} already exists", field="email") from None
         return user
@@ -324,46 +346,80 @@ class AccountService:
         return project
 
     # -- members -----------------------------------------------------------------------------
+    # A member is added by email, and the answer is the same whether or not the email has an account: for
+    # an email without one, the membership is kept in ``pending_memberships`` under the user id that user
+    # will get (``create_user`` turns it into a real membership). Everywhere a project's members are read
+    # or changed — list, add, change role, remove, the last-owner rule — a pending member is treated
+    # exactly like a user's membership, so that nobody in the project can tell the two apart.
+
+    @staticmethod
+    def _all_members(project_id: str) -> Any:
+        """Every member of the project, users' and pending: user_id, email, role, created_at, pending."""
+        real = (select(memberships.c.user_id, users.c.email, memberships.c.role, memberships.c.created_at,
+                       literal(False).label("pending"))
+                .join(users, users.c.id == memberships.c.user_id)
+                .where(memberships.c.project_id == project_id))
+        waiting = (select(pending_memberships.c.user_id, pending_memberships.c.email, pending_memberships.c.role,
+                          pending_memberships.c.created_at, literal(True).label("pending"))
+                   .where(pending_memberships.c.project_id == project_id))
+        return union_all(real, waiting).subquery("members")
+
     def list_members(self, actor: Actor, project_id: str) -> list[Member]:
         with self._engine.connect() as conn:
             self.role_in(conn, actor, project_id)
-            rows = conn.execute(
-                select(memberships.c.user_id, memberships.c.role, memberships.c.created_at, users.c.email)
-                .join(users, users.c.id == memberships.c.user_id)
-                .where(memberships.c.project_id == project_id).order_by(users.c.email)).all()
+            every = self._all_members(project_id)
+            rows = conn.execute(select(every).order_by(every.c.email)).all()
         return [Member(user_id=r.user_id, email=r.email, role=r.role, created_at=r.created_at) for r in rows]
 
     def add_member(self, actor: Actor, project_id: str, body: MemberAdd) -> Member:
+        """Add the email's user to the project, or, when the email has no account, a pending membership
+        that becomes theirs when the account is created. Both answer the same Member (the user id being the
+        one the user has or will have), with the same queries in the same order."""
         email = normalise_email(body.email)
         with self._engine.begin() as conn:
             self.require(conn, actor, project_id, "owner", lock=True)
-            user = conn.execute(select(users).where(users.c.email == email)).first()
-            if user is None:
-                raise NotFound(f"no user with email {email!r}; create the user first", field="email")
-            existing = conn.execute(select(memberships.c.role).where(
-                memberships.c.project_id == project_id, memberships.c.user_id == user.id)).scalar()
+            _lock_email(conn, email)
+            found = conn.execute(select(
+                select(users.c.id).where(users.c.email == email).scalar_subquery().label("user_id"),
+                select(func.min(pending_memberships.c.user_id)).where(pending_memberships.c.email == email)
+                .scalar_subquery().label("reserved_id"))).one()
+            has_account = found.user_id is not None
+            user_id: str = found.user_id or found.reserved_id or new_id("usr")
+            every = self._all_members(project_id)
+            existing = conn.execute(select(every.c.role).where(
+                or_(every.c.user_id == user_id, every.c.email == email))).scalar()
             if existing is not None:
                 raise Conflict(f"{email} is already a member (role {existing!r}); "
                                "change the role with PATCH", field="email")
             now = utcnow()
-            conn.execute(memberships.insert().values(project_id=project_id, user_id=user.id, role=body.role,
-                                                     created_at=now))
-            record(conn, actor, project_id, "member.added", "user", user.id,
-                   {"email": email, "role": body.role})
-        return Member(user_id=user.id, email=email, role=body.role, created_at=now)
+            if has_account:
+                conn.execute(memberships.insert().values(project_id=project_id, user_id=user_id, role=body.role,
+                                                         created_at=now))
+            else:
+                conn.execute(pending_memberships.insert().values(project_id=project_id, email=email,
+                                                                 user_id=user_id, role=body.role, created_at=now))
+            record(conn, actor, project_id, "member.added", "user", user_id, {"email": email, "role": body.role})
+        return Member(user_id=user_id, email=email, role=body.role, created_at=now)
 
     def _owners(self, conn: Connection, project_id: str) -> int:
-        return int(conn.execute(select(func.count()).select_from(memberships).where(
-            memberships.c.project_id == project_id, memberships.c.role == "owner")).scalar_one())
+        # Pending owners count: otherwise stepping down would tell an owner whether the other has an account.
+        every = self._all_members(project_id)
+        return int(conn.execute(select(func.count()).select_from(every).where(every.c.role == "owner")).scalar_one())
 
     def _membership(self, conn: Connection, project_id: str, user_id: str) -> Any:
-        row = conn.execute(
-            select(memberships.c.role, memberships.c.created_at, users.c.email, users.c.id)
-            .join(users, users.c.id == memberships.c.user_id)
-            .where(memberships.c.project_id == project_id, memberships.c.user_id == user_id)).first()
+        every = self._all_members(project_id)
+        row = conn.execute(select(every).where(every.c.user_id == user_id)).first()
         if row is None:
             raise NotFound(f"no member {user_id!r} in this project")
         return row
+
+    @staticmethod
+    def _table_of(row: Any, project_id: str, user_id: str) -> tuple[Any, Any]:
+        """The table a member's row is in, and the condition that picks it."""
+        if row.pending:
+            return pending_memberships, and_(pending_memberships.c.project_id == project_id,
+                                             pending_memberships.c.user_id == user_id)
+        return memberships, and_(memberships.c.project_id == project_id, memberships.c.user_id == user_id)
 
     def change_member(self, actor: Actor, project_id: str, user_id: str, body: MemberUpdate) -> Member:
         with self._engine.begin() as conn:
@@ -371,8 +427,8 @@ class AccountService:
             row = self._membership(conn, project_id, user_id)
             if row.role == "owner" and body.role != "owner" and self._owners(conn, project_id) <= 1:
                 raise Conflict("a project must keep at least one owner; make someone else owner first")
-            conn.execute(update(memberships).where(memberships.c.project_id == project_id,
-                                                   memberships.c.user_id == user_id).values(role=body.role))
+            table, where = self._table_of(row, project_id, user_id)
+            conn.execute(update(table).where(where).values(role=body.role))
             record(conn, actor, project_id, "member.role_changed", "user", user_id,
                    {"email": row.email, "from": row.role, "to": body.role})
         return Member(user_id=user_id, email=row.email, role=body.role, created_at=row.created_at)
@@ -385,7 +441,7 @@ class AccountService:
             row = self._membership(conn, project_id, user_id)
             if row.role == "owner" and self._owners(conn, project_id) <= 1:
                 raise Conflict("a project must keep at least one owner; make someone else owner first")
-            conn.execute(memberships.delete().where(memberships.c.project_id == project_id,
-                                                    memberships.c.user_id == user_id))
+            table, where = self._table_of(row, project_id, user_id)
+            conn.execute(table.delete().where(where))
             record(conn, actor, project_id, "member.removed", "user", user_id,
                    {"email": row.email, "role": row.role})

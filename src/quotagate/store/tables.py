@@ -103,6 +103,20 @@ memberships = Table(
     Column("created_at", UTCDateTime, nullable=False),
 )
 
+# A membership for an email that has no account yet (migration 0005). Adding a member answers the same
+# whether or not the email has an account, so an email without one gets a row here and, already now, the
+# user id it will have: ``user_id`` is the same in every row of one email, and ``create_user`` gives the
+# new user that id and turns the rows into ``memberships`` in the transaction that creates the user.
+pending_memberships = Table(
+    "pending_memberships",
+    metadata,
+    Column("project_id", String(40), ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True),
+    Column("email", String(320), primary_key=True, index=True),  # normalised: trimmed, lower case
+    Column("user_id", String(40), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
 inference_keys = Table(
     "inference_keys",
     metadata,
