@@ -242,11 +242,16 @@ def test_every_response_has_a_request_id(gw: Gateway) -> None:
         assert client.get("/chat/completions").status_code in (401, 405)
 
 
-def test_max_tokens_is_set_and_lowered_to_the_budget(gw: Gateway, mint: Mint, upstream: FakeUpstream) -> None:
+def test_max_tokens_is_lowered_to_the_budget_and_none_is_added(gw: Gateway, mint: Mint,
+                                                              upstream: FakeUpstream) -> None:
     secret, _ = mint(token_limit=300, token_limit_period="day")
     client = sdk(gw, secret)
-    client.chat.completions.create(model="chat", messages=hi())
-    assert upstream.chat_requests()[-1]["max_tokens"] == 64  # the configured default
+    # No length of its own: none is added (answers cut silently at the gateway's default were a harm); it
+    # is forwarded as a stream, reserved as it is generated, and answered in one piece.
+    r = client.chat.completions.create(model="chat", messages=hi())
+    forwarded = upstream.chat_requests()[-1]
+    assert "max_tokens" not in forwarded and forwarded["stream"] is True
+    assert r.object == "chat.completion" and r.choices[0].message.content == " tok" * 8
     client.chat.completions.create(model="chat", messages=hi(), max_tokens=100_000)
     forwarded = upstream.chat_requests()[-1]["max_tokens"]
     assert forwarded < 300 - 72  # lowered to what the budget still allows after the prompt bound

@@ -141,11 +141,16 @@ def test_no_length_is_added_when_the_context_bounds_the_completion(
     secret = _key(owner, token_limit=1_000_000, token_limit_period="day")
     assert _chat(cgw, secret, {"messages": hi()}).status_code == 200
     assert "max_tokens" not in counting_upstream.chat_requests()[-1]  # what is left of 2048 fits the budget
-    # A budget smaller than what is left of the context does need it: lowered to what the budget allows.
+    # Nor when the budget is smaller than what is left of the context: the answer is reserved as it is
+    # generated (forwarded as a stream) and cut off where the budget ends.
     exact = tiny.count(tiny.render(hi()))
     small = _key(owner, token_limit=exact + 100, token_limit_period="day")
-    assert _chat(cgw, small, {"messages": hi()}).status_code == 200
-    assert counting_upstream.chat_requests()[-1]["max_tokens"] == 100
+    r = _chat(cgw, small, {"messages": hi(), "fake": {"tokens": 500}})
+    assert r.status_code == 200, r.text
+    assert "max_tokens" not in counting_upstream.chat_requests()[-1]
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+    assert r.json()["usage"] == {"prompt_tokens": exact, "completion_tokens": 100, "total_tokens": exact + 100}
+    assert budget_remaining(cgw, small) == 0
 
 
 def test_a_stream_without_usage_is_charged_its_exact_prompt(cgw: Gateway, owner: tuple[Console, str],

@@ -119,3 +119,27 @@ def test_the_request_id_goes_upstream_as_a_uuid(gw: Gateway, mint: Mint, uuid_on
     assert sent is not None
     # The same 128 bits as the id the client sees, so the two logs can be matched.
     assert uuid.UUID(sent).hex == r.headers["x-request-id"].removeprefix("req_")
+
+
+def test_a_non_streamed_answer_put_together_from_a_stream(gw: Gateway, mint: Mint, upstream: FakeUpstream) -> None:
+    # A non-streamed request of a budgeted key with no max_tokens is forwarded as a stream (reserved as it
+    # is generated) and answered as one chat.completion: the client sees no difference.
+    limit = 2_000
+    secret, _ = mint(token_limit=limit, token_limit_period="day")
+    client = sdk(gw, secret)
+    r = client.chat.completions.create(model="chat", messages=hi(), tools=TOOLS, tool_choice="required",
+                                       extra_body={"fake": {"tokens": 5, "tool_call": True}})
+    assert upstream.chat_requests()[-1]["stream"] is True
+    assert r.object == "chat.completion" and r.choices[0].finish_reason == "tool_calls"
+    calls = r.choices[0].message.tool_calls
+    assert calls is not None and len(calls) == 1
+    assert (calls[0].id, calls[0].function.name, calls[0].function.arguments) == ("call_fake", "lookup",
+                                                                                  '{"q": "xxx"}')
+    assert r.usage is not None and r.usage.completion_tokens == 5
+    first = r.usage.total_tokens
+    r = client.chat.completions.create(model="chat", messages=hi(), n=2, extra_body={"fake": {"tokens": 3}})
+    assert [c.message.content for c in r.choices] == [" tok" * 3] * 2 and r.usage is not None
+    assert budget_remaining(gw, secret) == limit - first - r.usage.total_tokens  # charged what the answers said
+    with pytest.raises(openai.APIStatusError) as broke:
+        client.chat.completions.create(model="chat", messages=hi(), extra_body={"fake": {"tokens": 5, "die_after": 2}})
+    assert broke.value.status_code == 502

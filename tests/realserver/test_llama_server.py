@@ -402,8 +402,7 @@ def test_gateway_reserves_the_prompt(site: Site, llama_server: LlamaServer, name
 
 
 @pytest.mark.parametrize("name", list(TOOL_ARGUMENTS))
-def test_gateway_reserves_tool_call_arguments_as_llama_server_counts_them(
-        site: Site, request: pytest.FixtureRequest, name: str) -> None:
+def test_gateway_reserves_tool_call_arguments_as_llama_server_counts_them(site: Site, name: str) -> None:
     """Tool-call arguments not in Python's json.dumps form, which llama-server parses before rendering
     (test_tool_call_arguments_are_parsed_before_rendering): the same as test_gateway_reserves_the_prompt."""
     sent, _, real = TOOL_ARGUMENTS[name]
@@ -465,13 +464,9 @@ def test_gateway_charges_every_choice_of_n_streamed(site: Site) -> None:
     assert site.totals(key_id)["completion_tokens"] == 10
 
 
-def test_gateway_charges_every_choice_of_n(site: Site, request: pytest.FixtureRequest) -> None:
+def test_gateway_charges_every_choice_of_n(site: Site) -> None:
     """n=3 generates 3 x 5 tokens; the client's usage, and the key's charge, must count all of them."""
-    if not site.exact:
-        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-            "gateway bug: without a tokenizer, a non-streamed n>1 reply is charged llama-server's usage, which "
-            "counts one choice only (5 of the 15 tokens generated for n=3; "
-            "test_n_choices_usage_counts_one_choice)")))
+    # Without a tokenizer the gateway forwards it as a stream and counts each choice's deltas.
     client, key_id = site.key(token_limit=1_000_000, token_limit_period="month")
     reply = complete(client, max_tokens=5, n=3, **CONVERSATIONS["plain"])
     assert [c.finish_reason for c in reply.choices] == ["length"] * 3

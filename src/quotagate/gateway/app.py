@@ -21,6 +21,7 @@ import orjson
 from quotagate.app import Runtime
 from quotagate.config import ModelSpec
 from quotagate.gateway import headers as rl
+from quotagate.gateway.assemble import assemble
 from quotagate.gateway.authfail import FailedAuthThrottle
 from quotagate.gateway.counting import answer_tokens, chat_prompt, embeddings_prompt
 from quotagate.gateway.errors import ApiError, bad_request
@@ -28,7 +29,7 @@ from quotagate.gateway.keycache import KeyCache
 from quotagate.gateway.parsing import LENGTH_FIELDS, parse_chat, parse_embeddings, text_bytes
 from quotagate.gateway.refusals import refusal_error
 from quotagate.gateway.streaming import Lease, StreamRelay
-from quotagate.gateway.upstream_errors import upstream_failure
+from quotagate.gateway.upstream_errors import stream_failure, upstream_failure
 from quotagate.gateway.usage import charge, reported, usage_object
 from quotagate.httpserver import BODY_ERROR
 from quotagate.keys.models import KeyRecord
@@ -381,8 +382,14 @@ class LLMApp:
         room = None if spec.context_length is None else spec.context_length - (prompt if exact else 0)
         natural = room if req.max_tokens is None else req.max_tokens if room is None else min(req.max_tokens, room)
         # A stream of a key with token limits reserves its completion as it is generated (a Lease), so
-        # concurrent streams are not refused for tokens nobody will spend: the first block now.
-        leasing = req.stream and self._rt.limiter is not None and (key.tpm is not None or key.token_limit is not None)
+        # concurrent streams are not refused for tokens nobody will spend: the first block now. A
+        # non-streamed request with no length of its own would have to reserve the rest of the context (or
+        # be given a length it did not ask for): it is forwarded as a stream too, and answered in one piece.
+        # So is one of several choices without a tokenizer to count them: servers have reported one choice's
+        # tokens for all (llama-server), and a stream's deltas are counted choice by choice.
+        limited = self._rt.limiter is not None and (key.tpm is not None or key.token_limit is not None)
+        collect = limited and not req.stream and (req.max_tokens is None or (req.n > 1 and counter is None))
+        leasing = limited and (req.stream or collect)
         wanted = natural or self._default_max_tokens
         first = min(wanted, Lease.FIRST) if leasing else wanted
         adm = await self._admit(call, key, prompt, req.n * first, req.n)
@@ -403,15 +410,21 @@ class LLMApp:
             # be overrun (the client sent none, and nothing else bounds the completion within the grant).
             unbounded = req.max_tokens is None and (natural is None or per_choice < natural)
             changed = _lengths(body, per_choice, cap=unbounded)
-        if req.stream and not req.include_usage:
+        if (req.stream and not req.include_usage) or collect:
             changed = True
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        if collect:
+            body["stream"] = True
         payload = orjson.dumps(body) if changed else req.canonical
         granted = None if adm.granted is None else (adm.granted // req.n) * req.n
         response = await self._forward(call, key, adm, req.model, "/chat/completions", payload)
         if req.stream and response.status == 200:
             await self._relay_stream(call, key, adm, response, send, receive, prompt, granted,
                                      req.include_usage, req.n, counter, lease)
+            return
+        if collect and response.status == 200:
+            await self._collect_stream(call, key, adm, response, send, receive, prompt, granted, req.n, counter,
+                                       lease)
             return
         await self._finish_plain(call, key, adm, response, send, prompt, granted, counter, chat=True)
 
@@ -515,6 +528,49 @@ class LLMApp:
             raise
         finally:
             response.release()
+
+
+    async def _collect_stream(self, call: Call, key: KeyRecord, adm: Admission, response: Response, send: Send,
+                              receive: Receive, prompt_bound: int, granted: int | None, n: int,
+                              counter: TokenCounter | None, lease: Lease | None) -> None:
+        """A non-streamed request forwarded as a stream: relayed into a buffer (with the stream's
+        accounting: leases, cut-off, usage), then answered as one ``chat.completion``."""
+        events: list[bytes] = []
+
+        async def keep(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                events.append(message.get("body", b""))
+
+        relay = StreamRelay(request_id=call.request_id, response=response, send=keep, receive=receive, headers=[],
+                            prompt_bound=prompt_bound, granted=granted, include_usage=True, n=n, started_at=call.t0,
+                            clock=time.perf_counter, counter=counter, lease=lease)
+        charged = (0, 0)
+
+        async def finish(prompt: int, completion: int, error_code: str | None) -> None:
+            nonlocal charged
+            charged = (prompt, completion)
+            await self._settle(key, adm, prompt + completion)
+
+        try:
+            outcome = await relay.run(finish)
+        except BaseException:
+            response.close()
+            if charged == (0, 0):
+                await self._settle(key, adm, 0)
+            raise
+        finally:
+            response.release()
+        if outcome.client_gone:
+            self._record(call, 200, "client_disconnected", *charged, None)
+            return
+        data = b"".join(events)
+        for line in data.split(b"\n"):  # the stream broke off after it had begun: an error, not half an answer
+            if line.startswith(b'data: {"error"'):
+                raise stream_failure(orjson.loads(line[6:]))
+        answer = assemble(data)
+        if answer is None:
+            raise ApiError(502, "upstream_error", "the model server's stream held no answer")
+        await self._respond(call, send, 200, orjson.dumps(answer), prompt=charged[0], completion=charged[1])
 
 
 def _lengths(body: dict[str, Any], per_choice: int, *, cap: bool) -> bool:
