@@ -486,3 +486,26 @@ def test_gateway_admits_a_request_that_fits_the_budget_exactly(site: Site) -> No
         complete(client, max_tokens=20, **CONVERSATIONS["plain"])
     assert refused.value.code == "token_limit_exceeded"
     assert "needs at least 102 tokens" in refused.value.message
+
+
+def test_gateway_spends_a_budget_exactly_with_no_max_tokens(site: Site) -> None:
+    """No max_tokens, non-streamed and streamed, on a budget of the prompt and 40 tokens: the random model
+    never stops by itself, so the gateway reserves as llama-server generates (the non-streamed request goes
+    up as a stream) and cuts the answer off where the budget ends: charged exactly the budget, no more."""
+    if not site.exact:
+        pytest.skip("the byte bound of this prompt (101 tokens) is more than the whole 64-token budget")
+    for stream in (False, True):
+        client, key_id = site.key(token_limit=24 + 40, token_limit_period="month")
+        if stream:
+            chunks = complete_streamed(client, **CONVERSATIONS["plain"])
+            usage = usage_of(chunks[-1])
+            assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+        else:
+            reply = complete(client, **CONVERSATIONS["plain"])
+            usage = usage_of(reply)
+            assert reply.choices[0].finish_reason == "length"
+        assert usage == (24, 40)
+        assert site.totals(key_id)["total_tokens"] == 64
+        with pytest.raises(openai.RateLimitError) as refused:  # and nothing is left
+            complete(client, **CONVERSATIONS["plain"])
+        assert refused.value.code == "token_limit_exceeded" and "used up" in refused.value.message
