@@ -29,7 +29,7 @@ from quotagate.gateway.keycache import KeyCache
 from quotagate.gateway.parsing import LENGTH_FIELDS, parse_chat, parse_embeddings, text_bytes
 from quotagate.gateway.refusals import refusal_error
 from quotagate.gateway.streaming import Lease, StreamRelay
-from quotagate.gateway.upstream_errors import stream_failure, upstream_failure
+from quotagate.gateway.upstream_errors import upstream_failure
 from quotagate.gateway.usage import charge, reported, usage_object
 from quotagate.httpserver import BODY_ERROR
 from quotagate.keys.models import KeyRecord
@@ -529,7 +529,6 @@ class LLMApp:
         finally:
             response.release()
 
-
     async def _collect_stream(self, call: Call, key: KeyRecord, adm: Admission, response: Response, send: Send,
                               receive: Receive, prompt_bound: int, granted: int | None, n: int,
                               counter: TokenCounter | None, lease: Lease | None) -> None:
@@ -544,33 +543,32 @@ class LLMApp:
         relay = StreamRelay(request_id=call.request_id, response=response, send=keep, receive=receive, headers=[],
                             prompt_bound=prompt_bound, granted=granted, include_usage=True, n=n, started_at=call.t0,
                             clock=time.perf_counter, counter=counter, lease=lease)
-        charged = (0, 0)
+        settled = False
 
         async def finish(prompt: int, completion: int, error_code: str | None) -> None:
-            nonlocal charged
-            charged = (prompt, completion)
+            nonlocal settled
+            settled = True
             await self._settle(key, adm, prompt + completion)
 
         try:
             outcome = await relay.run(finish)
         except BaseException:
             response.close()
-            if charged == (0, 0):
+            if not settled:
                 await self._settle(key, adm, 0)
             raise
         finally:
             response.release()
+        prompt, completion = outcome.prompt_tokens, outcome.completion_tokens
         if outcome.client_gone:
-            self._record(call, 200, "client_disconnected", *charged, None)
+            self._record(call, 200, "client_disconnected", prompt, completion, None)
             return
-        data = b"".join(events)
-        for line in data.split(b"\n"):  # the stream broke off after it had begun: an error, not half an answer
-            if line.startswith(b'data: {"error"'):
-                raise stream_failure(orjson.loads(line[6:]))
-        answer = assemble(data)
+        if outcome.error is not None:  # the stream broke off after it had begun: an error, not half an answer
+            raise outcome.error
+        answer = assemble(b"".join(events))
         if answer is None:
             raise ApiError(502, "upstream_error", "the model server's stream held no answer")
-        await self._respond(call, send, 200, orjson.dumps(answer), prompt=charged[0], completion=charged[1])
+        await self._respond(call, send, 200, orjson.dumps(answer), prompt=prompt, completion=completion)
 
 
 def _lengths(body: dict[str, Any], per_choice: int, *, cap: bool) -> bool:

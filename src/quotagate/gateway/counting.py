@@ -51,23 +51,27 @@ def embeddings_prompt(counter: TokenCounter | None, req: EmbeddingsRequest, spec
     return total
 
 
+GENERATED_TEXT = ("content", "reasoning_content", "reasoning", "refusal")
+
+
+def generated_texts(part: dict[str, Any]) -> list[str]:
+    """The generated text in a message or a stream's delta: its text fields and its tool calls' arguments."""
+    texts = [text for name in GENERATED_TEXT if isinstance(text := part.get(name), str)]
+    calls = part.get("tool_calls")
+    if isinstance(calls, list):
+        for call in calls:
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                texts.append(function["arguments"])
+    return texts
+
+
 def answer_tokens(counter: TokenCounter, choices: list[Any]) -> int:
     """Tokens of the text of a non-streamed answer's choices (content, reasoning, refusal, tool-call
     arguments), counted with the tokenizer."""
     total = 0
     for choice in choices:
         message = choice.get("message") if isinstance(choice, dict) else None
-        if not isinstance(message, dict):
-            continue
-        for name in ("content", "reasoning_content", "reasoning", "refusal"):
-            text = message.get(name)
-            if isinstance(text, str):
-                total += counter.text(text)
-        calls = message.get("tool_calls")
-        if isinstance(calls, list):
-            for call in calls:
-                function = call.get("function") if isinstance(call, dict) else None
-                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                    total += counter.text(function["arguments"])
+        if isinstance(message, dict):
+            total += sum(counter.text(text) for text in generated_texts(message))
     return total
-

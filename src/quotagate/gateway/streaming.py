@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from quotagate.gateway.counting import GENERATED_TEXT, generated_texts
 from quotagate.gateway.errors import ApiError
 from quotagate.gateway.upstream_errors import stream_failure
 from quotagate.gateway.usage import charge, reported, usage_object
@@ -31,13 +32,12 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 _DONE = b"data: [DONE]\n\n"
-_TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
 
 
 def _carries_token(delta: dict[str, Any]) -> bool:
     """Whether a delta holds generated text. A tool call's first delta (its id, type and name, with
     empty arguments) is the server's framing, not a token, and neither is an empty string."""
-    for name in _TEXT_FIELDS:
+    for name in GENERATED_TEXT:
         if delta.get(name):
             return True
     calls = delta.get("tool_calls")
@@ -103,20 +103,9 @@ class Lease:
 def _collect(choices: list[Any], texts: dict[int, list[str]]) -> None:
     """Append the generated text of each choice's delta to ``texts`` (by choice index)."""
     for choice in choices:
-        if not isinstance(choice, dict) or not isinstance(delta := choice.get("delta"), dict):
-            continue
-        index = choice.get("index", 0)
-        pieces = texts.setdefault(index if type(index) is int else 0, [])
-        for name in _TEXT_FIELDS:
-            text = delta.get(name)
-            if isinstance(text, str):
-                pieces.append(text)
-        calls = delta.get("tool_calls")
-        if isinstance(calls, list):
-            for call in calls:
-                function = call.get("function") if isinstance(call, dict) else None
-                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                    pieces.append(function["arguments"])
+        if isinstance(choice, dict) and isinstance(delta := choice.get("delta"), dict):
+            index = choice.get("index", 0)
+            texts.setdefault(index if type(index) is int else 0, []).extend(generated_texts(delta))
 
 
 @dataclass(slots=True)
@@ -126,6 +115,7 @@ class StreamOutcome:
     error_code: str | None
     ttft_ms: float | None
     client_gone: bool
+    error: ApiError | None  # the stream broke off after it had begun (the client got an error event)
 
 
 class StreamRelay:
@@ -232,7 +222,7 @@ class StreamRelay:
         if not self._gone:
             await self._start()
             await self._send({"type": "http.response.body", "body": b"".join(tail), "more_body": False})
-        return StreamOutcome(prompt, completion, code, self._ttft, self._gone)
+        return StreamOutcome(prompt, completion, code, self._ttft, self._gone, None if self._gone else error)
 
     def _chunk(self, fields: dict[str, Any]) -> bytes:
         chunk = {"id": self._template.get("id", self._rid), "object": "chat.completion.chunk",
