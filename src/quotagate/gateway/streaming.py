@@ -1,4 +1,5 @@
-"""Relaying a chat completion stream (SSE) from a model server to the client, event by event.
+"""Relaying a chat completion (or completion: ``dialects.py``) stream (SSE) from a model server to the
+client, event by event.
 
 Each complete event is sent on as soon as it has arrived (nothing is held back but a partial event).
 The relay parses only what it must: each event's JSON, to count token-carrying deltas, to notice the
@@ -19,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from quotagate.gateway.counting import GENERATED_TEXT, generated_texts
+from quotagate.gateway.dialects import CHAT, Dialect
 from quotagate.gateway.errors import ApiError
 from quotagate.gateway.upstream_errors import stream_failure
 from quotagate.gateway.usage import charge, reported, usage_object
@@ -34,31 +35,16 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 _DONE = b"data: [DONE]\n\n"
 
 
-def _carries_token(delta: dict[str, Any]) -> bool:
-    """Whether a delta holds generated text. A tool call's first delta (its id, type and name, with
-    empty arguments) is the server's framing, not a token, and neither is an empty string."""
-    for name in GENERATED_TEXT:
-        if delta.get(name):
-            return True
-    calls = delta.get("tool_calls")
-    if isinstance(calls, list):
-        for call in calls:
-            function = call.get("function") if isinstance(call, dict) else None
-            if isinstance(function, dict) and function.get("arguments"):
-                return True
-    function = delta.get("function_call")
-    return isinstance(function, dict) and bool(function.get("arguments"))
-
-
-def _tokens_in(choices: list[Any]) -> tuple[int, bool]:
-    """(token-carrying deltas, whether any choice finished) of one chunk's choices."""
+def _tokens_in(choices: list[Any], dialect: Dialect) -> tuple[int, bool]:
+    """(token-carrying parts, whether any choice finished) of one chunk's choices."""
     count = 0
     finished = False
+    carries, part = dialect.carries_token, dialect.part
     for choice in choices:
         if not isinstance(choice, dict):
             continue
-        delta = choice.get("delta")
-        if isinstance(delta, dict) and _carries_token(delta):
+        delta = part(choice, True)
+        if isinstance(delta, dict) and carries(delta):
             count += 1
         if choice.get("finish_reason"):
             finished = True
@@ -100,12 +86,12 @@ class Lease:
         return await self._extend(ask) if ask > 0 else 0
 
 
-def _collect(choices: list[Any], texts: dict[int, list[str]]) -> None:
+def _collect(choices: list[Any], texts: dict[int, list[str]], dialect: Dialect) -> None:
     """Append the generated text of each choice's delta to ``texts`` (by choice index)."""
     for choice in choices:
-        if isinstance(choice, dict) and isinstance(delta := choice.get("delta"), dict):
+        if isinstance(choice, dict) and isinstance(delta := dialect.part(choice, True), dict):
             index = choice.get("index", 0)
-            texts.setdefault(index if type(index) is int else 0, []).extend(generated_texts(delta))
+            texts.setdefault(index if type(index) is int else 0, []).extend(dialect.texts(delta))
 
 
 @dataclass(slots=True)
@@ -125,8 +111,10 @@ class StreamRelay:
     def __init__(self, *, request_id: str, response: Response, send: Send, receive: Receive,
                  headers: list[tuple[bytes, bytes]], prompt_bound: int, granted: int | None,
                  include_usage: bool, n: int, started_at: float, clock: Callable[[], float],
-                 counter: TokenCounter | None = None, lease: Lease | None = None) -> None:
+                 counter: TokenCounter | None = None, lease: Lease | None = None,
+                 dialect: Dialect = CHAT) -> None:
         self._rid = request_id
+        self._dialect = dialect
         self._resp = response
         self._send = send
         self._receive = receive
@@ -201,8 +189,7 @@ class StreamRelay:
         tail: list[bytes] = []
         if not self._gone:
             if self._cut:
-                tail.append(self._chunk({"choices": [{"index": i, "delta": {}, "finish_reason": "length"}
-                                                     for i in range(self._n)]}))
+                tail.append(self._chunk({"choices": [self._dialect.cut_choice(i) for i in range(self._n)]}))
             if self._include_usage:
                 if (self._usage_raw is not None and report is not None
                         and (prompt, completion) == (report[0], report[1])):
@@ -225,7 +212,7 @@ class StreamRelay:
         return StreamOutcome(prompt, completion, code, self._ttft, self._gone, None if self._gone else error)
 
     def _chunk(self, fields: dict[str, Any]) -> bytes:
-        chunk = {"id": self._template.get("id", self._rid), "object": "chat.completion.chunk",
+        chunk = {"id": self._template.get("id", self._rid), "object": self._dialect.chunk_object,
                  "created": self._template.get("created", 0), "model": self._template.get("model", "")}
         chunk.update(fields)
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
@@ -321,7 +308,7 @@ class StreamRelay:
             return None
         if not isinstance(choices, list):
             return ApiError(502, "upstream_error", "the model server sent a malformed stream event")
-        count, finished = _tokens_in(choices)
+        count, finished = _tokens_in(choices, self._dialect)
         granted = self._granted
         if granted is not None and self._counted + count > granted:
             lease = self._lease
@@ -335,7 +322,7 @@ class StreamRelay:
         self._counted += count
         self._finished = self._finished or finished
         if self._texts is not None and count:
-            _collect(choices, self._texts)
+            _collect(choices, self._texts, self._dialect)
         if usage is not None:
             # Usage on a chunk with choices (some servers put it on the finish chunk): the client gets it
             # once, in the usage chunk at the end, and only if it asked for one.
