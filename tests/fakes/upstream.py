@@ -139,6 +139,8 @@ class FakeUpstream:
             return
         if scope["path"].endswith("/embeddings"):
             await self._embeddings(send, body, fake)
+        elif scope["path"].endswith("/v1/completions"):
+            await self._completions(send, body, fake)
         else:
             await self._chat(send, receive, body, fake)
 
@@ -161,6 +163,52 @@ class FakeUpstream:
         if not fake.get("no_usage"):
             obj["usage"] = usage
         await self._json(send, 200, obj)
+
+    async def _completions(self, send: Any, body: dict[str, Any], fake: dict[str, Any]) -> None:
+        """``/v1/completions`` as vLLM answers it: ``max(n, best_of)`` sequences per prompt (n returned),
+        choices indexed prompt by prompt, each prompt's tokens counted once."""
+        natural = int(fake.get("tokens", 8))
+        limit = body.get("max_tokens")
+        count = natural if fake.get("ignore_max") or not limit else min(natural, limit)
+        value = body.get("prompt")
+        prompts = [value] if isinstance(value, str) or (value and type(value[0]) is int) else list(value or [])
+        n = body.get("n") or 1
+        generated = max(n, body.get("best_of") or 1) * len(prompts)
+        prompt = sum(len(p) if isinstance(p, list) else max(1, len(p.encode()) // 2) if self.counter is None
+                     else self.counter.input(p) for p in prompts)
+        usage = fake.get("usage") or {"prompt_tokens": prompt, "completion_tokens": count * generated,
+                                      "total_tokens": prompt + count * generated}
+        base = {"id": "cmpl-fake", "object": "text_completion", "created": 1, "model": body.get("model")}
+        finish = "length" if count < natural else "stop"
+        returned = n * len(prompts)
+        if not body.get("stream"):
+            obj: dict[str, Any] = {**base, "choices": [
+                {"index": i, "text": " tok" * count, "logprobs": None, "finish_reason": finish}
+                for i in range(returned)]}
+            if not fake.get("no_usage"):
+                obj["usage"] = usage
+            await self._json(send, 200, obj)
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+
+        async def event(obj: dict[str, Any]) -> None:
+            await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(obj) + b"\n\n",
+                        "more_body": True})
+
+        delay = float(fake.get("token_delay", 0))
+        for t in range(count):
+            if fake.get("die_after") == t:
+                raise RuntimeError("fake upstream dies mid-stream")
+            if delay:
+                await asyncio.sleep(delay)
+            await event({**base, "choices": [{"index": i, "text": " tok", "logprobs": None, "finish_reason": None}
+                                             for i in range(returned)]})
+        await event({**base, "choices": [{"index": i, "text": "", "logprobs": None, "finish_reason": finish}
+                                         for i in range(returned)]})
+        if (body.get("stream_options") or {}).get("include_usage") and not fake.get("no_usage"):
+            await event({**base, "choices": [], "usage": usage})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
     async def _chat(self, send: Any, receive: Any, body: dict[str, Any], fake: dict[str, Any]) -> None:
         natural = int(fake.get("tokens", 8))

@@ -509,3 +509,63 @@ def test_gateway_spends_a_budget_exactly_with_no_max_tokens(site: Site) -> None:
         with pytest.raises(openai.RateLimitError) as refused:  # and nothing is left
             complete(client, **CONVERSATIONS["plain"])
         assert refused.value.code == "token_limit_exceeded" and "used up" in refused.value.message
+
+
+# -- /v1/completions ----------------------------------------------------------------------------------
+
+PROMPT = "Once upon a time, in a café far away, 1234 naïve cats"
+
+
+def text_completion(server: LlamaServer, **body: Any) -> dict[str, Any]:
+    """A non-streamed completion straight from llama-server."""
+    r = post(server, "/v1/completions", {"model": MODEL_ALIAS, **SAMPLING, **body})
+    assert r.status_code == 200, r.text
+    result: dict[str, Any] = r.json()
+    return result
+
+
+def test_gateway_reports_llama_servers_completion_usage(site: Site, llama_server: LlamaServer) -> None:
+    """A text completion through the gateway, non-streamed and streamed: the text and usage llama-server
+    reports for it, the prompt reserved exactly with the tokenizer, and the key charged that."""
+    direct = text_completion(llama_server, prompt=PROMPT, max_tokens=12)
+    want = (direct["usage"]["prompt_tokens"], direct["usage"]["completion_tokens"])
+    assert want == (llama_server.model.tokenizer().encode(PROMPT).ids.__len__(), 12)
+    client, key_id = site.key(token_limit=100_000, token_limit_period="month")
+    raw = client.completions.with_raw_response.create(model=MODEL_ALIAS, prompt=PROMPT, max_tokens=12, **SAMPLING)
+    reply = raw.parse()
+    assert reply.usage is not None and (reply.usage.prompt_tokens, reply.usage.completion_tokens) == want
+    assert reply.choices[0].text == direct["choices"][0]["text"]
+    reserved = 100_000 - int(raw.headers["x-ratelimit-remaining-tokens"]) - 12
+    assert reserved == want[0] if site.exact else reserved >= want[0]
+    chunks = list(client.completions.create(model=MODEL_ALIAS, prompt=PROMPT, max_tokens=12, stream=True,
+                                            stream_options={"include_usage": True}, **SAMPLING))
+    usage = chunks[-1].usage
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == want
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == direct["choices"][0]["text"]
+    got = site.totals(key_id)
+    assert (got["requests"], got["prompt_tokens"], got["completion_tokens"]) == (2, 2 * want[0], 2 * want[1])
+
+
+def test_gateway_spends_a_budget_exactly_with_a_completion_of_no_max_tokens(site: Site,
+                                                                            llama_server: LlamaServer) -> None:
+    """No max_tokens (llama-server's default: generate until the context is full), non-streamed and
+    streamed, on a budget of the prompt and 40 tokens: cut off where the budget ends, charged exactly it."""
+    prompt = len(llama_server.model.tokenizer().encode(PROMPT).ids)
+    if not site.exact:
+        pytest.skip("the byte bound of this prompt is more than the whole budget")
+    for stream in (False, True):
+        client, key_id = site.key(token_limit=prompt + 40, token_limit_period="month")
+        if stream:
+            chunks = list(client.completions.create(model=MODEL_ALIAS, prompt=PROMPT, stream=True,
+                                                    stream_options={"include_usage": True}, **SAMPLING))
+            usage = chunks[-1].usage
+            assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+        else:
+            reply = client.completions.create(model=MODEL_ALIAS, prompt=PROMPT, **SAMPLING)
+            usage = reply.usage
+            assert reply.choices[0].finish_reason == "length"
+        assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (prompt, 40)
+        assert site.totals(key_id)["total_tokens"] == prompt + 40
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.completions.create(model=MODEL_ALIAS, prompt=PROMPT, max_tokens=1, **SAMPLING)
+        assert refused.value.code == "token_limit_exceeded"

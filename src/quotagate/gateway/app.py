@@ -21,12 +21,20 @@ import orjson
 from quotagate.app import Runtime
 from quotagate.config import ModelSpec
 from quotagate.gateway import headers as rl
-from quotagate.gateway.assemble import assemble
+from quotagate.gateway.assemble import assemble, assemble_completion
 from quotagate.gateway.authfail import FailedAuthThrottle
-from quotagate.gateway.counting import answer_tokens, chat_prompt, embeddings_prompt
+from quotagate.gateway.counting import answer_tokens, chat_prompt, completion_prompt, embeddings_prompt
+from quotagate.gateway.dialects import CHAT, COMPLETIONS, Dialect
 from quotagate.gateway.errors import ApiError, bad_request
 from quotagate.gateway.keycache import KeyCache
-from quotagate.gateway.parsing import LENGTH_FIELDS, parse_chat, parse_embeddings, text_bytes
+from quotagate.gateway.parsing import (
+    LENGTH_FIELDS,
+    ChatRequest,
+    parse_chat,
+    parse_completions,
+    parse_embeddings,
+    text_bytes,
+)
 from quotagate.gateway.refusals import refusal_error
 from quotagate.gateway.streaming import Lease, StreamRelay
 from quotagate.gateway.upstream_errors import upstream_failure
@@ -135,6 +143,8 @@ class LLMApp:
         method: str = scope["method"]
         if path == "/v1/chat/completions":
             endpoint, handler, allowed = "chat.completions", self._chat, "POST"
+        elif path == "/v1/completions":
+            endpoint, handler, allowed = "completions", self._completions, "POST"
         elif path == "/v1/embeddings":
             endpoint, handler, allowed = "embeddings", self._embeddings, "POST"
         elif path == "/v1/models" or path.startswith("/v1/models/"):
@@ -377,9 +387,27 @@ class LLMApp:
         spec = self._usable(key, req.model, "chat")
         counter = self._counters.get(req.model)
         prompt, exact = await chat_prompt(counter, req, spec)
+        await self._generate(call, key, req, spec, prompt, prompt if exact else 0, counter, send, receive, CHAT)
+
+    async def _completions(self, call: Call, key: KeyRecord, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = await self._read_body(scope, receive)
+        req = parse_completions(raw)
+        call.model = req.model
+        call.stream = req.stream
+        spec = self._usable(key, req.model, "chat")
+        counter = self._counters.get(req.model)
+        prompt, longest, exact = completion_prompt(counter, req, spec)
+        await self._generate(call, key, req, spec, prompt, longest if exact else 0, counter, send, receive,
+                             COMPLETIONS)
+
+    async def _generate(self, call: Call, key: KeyRecord, req: ChatRequest, spec: ModelSpec, prompt: int,
+                        used: int, counter: TokenCounter | None, send: Send, receive: Receive,
+                        dialect: Dialect) -> None:
+        """Admit, forward and answer a generation request (chat or completion) whose ``prompt`` tokens are
+        counted (or bounded); ``used`` is how much of the context the longest prompt takes, if it is known."""
         # The most a choice can generate: what the client asked for, else what is left of the model's
         # context (a completion never outgrows it), else nothing bounds it and the gateway's default is the limit.
-        room = None if spec.context_length is None else spec.context_length - (prompt if exact else 0)
+        room = None if spec.context_length is None else spec.context_length - used
         natural = room if req.max_tokens is None else req.max_tokens if room is None else min(req.max_tokens, room)
         # A stream of a key with token limits reserves its completion as it is generated (a Lease), so
         # concurrent streams are not refused for tokens nobody will spend: the first block now. A
@@ -388,7 +416,8 @@ class LLMApp:
         # So is one of several choices without a tokenizer to count them: servers have reported one choice's
         # tokens for all (llama-server), and a stream's deltas are counted choice by choice.
         limited = self._rt.limiter is not None and (key.tpm is not None or key.token_limit is not None)
-        collect = limited and not req.stream and (req.max_tokens is None or (req.n > 1 and counter is None))
+        collect = limited and not req.stream and req.streamable and (
+            req.max_tokens is None or (req.n > 1 and counter is None))
         leasing = limited and (req.stream or collect)
         wanted = natural or self._default_max_tokens
         first = min(wanted, Lease.FIRST) if leasing else wanted
@@ -417,16 +446,16 @@ class LLMApp:
             body["stream"] = True
         payload = orjson.dumps(body) if changed else req.canonical
         granted = None if adm.granted is None else (adm.granted // req.n) * req.n
-        response = await self._forward(call, key, adm, req.model, "/chat/completions", payload)
+        response = await self._forward(call, key, adm, req.model, dialect.path, payload)
         if req.stream and response.status == 200:
             await self._relay_stream(call, key, adm, response, send, receive, prompt, granted,
-                                     req.include_usage, req.n, counter, lease)
+                                     req.include_usage, req.n, counter, lease, dialect)
             return
         if collect and response.status == 200:
             await self._collect_stream(call, key, adm, response, send, receive, prompt, granted, req.n, counter,
-                                       lease)
+                                       lease, dialect)
             return
-        await self._finish_plain(call, key, adm, response, send, prompt, granted, counter, chat=True)
+        await self._finish_plain(call, key, adm, response, send, prompt, granted, counter, dialect)
 
     async def _embeddings(self, call: Call, key: KeyRecord, scope: Scope, receive: Receive, send: Send) -> None:
         raw = await self._read_body(scope, receive)
@@ -437,7 +466,7 @@ class LLMApp:
         adm = await self._admit(call, key, prompt, 0, 0)
         response = await self._forward(call, key, adm, req.model, "/embeddings", req.canonical)
         granted = None if adm.granted is None else 0
-        await self._finish_plain(call, key, adm, response, send, prompt, granted, None, chat=False)
+        await self._finish_plain(call, key, adm, response, send, prompt, granted, None, None)
 
     async def _forward(self, call: Call, key: KeyRecord, adm: Admission, model: str, path: str,
                        payload: bytes) -> Response:
@@ -452,8 +481,9 @@ class LLMApp:
 
     async def _finish_plain(self, call: Call, key: KeyRecord, adm: Admission, response: Response,
                             send: Send, prompt_bound: int, granted: int | None, counter: TokenCounter | None,
-                            *, chat: bool) -> None:
-        """A non-streamed answer: read it whole, check it, charge it, send it on."""
+                            dialect: Dialect | None) -> None:
+        """A non-streamed answer (of a generation ``dialect``, or else of embeddings): read it whole, check
+        it, charge it, send it on."""
         try:
             try:
                 data = await response.read()
@@ -471,7 +501,7 @@ class LLMApp:
                 obj = orjson.loads(data)
             except orjson.JSONDecodeError:
                 obj = None
-            if not isinstance(obj, dict) or not isinstance(obj.get("choices" if chat else "data"), list):
+            if not isinstance(obj, dict) or not isinstance(obj.get("choices" if dialect else "data"), list):
                 raise ApiError(502, "upstream_error", "the model server answered with something that is not a "
                                "valid response")
         except BaseException:
@@ -479,19 +509,22 @@ class LLMApp:
             raise
         report = reported(obj.get("usage"))
         fallback = counted = 0
-        if chat and counter is not None and (report is None or len(obj["choices"]) > 1):
-            # Counted where the server said nothing, or may have said too little: servers have reported
-            # one choice's tokens for several (llama-server with n: 2).
-            counted = answer_tokens(counter, obj["choices"])
-            fallback = counted
-        elif report is None and chat:
-            fallback = text_bytes([c.get("message") for c in obj["choices"] if isinstance(c, dict)])
-            if granted is not None:
-                fallback = min(fallback, granted)
+        if dialect is not None:
+            parts = [dialect.part(c, False) for c in obj["choices"] if isinstance(c, dict)]
+            if counter is not None and (report is None or len(obj["choices"]) > 1):
+                # Counted where the server said nothing, or may have said too little: servers have reported
+                # one choice's tokens for several (llama-server with n: 2).
+                counted = answer_tokens(counter, parts, dialect.texts)
+                fallback = counted
+            elif report is None:
+                fallback = text_bytes(parts if dialect is CHAT else [dialect.texts(p) for p in parts
+                                                                      if isinstance(p, dict)])
+                if granted is not None:
+                    fallback = min(fallback, granted)
         prompt, completion = charge(report, prompt_bound, granted, counted=counted, fallback_completion=fallback,
                                     request_id=call.request_id)
         if report != (prompt, completion):
-            obj["usage"] = usage_object(prompt, completion) if chat else {"prompt_tokens": prompt,
+            obj["usage"] = usage_object(prompt, completion) if dialect else {"prompt_tokens": prompt,
                                                                           "total_tokens": prompt}
             data = orjson.dumps(obj)
         await self._settle(key, adm, prompt + completion)
@@ -499,11 +532,13 @@ class LLMApp:
 
     async def _relay_stream(self, call: Call, key: KeyRecord, adm: Admission, response: Response,
                             send: Send, receive: Receive, prompt_bound: int, granted: int | None,
-                            include_usage: bool, n: int, counter: TokenCounter | None, lease: Lease | None) -> None:
+                            include_usage: bool, n: int, counter: TokenCounter | None, lease: Lease | None,
+                            dialect: Dialect) -> None:
         hdrs = [*_SSE, (b"x-request-id", call.request_id.encode()), *call.rate_headers]
         relay = StreamRelay(request_id=call.request_id, response=response, send=send, receive=receive,
                             headers=hdrs, prompt_bound=prompt_bound, granted=granted, include_usage=include_usage,
-                            n=n, started_at=call.t0, clock=time.perf_counter, counter=counter, lease=lease)
+                            n=n, started_at=call.t0, clock=time.perf_counter, counter=counter, lease=lease,
+                            dialect=dialect)
         settled = False
 
         async def finish(prompt: int, completion: int, error_code: str | None) -> None:
@@ -531,9 +566,9 @@ class LLMApp:
 
     async def _collect_stream(self, call: Call, key: KeyRecord, adm: Admission, response: Response, send: Send,
                               receive: Receive, prompt_bound: int, granted: int | None, n: int,
-                              counter: TokenCounter | None, lease: Lease | None) -> None:
+                              counter: TokenCounter | None, lease: Lease | None, dialect: Dialect) -> None:
         """A non-streamed request forwarded as a stream: relayed into a buffer (with the stream's
-        accounting: leases, cut-off, usage), then answered as one ``chat.completion``."""
+        accounting: leases, cut-off, usage), then answered as one ``chat.completion`` (or ``text_completion``)."""
         events: list[bytes] = []
 
         async def keep(message: dict[str, Any]) -> None:
@@ -542,7 +577,7 @@ class LLMApp:
 
         relay = StreamRelay(request_id=call.request_id, response=response, send=keep, receive=receive, headers=[],
                             prompt_bound=prompt_bound, granted=granted, include_usage=True, n=n, started_at=call.t0,
-                            clock=time.perf_counter, counter=counter, lease=lease)
+                            clock=time.perf_counter, counter=counter, lease=lease, dialect=dialect)
         settled = False
 
         async def finish(prompt: int, completion: int, error_code: str | None) -> None:
@@ -565,7 +600,7 @@ class LLMApp:
             return
         if outcome.error is not None:  # the stream broke off after it had begun: an error, not half an answer
             raise outcome.error
-        answer = assemble(b"".join(events))
+        answer = (assemble if dialect is CHAT else assemble_completion)(b"".join(events))
         if answer is None:
             raise ApiError(502, "upstream_error", "the model server's stream held no answer")
         await self._respond(call, send, 200, orjson.dumps(answer), prompt=prompt, completion=completion)

@@ -1,4 +1,4 @@
-"""One chat completion put together from the events of a stream.
+"""One chat completion (or completion) put together from the events of a stream.
 
 A non-streamed request of a key with tpm or a budget, with no length of its own, is forwarded as a stream
 so that its completion can be reserved as it is generated (the relay's ``Lease``) instead of at its
@@ -80,15 +80,7 @@ def assemble(events: bytes) -> dict[str, Any] | None:
     head: dict[str, Any] | None = None
     usage: Any = None
     choices: dict[int, _Choice] = {}
-    for line in events.split(b"\n"):
-        if not line.startswith(b"data:"):
-            continue
-        payload = line[5:].strip()
-        if payload == b"[DONE]" or not payload:
-            continue
-        chunk = orjson.loads(payload)
-        if not isinstance(chunk, dict) or "error" in chunk:
-            continue
+    for chunk in _chunks(events):
         if head is None:
             head = chunk
         if chunk.get("usage") is not None:
@@ -109,3 +101,58 @@ def assemble(events: bytes) -> dict[str, Any] | None:
     if usage is not None:
         answer["usage"] = usage
     return answer
+
+
+def assemble_completion(events: bytes) -> dict[str, Any] | None:
+    """The ``text_completion`` a completions stream's ``events`` add up to: each choice's text joined, its
+    logprobs' lists joined, its last ``finish_reason``; None if they hold no chunk at all."""
+    head: dict[str, Any] | None = None
+    usage: Any = None
+    texts: dict[int, list[str]] = {}
+    logprobs: dict[int, dict[str, list[Any]]] = {}
+    finish: dict[int, Any] = {}
+    for chunk in _chunks(events):
+        if head is None:
+            head = chunk
+        if chunk.get("usage") is not None:
+            usage = chunk["usage"]
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
+            index = choice.get("index", 0)
+            index = index if type(index) is int else 0
+            text = choice.get("text")
+            texts.setdefault(index, []).append(text if isinstance(text, str) else "")
+            if isinstance(choice.get("logprobs"), dict):
+                joined = logprobs.setdefault(index, {})
+                for name, values in choice["logprobs"].items():
+                    if isinstance(values, list):
+                        joined.setdefault(name, []).extend(values)
+            if choice.get("finish_reason"):
+                finish[index] = choice["finish_reason"]
+    if head is None:
+        return None
+    answer: dict[str, Any] = {"id": head.get("id"), "object": "text_completion", "created": head.get("created"),
+                              "model": head.get("model")}
+    if head.get("system_fingerprint") is not None:
+        answer["system_fingerprint"] = head["system_fingerprint"]
+    answer["choices"] = [{"index": i, "text": "".join(t), "logprobs": logprobs.get(i),
+                          "finish_reason": finish.get(i)} for i, t in sorted(texts.items())]
+    if usage is not None:
+        answer["usage"] = usage
+    return answer
+
+
+def _chunks(events: bytes) -> list[dict[str, Any]]:
+    """The JSON chunks of relayed SSE ``events`` (not ``[DONE]``, not error events)."""
+    chunks = []
+    for line in events.split(b"\n"):
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == b"[DONE]" or not payload:
+            continue
+        chunk = orjson.loads(payload)
+        if isinstance(chunk, dict) and "error" not in chunk:
+            chunks.append(chunk)
+    return chunks

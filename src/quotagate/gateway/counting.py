@@ -4,6 +4,7 @@ counted because the model server did not (or could not be trusted to) say."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from quotagate.config import ModelSpec
@@ -29,6 +30,25 @@ async def chat_prompt(counter: TokenCounter | None, req: ChatRequest, spec: Mode
                        f"However, your messages resulted in {counted} tokens. Please reduce the length of the "
                        "messages.", param="messages")
     return counted, True
+
+
+def completion_prompt(counter: TokenCounter | None, req: ChatRequest, spec: ModelSpec) -> tuple[int, int, bool]:
+    """(prompt tokens to reserve for all prompts, the longest prompt's, whether they are exact counts) of a
+    ``/v1/completions`` request: each prompt is tokenized as the server does (special tokens added), each
+    sequence generated from it shares it. A prompt at the context length or beyond is a 400."""
+    prompts = req.prompts or []
+    if counter is None:
+        return req.prompt_bound, req.prompt_bound, False
+    suffix = req.body.get("suffix")
+    extra = counter.text(suffix) if isinstance(suffix, str) and suffix else 0  # servers differ on how they add it
+    counts = [(counter.input(p) if isinstance(p, str) else len(p)) + extra for p in prompts]
+    longest = max(counts)
+    context = spec.context_length
+    if context is not None and longest >= context:
+        raise ApiError(400, "context_length_exceeded", f"This model's maximum context length is {context} tokens. "
+                       f"However, your prompt resulted in {longest} tokens. Please reduce the length of the "
+                       "prompt.", param="prompt")
+    return sum(counts), longest, not extra
 
 
 def embeddings_prompt(counter: TokenCounter | None, req: EmbeddingsRequest, spec: ModelSpec) -> int:
@@ -66,12 +86,8 @@ def generated_texts(part: dict[str, Any]) -> list[str]:
     return texts
 
 
-def answer_tokens(counter: TokenCounter, choices: list[Any]) -> int:
-    """Tokens of the text of a non-streamed answer's choices (content, reasoning, refusal, tool-call
-    arguments), counted with the tokenizer."""
-    total = 0
-    for choice in choices:
-        message = choice.get("message") if isinstance(choice, dict) else None
-        if isinstance(message, dict):
-            total += sum(counter.text(text) for text in generated_texts(message))
-    return total
+def answer_tokens(counter: TokenCounter, parts: list[Any],
+                  texts: Callable[[dict[str, Any]], list[str]] = generated_texts) -> int:
+    """Tokens of the generated text of a non-streamed answer's parts (a chat choice's message: content,
+    reasoning, refusal, tool-call arguments; a completion choice's text), counted with the tokenizer."""
+    return sum(counter.text(text) for part in parts if isinstance(part, dict) for text in texts(part))

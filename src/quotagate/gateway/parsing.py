@@ -63,6 +63,8 @@ class ChatRequest:
     n: int                         # sequences generated (the largest of n and best_of)
     max_tokens: int | None         # the client's completion allowance per choice, if it gave one
     prompt_bound: int
+    streamable: bool = True        # whether the server can be asked for a stream instead (not with best_of > n)
+    prompts: list[Any] | None = None  # /v1/completions: the prompts, each a string or a token array
 
 
 @dataclass(slots=True)
@@ -229,8 +231,10 @@ def parse_chat(raw: bytes) -> ChatRequest:
     if min_tokens is not None and limits and min_tokens > min(limits):
         raise bad_request(f"min_tokens: must not exceed the completion limit ({min(limits)}), got {min_tokens}",
                           "min_tokens")
+    best_of = body.get("best_of")
     return ChatRequest(body=body, canonical=canonical, model=model, stream=stream, include_usage=include_usage,
-                       n=n, max_tokens=min(limits) if limits else None, prompt_bound=bound)
+                       n=n, max_tokens=min(limits) if limits else None, prompt_bound=bound,
+                       streamable=best_of is None or best_of <= (body.get("n") or 1))
 
 
 def _length(body: dict[str, Any], name: str) -> int | None:
@@ -241,6 +245,69 @@ def _length(body: dict[str, Any], name: str) -> int | None:
         if type(value) is int and value < 0:
             return None
     return _int(body, name, 1, MAX_TOKENS_CEILING)
+
+
+# Completion fields whose strings are not prompt text.
+_COMPLETION_NOT_PROMPT = _NOT_PROMPT - {"messages"} | {"prompt", "echo", "logprobs"}
+_COMPLETION_CHECKED: dict[str, tuple[tuple[type, ...], str]] = {
+    **_CHECKED, "suffix": ((str,), "a string"), "echo": ((bool,), "a boolean"), "logprobs": ((int,), "an integer"),
+}
+
+
+def _prompts(value: Any) -> list[Any]:
+    """A completion request's ``prompt``: a string, a list of strings, a token array or a list of them."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(type(t) is int for t in value):
+            return [value]
+        if all(isinstance(p, str) or (isinstance(p, list) and p and all(type(t) is int for t in p)) for p in value):
+            return value
+    raise bad_request("prompt: must be a string, a list of strings, a list of token ids, or a list of lists of "
+                      "token ids (non-empty)", "prompt")
+
+
+def parse_completions(raw: bytes) -> ChatRequest:
+    """A ``/v1/completions`` body: what the generation path needs, as for chat. Its ``n`` is the sequences
+    generated in all: ``max(n, best_of)`` per prompt, for every prompt."""
+    body, canonical = parse_object(raw)
+    model = _model(body)
+    if "prompt" not in body or body["prompt"] is None:
+        raise bad_request("you must provide a prompt parameter", "prompt")
+    prompts = _prompts(body["prompt"])
+    bound = 0
+    for prompt in prompts:
+        bound += EMBEDDING_INPUT_ALLOWANCE + (text_bytes(prompt) if isinstance(prompt, str) else len(prompt))
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise bad_request("stream: must be a boolean", "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad_request("stream_options: must be an object", "stream_options")
+    include_usage = bool(options and options.get("include_usage") is True)
+    for name, (types, what) in _COMPLETION_CHECKED.items():
+        value = body.get(name)
+        if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            raise bad_request(f"{name}: must be {what}", name)
+    bound += field_bytes(body, _COMPLETION_NOT_PROMPT)  # the suffix, and whatever else a server may read
+    n = _int(body, "n", 1, MAX_CHOICES) or 1
+    best_of = _int(body, "best_of", 1, MAX_CHOICES)
+    if best_of is not None and best_of < n:
+        raise bad_request(f"best_of: must be at least n ({n}), got {best_of}", "best_of")
+    sequences = max(n, best_of or 1) * len(prompts)
+    if sequences > MAX_CHOICES:
+        raise bad_request(f"prompt: {len(prompts)} prompts of {max(n, best_of or 1)} sequences each is more than "
+                          f"the {MAX_CHOICES} sequences a request may generate", "prompt")
+    limits = [v for name in LENGTH_FIELDS if name in body and (v := _length(body, name)) is not None]
+    min_tokens = _int(body, "min_tokens", 0, MAX_TOKENS_CEILING)
+    if min_tokens is not None and limits and min_tokens > min(limits):
+        raise bad_request(f"min_tokens: must not exceed the completion limit ({min(limits)}), got {min_tokens}",
+                          "min_tokens")
+    return ChatRequest(body=body, canonical=canonical, model=model, stream=stream, include_usage=include_usage,
+                       n=sequences, max_tokens=min(limits) if limits else None, prompt_bound=bound,
+                       streamable=best_of is None or best_of <= n, prompts=prompts)
 
 
 def parse_embeddings(raw: bytes) -> EmbeddingsRequest:
