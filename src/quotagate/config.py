@@ -3,11 +3,13 @@
 ```toml
 [[models]]
 id = "qwen3.6-27b"
-type = "chat"                                # "chat" or "embedding"
+type = "chat"                                # "chat", "embedding" or "rerank"
 upstreams = ["http://127.0.0.1:8000/v1"]
+upstream_model = "Qwen/Qwen3.6-27B-Instruct" # optional: the name the model servers know it by (default: id)
 upstream_api_key_env = "VLLM_API_KEY"        # optional
 context_length = 32768                       # optional: the model's context, in tokens
 tokenizer = "qwen/tokenizer.json"            # optional: count prompts exactly (relative to this file)
+created = 2026-11-30                         # optional: its `created` in /v1/models (default: this file's time)
 
 [simulator]                                  # optional: a simulated model server, for demos and tests
 port = 8402
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -25,7 +28,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-ModelType = Literal["chat", "embedding"]
+ModelType = Literal["chat", "embedding", "rerank"]
 
 
 class ConfigError(ValueError):
@@ -38,11 +41,20 @@ class _ModelEntry(BaseModel):
     id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
     type: ModelType = "chat"
     upstreams: list[str] = Field(min_length=1)
+    upstream_model: str | None = Field(default=None, min_length=1, max_length=500)
     upstream_api_key_env: str | None = None
     timeout_seconds: float = Field(default=600.0, gt=0)
     context_length: int | None = Field(default=None, gt=0, le=100_000_000)
     tokenizer: str | None = Field(default=None, min_length=1)
     chat_template: str | None = Field(default=None, min_length=1)
+    created: datetime | date | None = None
+
+    @field_validator("upstream_model")
+    @classmethod
+    def _upstream_model(cls, value: str | None) -> str | None:
+        if value is not None and (value != value.strip() or any(c < " " for c in value)):
+            raise ValueError("must not have surrounding spaces or control characters")
+        return value
 
     @field_validator("upstreams")
     @classmethod
@@ -102,6 +114,8 @@ class ModelSpec:
     context_length: int | None = None   # the model's context in tokens: no completion is longer
     tokenizer: Path | None = None       # its tokenizer.json: prompts are counted exactly (tokens/)
     chat_template: Path | None = None   # a Jinja chat template file, instead of tokenizer_config.json's
+    upstream_model: str | None = None   # the model's name on its servers, sent instead of ``id``
+    created: int = 0                    # Unix seconds: ``created`` in /v1/models
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,12 +154,30 @@ def load_config(path: Path | None) -> Config:
     if path is None:
         demo = resources.files("quotagate").joinpath(DEMO_CONFIG_NAME)
         return parse_config(demo.read_text(encoding="utf-8"), source=f"built-in {DEMO_CONFIG_NAME} (simulated models)",
-                            base=Path(str(demo)).parent)
+                            base=Path(str(demo)).parent, created=_mtime(Path(str(demo))))
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    return parse_config(text, source=str(path), base=path.resolve().parent)
+    return parse_config(text, source=str(path), base=path.resolve().parent, created=_mtime(path))
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return int(path.stat().st_mtime)
+    except OSError:
+        return 0
+
+
+def _unix(value: datetime | date | None, default: int) -> int:
+    """A catalog entry's ``created`` (a TOML date or date-time; UTC unless it says otherwise) in Unix seconds."""
+    if value is None:
+        return default
+    if not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day, tzinfo=UTC)
+    elif value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return int(value.timestamp())
 
 
 def _file(source: str, model: str, name: str, value: str | None, base: Path | None) -> Path | None:
@@ -160,7 +192,7 @@ def _file(source: str, model: str, name: str, value: str | None, base: Path | No
     return path
 
 
-def parse_config(text: str, source: str = "<string>", base: Path | None = None) -> Config:
+def parse_config(text: str, source: str = "<string>", base: Path | None = None, created: int = 0) -> Config:
     """Parse and validate configuration text; errors name the source and the offending field. Relative
     file names in it are taken from ``base`` (the config file's folder)."""
     try:
@@ -189,6 +221,8 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
             context_length=entry.context_length,
             tokenizer=_file(source, entry.id, "tokenizer", entry.tokenizer, base),
             chat_template=_file(source, entry.id, "chat_template", entry.chat_template, base),
+            upstream_model=entry.upstream_model,
+            created=_unix(entry.created, created),
         )
     sim = parsed.simulator
     return Config(

@@ -56,6 +56,8 @@ class Settings(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     console_max_body_bytes: int = Field(default=64 * 1024, gt=0)
     llm_max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    cors_origins: str = Field(default="", description="comma-separated origins (https://app.example.com) whose "
+                              "browser pages may call the LLM API, or '*' for any; none by default")
     llm_auth_failures_per_minute: int = Field(default=100, ge=0, description="unknown (well-formed) keys one "
                                               "client address may send a minute before its lookups stop (0: no limit)")
     database_pool_size: int = Field(default=10, ge=1, le=1000,
@@ -92,6 +94,21 @@ class Settings(BaseModel):
         if scheme not in ("http", "https") or not rest or "/" in rest or "?" in rest or "#" in rest:
             raise ValueError("must be an origin: http(s)://HOST[:PORT], with no path")
         return origin
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        origins = [o.strip().rstrip("/").lower() for o in value.split(",") if o.strip()]
+        for origin in origins:
+            scheme, _, rest = origin.partition("://")
+            if origin != "*" and (scheme not in ("http", "https") or not rest or any(c in rest for c in "/?#*")):
+                raise ValueError(f"{origin!r} is not an origin: each must be http(s)://HOST[:PORT] with no path, "
+                                 "or '*'")
+        return ",".join(origins)
+
+    @property
+    def cors_origin_set(self) -> frozenset[str]:
+        return frozenset(self.cors_origins.split(",")) if self.cors_origins else frozenset()
 
     @field_validator("database_url")
     @classmethod

@@ -141,6 +141,8 @@ class FakeUpstream:
             await self._embeddings(send, body, fake)
         elif scope["path"].endswith("/v1/completions"):
             await self._completions(send, body, fake)
+        elif scope["path"].endswith(("/rerank", "/score")):
+            await self._pairs(send, body, fake, scope["path"].endswith("/rerank"))
         else:
             await self._chat(send, receive, body, fake)
 
@@ -162,6 +164,35 @@ class FakeUpstream:
         obj: dict[str, Any] = {"object": "list", "data": data, "model": body.get("model")}
         if not fake.get("no_usage"):
             obj["usage"] = usage
+        await self._json(send, 200, obj)
+
+    async def _pairs(self, send: Any, body: dict[str, Any], fake: dict[str, Any], rerank: bool) -> None:
+        """``/rerank`` and ``/score`` as vLLM answers them: rerank's usage has only ``total_tokens``."""
+        if rerank:
+            docs = body.get("documents") or []
+            pairs = [(body.get("query"), d) for d in docs]
+        else:
+            first, second = body.get("text_1"), body.get("text_2")
+            second = second if isinstance(second, list) else [second]
+            first = first if isinstance(first, list) else [first] * len(second)
+            pairs = list(zip(first, second, strict=False))
+        tokens = sum(max(1, _text([a, b]) // 2) if self.counter is None else
+                     self.counter.input(str(a)) + self.counter.input(str(b)) for a, b in pairs)
+        scores = [1.0 / (1 + i) for i in range(len(pairs))]
+        obj: dict[str, Any] = {"id": "rerank-fake" if rerank else "score-fake", "model": body.get("model")}
+        if rerank:
+            results = [{"index": i, "relevance_score": scores[i]} for i in range(len(pairs))]
+            if body.get("return_documents"):
+                for r in results:
+                    r["document"] = {"text": pairs[r["index"]][1]}
+            obj["results"] = results[:body.get("top_n") or len(results)]
+            usage: dict[str, Any] = {"total_tokens": tokens}
+        else:
+            obj.update({"object": "list", "created": 1,
+                        "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]})
+            usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        if not fake.get("no_usage"):
+            obj["usage"] = fake.get("usage") or usage
         await self._json(send, 200, obj)
 
     async def _completions(self, send: Any, body: dict[str, Any], fake: dict[str, Any]) -> None:

@@ -3,6 +3,8 @@
 Models of the catalog:
     chat, chat-b     the fake upstream (chat carries an upstream API key from an env var)
     embed            the fake upstream, embeddings
+    rerank           the fake upstream, rerank and score
+    mapped           the fake upstream, which knows it as "Org/Mapped-Model-7B"
     failover         a dead port first, then the second fake upstream
     flaky            an upstream answering 500, then the fake upstream
     dead             a dead port only
@@ -44,6 +46,18 @@ upstreams = ["{main}"]
 id = "embed"
 type = "embedding"
 upstreams = ["{main}"]
+
+[[models]]
+id = "rerank"
+type = "rerank"
+upstreams = ["{main}"]
+
+[[models]]
+id = "mapped"
+type = "chat"
+upstreams = ["{main}"]
+upstream_model = "Org/Mapped-Model-7B"
+created = 2026-11-30T12:00:00Z
 
 [[models]]
 id = "failover"

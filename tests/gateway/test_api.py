@@ -25,7 +25,8 @@ def test_models_lists_only_what_the_key_may_use(gw: Gateway, mint: Mint) -> None
     narrow, _ = mint(allowed_models=["chat", "embed"])
     wide, _ = mint()
     assert sorted(m.id for m in sdk(gw, narrow).models.list()) == ["chat", "embed"]
-    assert {m.id for m in sdk(gw, wide).models.list()} == {"chat", "chat-b", "embed", "failover", "flaky", "dead"}
+    assert {m.id for m in sdk(gw, wide).models.list()} == {"chat", "chat-b", "embed", "rerank", "mapped", "failover",
+                                                          "flaky", "dead"}
     assert sdk(gw, narrow).models.retrieve("chat").id == "chat"
     with pytest.raises(openai.NotFoundError):
         sdk(gw, narrow).models.retrieve("chat-b")

@@ -23,16 +23,28 @@ from quotagate.config import ModelSpec
 from quotagate.gateway import headers as rl
 from quotagate.gateway.assemble import assemble, assemble_completion
 from quotagate.gateway.authfail import FailedAuthThrottle
-from quotagate.gateway.counting import answer_tokens, chat_prompt, completion_prompt, embeddings_prompt
+from quotagate.gateway.cors import Cors
+from quotagate.gateway.counting import (
+    answer_tokens,
+    chat_prompt,
+    completion_prompt,
+    embeddings_prompt,
+    pairs_prompt,
+)
 from quotagate.gateway.dialects import CHAT, COMPLETIONS, Dialect
+from quotagate.gateway.encoding import decode_body
 from quotagate.gateway.errors import ApiError, bad_request
 from quotagate.gateway.keycache import KeyCache
 from quotagate.gateway.parsing import (
     LENGTH_FIELDS,
     ChatRequest,
+    EmbeddingsRequest,
+    PairsRequest,
     parse_chat,
     parse_completions,
     parse_embeddings,
+    parse_rerank,
+    parse_score,
     text_bytes,
 )
 from quotagate.gateway.refusals import refusal_error
@@ -61,7 +73,7 @@ _SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control
         (b"x-accel-buffering", b"no")]
 _NOT_ADMITTED = Admission(admitted=True)
 # Refusals that are the caller's fault and come before admission: they count against rpm all the same.
-_CALLERS_FAULT = frozenset({400, 403, 404, 413})
+_CALLERS_FAULT = frozenset({400, 403, 404, 413, 415})
 UNKNOWN_MODEL = "unknown"  # what usage and metrics record for a model name not in the catalog
 _ECHO = 100  # characters of a caller's string an error message repeats
 
@@ -124,6 +136,8 @@ class LLMApp:
         self._default_max_tokens = rt.config.gateway.default_max_tokens
         self._counters = load_counters(rt.config.models.values())
         self._model_lists: dict[frozenset[str] | None, bytes] = {}
+        origins = rt.settings.cors_origin_set
+        self._cors = Cors(origins) if origins else None
         if rt.limiter is None:
             log.warning("no limiter configured: rpm, tpm and token budgets are NOT enforced")
 
@@ -141,12 +155,23 @@ class LLMApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
+        if self._cors is not None:
+            origin = self._cors.origin(scope)
+            if method == "OPTIONS" and self._cors.requested(scope):
+                await self._preflight(scope, send, origin)
+                return
+            if origin is not None:
+                send = self._cors.wrap(send, origin)
         if path == "/v1/chat/completions":
             endpoint, handler, allowed = "chat.completions", self._chat, "POST"
         elif path == "/v1/completions":
             endpoint, handler, allowed = "completions", self._completions, "POST"
         elif path == "/v1/embeddings":
             endpoint, handler, allowed = "embeddings", self._embeddings, "POST"
+        elif path == "/v1/rerank":
+            endpoint, handler, allowed = "rerank", self._rerank, "POST"
+        elif path == "/v1/score":
+            endpoint, handler, allowed = "score", self._score, "POST"
         elif path == "/v1/models" or path.startswith("/v1/models/"):
             endpoint, handler, allowed = "models", self._list_models, "GET"
         elif path == "/healthz" and method in ("GET", "HEAD"):
@@ -181,6 +206,18 @@ class LLMApp:
             await self._error(call, send, ApiError(500, "internal_error", "the gateway failed on this request; "
                                                    f"request id {call.request_id}"))
 
+    async def _preflight(self, scope: Scope, send: Send, origin: bytes | None) -> None:
+        rid = (b"x-request-id", self._request_id().encode())
+        if origin is None:
+            err = ApiError(403, "origin_not_allowed", "This origin may not call the API from a browser "
+                           "(QUOTAGATE_CORS_ORIGINS).")
+            await self._plain(send, 403, err.body(), [rid])
+            return
+        assert self._cors is not None
+        await send({"type": "http.response.start", "status": 204,
+                    "headers": [*self._cors.preflight_headers(scope, origin), rid]})
+        await send({"type": "http.response.body", "body": b""})
+
     # -- responses and metering ------------------------------------------------------------------
     @staticmethod
     async def _plain(send: Send, status: int, body: bytes, extra: Headers) -> None:
@@ -191,7 +228,7 @@ class LLMApp:
     async def _respond(self, call: Call, send: Send, status: int, body: bytes, *, error_code: str | None = None,
                        prompt: int = 0, completion: int = 0, extra: Headers | None = None) -> None:
         hdrs = [_JSON, (b"content-length", b"%d" % len(body)), (b"x-request-id", call.request_id.encode()),
-                *call.rate_headers]
+                _processing_ms(call), *call.rate_headers]
         if extra:
             hdrs.extend(extra)
         await send({"type": "http.response.start", "status": status, "headers": hdrs})
@@ -277,6 +314,7 @@ class LLMApp:
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         limit = self._max_body
+        encoding: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
@@ -285,6 +323,12 @@ class LLMApp:
                     raise bad_request("invalid Content-Length") from None
                 if declared > limit:
                     raise ApiError(413, "payload_too_large", f"the request body is larger than {limit} bytes")
+            elif name == b"content-encoding":
+                encoding = value
+        body = await self._read_raw(scope, receive, limit)
+        return body if encoding is None else decode_body(body, encoding, limit)
+
+    async def _read_raw(self, scope: Scope, receive: Receive, limit: int) -> bytes:
         message = await receive()
         if message["type"] != "http.request":
             raise self._body_lost(scope)
@@ -361,7 +405,7 @@ class LLMApp:
             with contextlib.suppress(LimiterUnavailable):
                 call.rate_headers = rl.from_state(await self._rt.limiter.state(key))
         path: str = scope["path"]
-        if path.startswith("/v1/models/"):
+        if path.startswith("/v1/models/") and path != "/v1/models/":
             model = path[len("/v1/models/"):]
             call.model = model
             spec = self._models.get(model)
@@ -377,7 +421,7 @@ class LLMApp:
 
     @staticmethod
     def _model_object(spec: ModelSpec) -> dict[str, Any]:
-        return {"id": spec.id, "object": "model", "created": 0, "owned_by": "quotagate", "type": spec.type}
+        return {"id": spec.id, "object": "model", "created": spec.created, "owned_by": "quotagate", "type": spec.type}
 
     async def _chat(self, call: Call, key: KeyRecord, scope: Scope, receive: Receive, send: Send) -> None:
         raw = await self._read_body(scope, receive)
@@ -444,6 +488,9 @@ class LLMApp:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         if collect:
             body["stream"] = True
+        if spec.upstream_model is not None:
+            body["model"] = spec.upstream_model
+            changed = True
         payload = orjson.dumps(body) if changed else req.canonical
         granted = None if adm.granted is None else (adm.granted // req.n) * req.n
         response = await self._forward(call, key, adm, req.model, dialect.path, payload)
@@ -464,9 +511,26 @@ class LLMApp:
         spec = self._usable(key, req.model, "embedding")
         prompt = embeddings_prompt(self._counters.get(req.model), req, spec)
         adm = await self._admit(call, key, prompt, 0, 0)
-        response = await self._forward(call, key, adm, req.model, "/embeddings", req.canonical)
+        response = await self._forward(call, key, adm, req.model, "/embeddings", _upstream_body(req, spec))
         granted = None if adm.granted is None else 0
         await self._finish_plain(call, key, adm, response, send, prompt, granted, None, None)
+
+    async def _rerank(self, call: Call, key: KeyRecord, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._pairs(call, key, parse_rerank(await self._read_body(scope, receive)), "/rerank", "results", send)
+
+    async def _score(self, call: Call, key: KeyRecord, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._pairs(call, key, parse_score(await self._read_body(scope, receive)), "/score", "data", send)
+
+    async def _pairs(self, call: Call, key: KeyRecord, req: PairsRequest, path: str, listing: str,
+                     send: Send) -> None:
+        """A rerank or score request: prompt tokens only, one prompt per (query, document) pair."""
+        call.model = req.model
+        spec = self._usable(key, req.model, "rerank")
+        prompt = pairs_prompt(self._counters.get(req.model), req, spec)
+        adm = await self._admit(call, key, prompt, 0, 0)
+        response = await self._forward(call, key, adm, req.model, path, _upstream_body(req, spec))
+        granted = None if adm.granted is None else 0
+        await self._finish_plain(call, key, adm, response, send, prompt, granted, None, None, listing=listing)
 
     async def _forward(self, call: Call, key: KeyRecord, adm: Admission, model: str, path: str,
                        payload: bytes) -> Response:
@@ -481,9 +545,9 @@ class LLMApp:
 
     async def _finish_plain(self, call: Call, key: KeyRecord, adm: Admission, response: Response,
                             send: Send, prompt_bound: int, granted: int | None, counter: TokenCounter | None,
-                            dialect: Dialect | None) -> None:
-        """A non-streamed answer (of a generation ``dialect``, or else of embeddings): read it whole, check
-        it, charge it, send it on."""
+                            dialect: Dialect | None, *, listing: str = "data") -> None:
+        """A non-streamed answer (of a generation ``dialect``, or else of embeddings, rerank or score, whose
+        results are in ``listing``): read it whole, check it, charge it, send it on."""
         try:
             try:
                 data = await response.read()
@@ -501,13 +565,13 @@ class LLMApp:
                 obj = orjson.loads(data)
             except orjson.JSONDecodeError:
                 obj = None
-            if not isinstance(obj, dict) or not isinstance(obj.get("choices" if dialect else "data"), list):
+            if not isinstance(obj, dict) or not isinstance(obj.get("choices" if dialect else listing), list):
                 raise ApiError(502, "upstream_error", "the model server answered with something that is not a "
                                "valid response")
         except BaseException:
             await self._settle(key, adm, 0)
             raise
-        report = reported(obj.get("usage"))
+        report = reported(obj.get("usage"), prompt_only=dialect is None)
         fallback = counted = 0
         if dialect is not None:
             parts = [dialect.part(c, False) for c in obj["choices"] if isinstance(c, dict)]
@@ -534,7 +598,7 @@ class LLMApp:
                             send: Send, receive: Receive, prompt_bound: int, granted: int | None,
                             include_usage: bool, n: int, counter: TokenCounter | None, lease: Lease | None,
                             dialect: Dialect) -> None:
-        hdrs = [*_SSE, (b"x-request-id", call.request_id.encode()), *call.rate_headers]
+        hdrs = [*_SSE, (b"x-request-id", call.request_id.encode()), _processing_ms(call), *call.rate_headers]
         relay = StreamRelay(request_id=call.request_id, response=response, send=send, receive=receive,
                             headers=hdrs, prompt_bound=prompt_bound, granted=granted, include_usage=include_usage,
                             n=n, started_at=call.t0, clock=time.perf_counter, counter=counter, lease=lease,
@@ -604,6 +668,19 @@ class LLMApp:
         if answer is None:
             raise ApiError(502, "upstream_error", "the model server's stream held no answer")
         await self._respond(call, send, 200, orjson.dumps(answer), prompt=prompt, completion=completion)
+
+
+def _processing_ms(call: Call) -> tuple[bytes, bytes]:
+    """OpenAI's ``openai-processing-ms``: the time from the request's arrival to its answer's head."""
+    return b"openai-processing-ms", b"%d" % ((time.perf_counter() - call.t0) * 1000)
+
+
+def _upstream_body(req: EmbeddingsRequest | PairsRequest, spec: ModelSpec) -> bytes:
+    """What is forwarded of a request the gateway does not rewrite: the canonical body, with the model's
+    upstream name if the catalog gives one."""
+    if spec.upstream_model is None:
+        return req.canonical
+    return orjson.dumps({**req.body, "model": spec.upstream_model})
 
 
 def _lengths(body: dict[str, Any], per_choice: int, *, cap: bool) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 
 from quotagate.config import ModelSpec
 from quotagate.gateway.errors import ApiError, bad_request
-from quotagate.gateway.parsing import ChatRequest, EmbeddingsRequest
+from quotagate.gateway.parsing import PAIR_ALLOWANCE, ChatRequest, EmbeddingsRequest, PairsRequest, text_bytes
 from quotagate.tokens.counter import TemplateError, TokenCounter
 
 
@@ -91,3 +91,29 @@ def answer_tokens(counter: TokenCounter, parts: list[Any],
     """Tokens of the generated text of a non-streamed answer's parts (a chat choice's message: content,
     reasoning, refusal, tool-call arguments; a completion choice's text), counted with the tokenizer."""
     return sum(counter.text(text) for part in parts if isinstance(part, dict) for text in texts(part))
+
+
+def pairs_prompt(counter: TokenCounter | None, req: PairsRequest, spec: ModelSpec) -> int:
+    """The tokens of a rerank or score request: each (query, document) pair read as one prompt. With a
+    tokenizer, both texts are counted with their special tokens, plus the allowance for the pair's own
+    separators (a cross-encoder's pair template adds no more than that): a bound a little above the exact
+    count, settled to the server's. A pair longer than the context is a 400."""
+    if counter is None:
+        return req.prompt_bound
+    total = 0
+    for first, second in req.pairs:
+        tokens = PAIR_ALLOWANCE + _pair_side(counter, first) + _pair_side(counter, second)
+        if spec.context_length is not None and tokens - PAIR_ALLOWANCE > spec.context_length:
+            raise ApiError(400, "context_length_exceeded", f"This model's maximum context length is "
+                           f"{spec.context_length} tokens. However, a query and document together resulted in "
+                           f"{tokens - PAIR_ALLOWANCE} tokens.", param="documents")
+        total += tokens
+    return total
+
+
+def _pair_side(counter: TokenCounter, value: Any) -> int:
+    """Tokens of one text of a pair: a string, or ``{"text": ...}``, counted; any other object (a media
+    part, say) bounded as without a tokenizer."""
+    if isinstance(value, dict) and set(value) == {"text"} and isinstance(value["text"], str):
+        value = value["text"]
+    return counter.input(value) if isinstance(value, str) else text_bytes(value)

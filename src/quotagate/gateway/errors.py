@@ -8,6 +8,8 @@
      ├── status 405  method_not_allowed
      ├── status 408  request_timeout       the request body stalled (httpserver.py, BODY_TIMEOUT)
      ├── status 413  payload_too_large
+     ├── status 415  unsupported_media_type  a Content-Encoding other than gzip/deflate (gateway/encoding.py)
+     ├── status 403  origin_not_allowed    a CORS preflight from an origin not allowed (gateway/cors.py)
      ├── status 429  rate_limit_exceeded / token_limit_exceeded (always with Retry-After and
      │               x-should-retry: whether waiting can help; gateway/refusals.py)
      ├── status 502  upstream_error
@@ -26,7 +28,7 @@ import orjson
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 405: "invalid_request_error", 408: "invalid_request_error",
-          413: "invalid_request_error", 431: "invalid_request_error",
+          413: "invalid_request_error", 415: "invalid_request_error", 431: "invalid_request_error",
           429: "rate_limit_error", 502: "upstream_error", 503: "server_error", 504: "upstream_error"}
 
 

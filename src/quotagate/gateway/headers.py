@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 
-from quotagate.limits.interfaces import Admission, LimitState
+from quotagate.limits.interfaces import Admission, Budget, LimitState
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -39,7 +39,17 @@ def from_admission(adm: Admission) -> Headers:
         out.append((b"x-ratelimit-limit-tokens", b"%d" % adm.limit_tokens))
         out.append((b"x-ratelimit-remaining-tokens", b"%d" % max(0, adm.remaining_tokens or 0)))
         out.append((b"x-ratelimit-reset-tokens", duration(adm.reset_tokens or 0.0)))
+    if adm.budget is not None:
+        _budget(out, adm.budget)
     return out
+
+
+def _budget(out: Headers, budget: Budget) -> None:
+    """The budget's own headers (``x-ratelimit-*-tokens`` are the tpm's on a key that has one, as OpenAI's
+    mean per minute; a key with a budget only gets the budget in both)."""
+    out.append((b"x-ratelimit-limit-budget", b"%d" % budget.limit))
+    out.append((b"x-ratelimit-remaining-budget", b"%d" % budget.remaining))
+    out.append((b"x-ratelimit-reset-budget", duration(max(0.0, budget.resets_at - time.time()))))
 
 
 def from_state(state: LimitState) -> Headers:
@@ -65,6 +75,8 @@ def from_state(state: LimitState) -> Headers:
         out.append((b"x-ratelimit-limit-tokens", b"%d" % b.limit))
         out.append((b"x-ratelimit-remaining-tokens", b"%d" % b.remaining))
         out.append((b"x-ratelimit-reset-tokens", duration(max(0.0, b.resets_at - time.time()))))
+    if state.budget is not None:
+        _budget(out, state.budget)
     return out
 
 

@@ -341,3 +341,83 @@ def parse_embeddings(raw: bytes) -> EmbeddingsRequest:
     if user is not None and not isinstance(user, str):
         raise bad_request("user: must be a string", "user")
     return EmbeddingsRequest(body=body, canonical=canonical, model=model, prompt_bound=bound)
+
+
+PAIR_ALLOWANCE = 8  # special tokens and separators a cross-encoder's template puts around a (query, document) pair
+
+
+@dataclass(slots=True)
+class PairsRequest:
+    """A rerank or score request: the (query, document) pairs the model reads, one prompt each."""
+
+    body: dict[str, Any]
+    canonical: bytes
+    model: str
+    pairs: list[tuple[Any, Any]]
+    prompt_bound: int
+
+
+def _document(value: Any, name: str) -> Any:
+    """A document or text of a pair: a string, or an object (``{"text": ...}``, or a content part)."""
+    if isinstance(value, str) or (isinstance(value, dict) and value):
+        return value
+    raise bad_request(f"{name}: must be a string or an object", name)
+
+
+def _pairs_request(body: dict[str, Any], canonical: bytes, pairs: list[tuple[Any, Any]],
+                   options: frozenset[str]) -> PairsRequest:
+    if len(pairs) > MAX_EMBEDDING_INPUTS:
+        raise bad_request(f"at most {MAX_EMBEDDING_INPUTS} pairs per request", "documents")
+    bound = sum(PAIR_ALLOWANCE + text_bytes(a) + text_bytes(b) for a, b in pairs)
+    bound += field_bytes(body, options)  # whatever else the server may read
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad_request("user: must be a string", "user")
+    return PairsRequest(body=body, canonical=canonical, model=_model(body), pairs=pairs, prompt_bound=bound)
+
+
+_RERANK_OPTIONS = frozenset({"model", "query", "documents", "top_n", "return_documents", "user"})
+_SCORE_OPTIONS = frozenset({"model", "text_1", "text_2", "user", "encoding_format"})
+
+
+def parse_rerank(raw: bytes) -> PairsRequest:
+    """A ``/v1/rerank`` body (Cohere's and Jina's shape, as vLLM and llama.cpp serve it): ``query``, a
+    non-empty list of ``documents``, optional ``top_n`` and ``return_documents``."""
+    body, canonical = parse_object(raw)
+    _model(body)
+    query = body.get("query")
+    if query is None:
+        raise bad_request("you must provide a query parameter", "query")
+    query = _document(query, "query")
+    documents = body.get("documents")
+    if not isinstance(documents, list) or not documents:
+        raise bad_request("documents: must be a non-empty list of strings or objects", "documents")
+    pairs = [(query, _document(d, f"documents[{i}]")) for i, d in enumerate(documents)]
+    _int(body, "top_n", 1, MAX_EMBEDDING_INPUTS)
+    flag = body.get("return_documents")
+    if flag is not None and not isinstance(flag, bool):
+        raise bad_request("return_documents: must be a boolean", "return_documents")
+    return _pairs_request(body, canonical, pairs, _RERANK_OPTIONS)
+
+
+def parse_score(raw: bytes) -> PairsRequest:
+    """A ``/v1/score`` body (vLLM's): ``text_1`` and ``text_2``, each a string or a list; one ``text_1``
+    is scored against every ``text_2``, two lists pair by position."""
+    body, canonical = parse_object(raw)
+    _model(body)
+    sides = []
+    for name in ("text_1", "text_2"):
+        value = body.get(name)
+        if value is None:
+            raise bad_request(f"you must provide a {name} parameter", name)
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            raise bad_request(f"{name}: must be a string or a non-empty list", name)
+        sides.append([_document(v, f"{name}[{i}]" if isinstance(value, list) else name) for i, v in enumerate(items)])
+    first, second = sides
+    if len(first) == 1:
+        first = first * len(second)
+    elif len(first) != len(second):
+        raise bad_request(f"text_1 and text_2: lists must be as long as each other ({len(first)} and "
+                          f"{len(second)}), or text_1 a single text", "text_2")
+    return _pairs_request(body, canonical, list(zip(first, second, strict=True)), _SCORE_OPTIONS)

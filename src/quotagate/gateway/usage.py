@@ -13,11 +13,15 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def reported(usage: Any) -> tuple[int, int] | None:
-    """(prompt_tokens, completion_tokens) from a ``usage`` object, or None if it is not a usable one."""
+def reported(usage: Any, *, prompt_only: bool = False) -> tuple[int, int] | None:
+    """(prompt_tokens, completion_tokens) from a ``usage`` object, or None if it is not a usable one.
+    ``prompt_only`` (embeddings, rerank, score: nothing is generated): a usage with only ``total_tokens``
+    (vLLM's rerank answers) is all prompt."""
     if not isinstance(usage, dict):
         return None
     prompt = usage.get("prompt_tokens")
+    if prompt is None and prompt_only:
+        prompt = usage.get("total_tokens")
     completion = usage.get("completion_tokens", 0)
     if completion is None:
         completion = 0
