@@ -45,5 +45,17 @@ def test_demo_catalog_counts_prompts_exactly(tmp_path: Path, database_url: str) 
         text = r.json()["choices"][0]["message"]["content"]
         tokenizer = Tokenizer.from_file(str(files / "tokenizer.json"))
         assert len(tokenizer.encode(text, add_special_tokens=False).ids) == usage["completion_tokens"] == 20
+        # The legacy completions API too, streamed: the same exact prompt count (special tokens added).
+        prompt_text = "Once upon a time"
+        counted = len(tokenizer.encode(prompt_text).ids)
+        before = int(r.headers["x-ratelimit-remaining-tokens"]) + 20 - usage["completion_tokens"]
+        with httpx.stream("POST", f"{gw.llm_url}/completions", headers={"Authorization": f"Bearer {secret}"},
+                          json={"model": "qwen3.6-27b", "prompt": prompt_text, "max_tokens": 5, "stream": True,
+                                "stream_options": {"include_usage": True}}, timeout=30) as streamed:
+            assert streamed.status_code == 200
+            assert int(streamed.headers["x-ratelimit-remaining-tokens"]) == before - counted - 5
+            events = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
+        assert "".join(c["choices"][0]["text"] for c in events if c["choices"]).count(" ") == 5
+        assert events[-1]["usage"] == {"prompt_tokens": counted, "completion_tokens": 5, "total_tokens": counted + 5}
     finally:
         gw.stop()

@@ -94,6 +94,8 @@ class SimulatorApp:
         path = scope["path"]
         if path.endswith("/chat/completions") and scope["method"] == "POST":
             await self._chat(await _body(receive), send)
+        elif path.endswith("/v1/completions") and scope["method"] == "POST":
+            await self._chat(await _body(receive), send, text=True)
         elif path.endswith("/embeddings") and scope["method"] == "POST":
             await _json(send, 200, self._embeddings(await _body(receive)))
         elif path.endswith("/models"):
@@ -104,14 +106,16 @@ class SimulatorApp:
         else:
             await _json(send, 404, {"error": {"message": "not found", "type": "invalid_request_error"}})
 
-    async def _chat(self, raw: bytes, send: Send) -> None:
+    async def _chat(self, raw: bytes, send: Send, *, text: bool = False) -> None:
+        """A chat completion, or with ``text`` a (legacy) completion of one string prompt."""
+        field = "prompt" if text else "messages"
         try:
             body = orjson.loads(raw)
-            if not isinstance(body["messages"], list):
+            if not isinstance(body[field], str if text else list):
                 raise TypeError
         except (orjson.JSONDecodeError, KeyError, TypeError):
-            await _json(send, 400, {"error": {"message": "a JSON body with messages is required",
-                                              "type": "invalid_request_error"}})
+            await _json(send, 400, {"error": {"message": f"a JSON body with {field} is required"
+                                              + (" (one string)" if text else ""), "type": "invalid_request_error"}})
             return
         seed = _seed(raw)
         natural = DEFAULT_COMPLETION[0] + seed % (DEFAULT_COMPLETION[1] - DEFAULT_COMPLETION[0])
@@ -119,32 +123,42 @@ class SimulatorApp:
         count = min(natural, limit) if isinstance(limit, int) and limit > 0 else natural
         finish = "length" if count < natural else "stop"
         n = body.get("n") if isinstance(body.get("n"), int) and body.get("n", 1) > 0 else 1
-        prompt = self._prompt(body)
+        prompt = self._counter.input(body["prompt"]) if text and self._counter is not None else \
+            max(1, len(body["prompt"]) // 4) if text else self._prompt(body)
         usage = {"prompt_tokens": prompt, "completion_tokens": count * n, "total_tokens": prompt + count * n}
-        base = {"id": f"chatcmpl-sim-{seed:016x}", "created": int(time.time()), "model": body.get("model", ""),
-                "system_fingerprint": FINGERPRINT}
+        base = {"id": f"{'cmpl' if text else 'chatcmpl'}-sim-{seed:016x}", "created": int(time.time()),
+                "model": body.get("model", ""), "system_fingerprint": FINGERPRINT}
         words = self._words(seed, count)
         if not body.get("stream"):
             if self._delay * count > 0.0005:
                 await asyncio.sleep(self._delay * count)
-            choices = [{"index": i, "message": {"role": "assistant", "content": "".join(words)},
-                        "finish_reason": finish, "logprobs": None} for i in range(n)]
-            await _json(send, 200, {**base, "object": "chat.completion", "choices": choices, "usage": usage})
+            if text:
+                choices = [{"index": i, "text": "".join(words), "finish_reason": finish, "logprobs": None}
+                           for i in range(n)]
+            else:
+                choices = [{"index": i, "message": {"role": "assistant", "content": "".join(words)},
+                            "finish_reason": finish, "logprobs": None} for i in range(n)]
+            await _json(send, 200, {**base, "object": "text_completion" if text else "chat.completion",
+                                    "choices": choices, "usage": usage})
             return
         options = body.get("stream_options") or {}
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
 
         async def event(choices: list[dict[str, Any]], **extra: Any) -> None:
-            chunk = {**base, "object": "chat.completion.chunk", "choices": choices, **extra}
+            chunk = {**base, "object": "text_completion" if text else "chat.completion.chunk", "choices": choices,
+                     **extra}
             await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(chunk) + b"\n\n",
                         "more_body": True})
 
-        await event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                     for i in range(n)])
+        if not text:
+            await event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                         for i in range(n)])
         for word in words:
             await asyncio.sleep(self._delay)
-            await event([{"index": i, "delta": {"content": word}, "finish_reason": None} for i in range(n)])
-        await event([{"index": i, "delta": {}, "finish_reason": finish} for i in range(n)])
+            await event([{"index": i, "text": word, "finish_reason": None} if text else
+                         {"index": i, "delta": {"content": word}, "finish_reason": None} for i in range(n)])
+        await event([{"index": i, "text": "", "finish_reason": finish} if text else
+                     {"index": i, "delta": {}, "finish_reason": finish} for i in range(n)])
         if isinstance(options, dict) and options.get("include_usage"):
             await event([], usage=usage)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
