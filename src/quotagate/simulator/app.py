@@ -132,6 +132,7 @@ class SimulatorApp:
         if not body.get("stream"):
             if self._delay * count > 0.0005:
                 await asyncio.sleep(self._delay * count)
+            choices: list[dict[str, Any]]
             if text:
                 choices = [{"index": i, "text": "".join(words), "finish_reason": finish, "logprobs": None}
                            for i in range(n)]
