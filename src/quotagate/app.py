@@ -26,6 +26,7 @@ from quotagate.console.api import ConsoleAPI
 from quotagate.console.headers import SecurityHeaders
 from quotagate.console.http import JSON, client_disconnect_handler, http_exception_handler
 from quotagate.keys.events import KeyEvents
+from quotagate.keys.leaks import ReportThrottle
 from quotagate.keys.service import KeyService, project_keys_invalidator
 from quotagate.limits import build_broadcaster, build_limiter
 from quotagate.limits import register_metrics as register_limiter_metrics
@@ -123,7 +124,7 @@ def build_console_app(runtime: Runtime, extra_routes: list[BaseRoute] | None = N
     from quotagate.web.views import WebConsole
 
     s = runtime.settings
-    api = ConsoleAPI(runtime.accounts, runtime.keys, runtime.audit)
+    api = ConsoleAPI(runtime.accounts, runtime.keys, runtime.audit, ReportThrottle(s.leak_reports_per_minute))
     throttle = SignInThrottle(ThrottlePolicy(free_attempts=s.login_free_attempts,
                                              address_free_attempts=s.login_address_free_attempts,
                                              max_delay=float(s.login_max_delay_seconds)))

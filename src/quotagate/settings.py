@@ -56,6 +56,9 @@ class Settings(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     console_max_body_bytes: int = Field(default=64 * 1024, gt=0)
     llm_max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    leak_reports_per_minute: int = Field(default=30, ge=0, le=1_000_000, description="leaked-key reports "
+                                         "(POST /v1/inference/keys/leaked) one client address may send a minute "
+                                         "(0: no limit)")
     cors_origins: str = Field(default="", description="comma-separated origins (https://app.example.com) whose "
                               "browser pages may call the LLM API, or '*' for any; none by default")
     llm_auth_failures_per_minute: int = Field(default=100, ge=0, description="unknown (well-formed) keys one "

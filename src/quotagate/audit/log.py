@@ -20,15 +20,30 @@ def record(conn: Connection, actor: Actor, project_id: str, action: str, target_
 
     Events of one transaction get strictly increasing times (a microsecond apart if the clock has not
     moved), so that the log, read newest first, shows them in the order they happened."""
+    _insert(conn, project_id, action, target_type, target_id, details, actor_id=actor.user.id,
+            actor_email=actor.user.email, client_ip=actor.client_ip, user_agent=actor.user_agent)
+
+
+def record_anonymous(conn: Connection, project_id: str, action: str, target_type: str, target_id: str,
+                     details: dict[str, Any] | None, *, client_ip: str | None, user_agent: str | None,
+                     reporter: str) -> None:
+    """An event caused by no user (a leak report): no actor id, ``reporter`` in the actor's email column."""
+    _insert(conn, project_id, action, target_type, target_id, details, actor_id=None, actor_email=reporter,
+            client_ip=client_ip, user_agent=user_agent)
+
+
+def _insert(conn: Connection, project_id: str, action: str, target_type: str, target_id: str,
+            details: dict[str, Any] | None, *, actor_id: str | None, actor_email: str | None,
+            client_ip: str | None, user_agent: str | None) -> None:
     now = utcnow()
     last = conn.info.get(_LAST_EVENT_AT)
     if last is not None and now <= last:
         now = last + timedelta(microseconds=1)
     conn.info[_LAST_EVENT_AT] = now
     conn.execute(audit_log.insert().values(
-        id=new_id("evt"), project_id=project_id, actor_id=actor.user.id, actor_email=actor.user.email,
+        id=new_id("evt"), project_id=project_id, actor_id=actor_id, actor_email=actor_email,
         action=action, target_type=target_type, target_id=target_id, details=details,
-        client_ip=actor.client_ip, user_agent=(actor.user_agent or "")[:512] or None, created_at=now,
+        client_ip=client_ip, user_agent=(user_agent or "")[:512] or None, created_at=now,
     ))
 
 

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from quotagate.accounts.models import Actor
 from quotagate.accounts.schemas import MemberAdd, MemberUpdate, ProjectCreate, ProjectUpdate, TokenCreate
 from quotagate.accounts.service import AccountService
 from quotagate.audit import AuditLog
-from quotagate.console.http import Call, Handler, Result, bearer_token, client_ip, endpoint
-from quotagate.errors import InvalidRequest
+from quotagate.console.http import (
+    JSON,
+    Call,
+    Handler,
+    Result,
+    bearer_token,
+    client_ip,
+    endpoint,
+    error_response,
+    read_body,
+)
+from quotagate.errors import InvalidRequest, QuotagateError
 from quotagate.ids import utcnow
+from quotagate.keys.leaks import ReportThrottle, answer, is_ours, parse_report
 from quotagate.keys.schemas import KeyCreate, KeyUpdate, RotateRequest
 from quotagate.keys.service import KeyService
 
@@ -35,6 +49,7 @@ def check_params(call: Call, allowed: frozenset[str]) -> None:
                              field=unknown[0])
 
 
+LEAK_REPORT_MAX_BYTES = 1024 * 1024  # a report of MAX_TOKENS tokens with their URLs
 KEY_LIST_PARAMS = frozenset({"include_archived", "limit", "before", "starting_after"})
 PROJECT_LIST_PARAMS = frozenset({"limit", "before", "starting_after"})
 
@@ -45,10 +60,12 @@ class ConsoleAPI:
     Handlers that take a body check the caller's access first, so that a stranger hears 404 and a
     viewer 403 whatever the body holds; only then is the body validated (400)."""
 
-    def __init__(self, accounts: AccountService, keys: KeyService, audit: AuditLog) -> None:
+    def __init__(self, accounts: AccountService, keys: KeyService, audit: AuditLog,
+                 leak_reports: ReportThrottle | None = None) -> None:
         self.accounts = accounts
         self.keys = keys
         self.audit = audit
+        self.leak_reports = leak_reports or ReportThrottle(30)
 
     async def authenticate(self, request: Request) -> Actor:
         token = bearer_token(request)
@@ -159,6 +176,24 @@ class ConsoleAPI:
         now = utcnow()
         return 201, {**new.to_json(now), "secret": secret, "previous_key": old.to_json(now)}
 
+    # -- leaked keys (no authentication: keys/leaks.py) ------------------------------------------
+    async def leaked(self, request: Request) -> Response:
+        """``POST /v1/inference/keys/leaked``: revoke every key of the report, say which were keys."""
+        try:
+            address = client_ip(request)
+            self.leak_reports.take(address)
+            tokens = parse_report(await read_body(request, LEAK_REPORT_MAX_BYTES))
+            agent = request.headers.get("user-agent")
+
+            def revoke_all() -> list[dict[str, Any]]:
+                return [answer(t, is_ours(t.token) and self.keys.revoke_leaked(
+                    t.token.strip(), {"url": t.url, "source": t.source, "type": t.type}, address, agent))
+                    for t in tokens]
+
+            return JSON(await run_in_threadpool(revoke_all))
+        except QuotagateError as exc:
+            return error_response(exc)
+
     # -- routing -----------------------------------------------------------------------------
     def routes(self, body_limit: int, extra: list[tuple[str, str, Handler]] | None = None) -> list[BaseRoute]:
         """Every route of the console API; ``extra`` adds (method, path, handler) triples."""
@@ -189,7 +224,8 @@ class ConsoleAPI:
         by_path: dict[str, dict[str, Handler]] = {}
         for method, path, handler in table:
             by_path.setdefault(path, {})[method] = handler
-        return [self._route(path, methods, body_limit) for path, methods in by_path.items()]
+        return [Route("/v1/inference/keys/leaked", self.leaked, methods=["POST"]),
+                *(self._route(path, methods, body_limit) for path, methods in by_path.items())]
 
     def _route(self, path: str, methods: dict[str, Handler], body_limit: int) -> Route:
         wrapped = {m: endpoint(h, self.authenticate, body_limit) for m, h in methods.items()}

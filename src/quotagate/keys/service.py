@@ -14,7 +14,7 @@ from sqlalchemy import Connection, Engine, Row, select, update
 
 from quotagate.accounts.models import Actor, Role
 from quotagate.accounts.service import AccountService
-from quotagate.audit import record
+from quotagate.audit import record, record_anonymous
 from quotagate.errors import Conflict, InvalidRequest, NotFound
 from quotagate.ids import new_id, utcnow
 from quotagate.keys import secrets
@@ -269,6 +269,27 @@ class KeyService:
             fresh_old = self._row(conn, key_id)
         self._notify(fresh_old)
         return new, secret, _key(fresh_old)
+
+    def revoke_leaked(self, secret: str, details: dict[str, Any], client_ip: str | None,
+                      user_agent: str | None) -> bool:
+        """Revoke the key whose secret was found leaked (``details``: where), recording it in its project's
+        audit log; whether it was a key of ours at all (one already revoked counts: it was)."""
+        secret_hash = secrets.hash_secret(secret)
+        with self._engine.begin() as conn:
+            row = conn.execute(select(inference_keys).where(inference_keys.c.secret_hash == secret_hash)
+                               .with_for_update()).first()
+            if row is None:
+                return False
+            if row.revoked_at is None:
+                now = utcnow()
+                conn.execute(update(inference_keys).where(inference_keys.c.id == row.id).values(
+                    revoked_at=now, updated_at=now, version=inference_keys.c.version + 1))
+            record_anonymous(conn, row.project_id, "key.leaked", "inference_key", row.id,
+                             {**details, "revoked": row.revoked_at is None}, client_ip=client_ip,
+                             user_agent=user_agent, reporter="leak report")
+            fresh = self._row(conn, row.id)
+        self._notify(fresh)
+        return True
 
     # -- the gateway's side ----------------------------------------------------------------------
     def lookup(self, secret: str) -> KeyRecord | None:
