@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -231,3 +232,105 @@ def test_the_shippers_niceness_is_a_setting(tmp_path: Path, database_url: str, c
         assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, os.getpid())
     finally:
         gw.stop()
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    result = cli({k: v for k, v in os.environ.items() if not k.startswith("QUOTAGATE_")}, "--version")
+    assert result.stdout.strip() == f"quotagate {version('quotagate')}"
+
+
+@pytest.mark.parametrize("group", [[], ["users"], ["tokens"], ["keys"]])
+def test_help_lists_commands_without_cutting_them_off(group: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTAGATE_")}
+    text = cli({**env, "COLUMNS": "80"}, *group, "--help").stdout
+    commands = text.split("Commands:")[1]
+    assert "..." not in commands and len(commands.strip().splitlines()) >= 3
+
+
+def test_users_list_set_password_disable_enable(gateway_console: Gateway) -> None:
+    gw = gateway_console
+    gw.cli("users", "create", "ops@example.com", "--admin")
+    gw.cli("users", "create", "dev@example.com", "--password-stdin", stdin="first password\n")
+    listed = gw.cli("users", "list").stdout.splitlines()
+    assert listed[0].split() == ["EMAIL", "ID", "ROLE", "CREATED", "STATUS"]
+    assert [line.split()[0] for line in listed[1:]] == ["ops@example.com", "dev@example.com"]
+    assert "admin" in listed[1] and "admin" not in listed[2]
+    as_json = json.loads(gw.cli("users", "list", "--json").stdout)
+    assert [(u["email"], u["is_admin"], u["disabled_at"]) for u in as_json] == [
+        ("ops@example.com", True, None), ("dev@example.com", False, None)]
+
+    def sign_in(password: str) -> int:
+        return httpx.post(f"{gw.console_url}/login", data={"email": "dev@example.com", "password": password},
+                          follow_redirects=False).status_code
+
+    assert sign_in("first password") == 303
+    changed = gw.cli("users", "set-password", "dev@example.com", "--password-stdin", stdin="second password\n")
+    assert "web sessions have ended" in changed.stderr
+    assert sign_in("first password") != 303 and sign_in("second password") == 303
+    short = gw.cli("users", "set-password", "dev@example.com", "--password-stdin", stdin="abc\n", check=False)
+    assert short.returncode == 2 and "password" in short.stderr
+
+    token = gw.cli("tokens", "create", "dev@example.com").stdout.strip()
+    me = lambda: httpx.get(f"{gw.console_url}/v1/me", headers={"Authorization": f"Bearer {token}"})  # noqa: E731
+    assert me().status_code == 200
+    gw.cli("users", "disable", "dev@example.com")
+    assert me().status_code == 401
+    assert sign_in("second password") != 303
+    assert "disabled" in gw.cli("users", "list").stdout.splitlines()[2]
+    gw.cli("users", "enable", "dev@example.com")
+    assert sign_in("second password") == 303
+    assert me().status_code == 401  # tokens stay revoked: new ones must be made
+    ghost = gw.cli("users", "disable", "ghost@example.com", check=False)
+    assert ghost.returncode == 2 and "no user" in ghost.stderr
+
+
+def test_tokens_list_and_revoke(gateway_console: Gateway) -> None:
+    gw = gateway_console
+    gw.cli("users", "create", "tok@example.com")
+    token = gw.cli("tokens", "create", "tok@example.com", "--name", "ci").stdout.strip()
+    gw.cli("tokens", "create", "tok@example.com", "--name", "laptop")
+    listed = json.loads(gw.cli("tokens", "list", "tok@example.com", "--json").stdout)
+    assert sorted(t["name"] for t in listed) == ["ci", "laptop"]
+    assert token not in gw.cli("tokens", "list", "tok@example.com").stdout
+    ci = next(t for t in listed if t["name"] == "ci")
+    gw.cli("tokens", "revoke", "tok@example.com", ci["id"])
+    assert httpx.get(f"{gw.console_url}/v1/me", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+    listed = json.loads(gw.cli("tokens", "list", "tok@example.com", "--json").stdout)
+    statuses = {t["name"]: t["status"] for t in listed}
+    assert statuses == {"ci": "revoked", "laptop": "active"}
+    other = gw.cli("tokens", "revoke", "tok@example.com", "tok_doesnotexist", check=False)
+    assert other.returncode == 2 and "no access token" in other.stderr
+
+
+def test_keys_list_create_revoke(gateway: Gateway) -> None:
+    gw = gateway
+    admin = gw.user("keys-admin@example.com", admin=True)
+    project = admin.project("scripted")
+    made = gw.cli("keys", "create", project["id"], "--name", "batch job", "--rpm", "5", "--token-limit", "1000",
+                  "--token-limit-period", "day", "--model", "qwen3.6-27b")
+    secret = made.stdout.strip()
+    assert made.stdout == secret + "\n" and secrets.is_well_formed(secret, secrets.INFERENCE_KEY_KIND)
+    keys = json.loads(gw.cli("keys", "list", project["id"], "--json").stdout)
+    assert [(k["name"], k["rpm"], k["token_limit"], k["allowed_models"], k["status"]) for k in keys] == [
+        ("batch job", 5, 1000, ["qwen3.6-27b"], "active")]
+    assert "rpm 5" in gw.cli("keys", "list", project["id"]).stdout
+    models = httpx.get(f"{gw.llm_url}/models", headers={"Authorization": f"Bearer {secret}"})
+    assert models.status_code == 200
+    gw.cli("keys", "revoke", keys[0]["id"])
+    deadline = time.monotonic() + 15  # without Redis: the gateway's key cache refreshes within 5 s of a use
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{gw.llm_url}/models", headers={"Authorization": f"Bearer {secret}"})
+        if r.status_code == 401:
+            break
+        time.sleep(0.5)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "key_revoked"
+    events = admin.ok("GET", f"/v1/projects/{project['id']}/audit-log")["data"]
+    assert [(e["action"], e["actor"]["email"]) for e in events] == [
+        ("key.revoked", "quotagate cli"), ("key.minted", "quotagate cli"),
+        ("project.created", "keys-admin@example.com")]
+    bad = gw.cli("keys", "create", project["id"], "--name", "x", "--rpm", "-5", check=False)
+    assert bad.returncode == 2 and "--rpm" in bad.stderr and "greater than 0" in bad.stderr
+    missing = gw.cli("keys", "list", "proj_nope", check=False)
+    assert missing.returncode == 2 and "proj_nope" in missing.stderr

@@ -66,3 +66,24 @@ def test_a_revocation_on_one_instance_is_refused_by_the_others_within_the_bound(
         assert not [x for x in served(probes) if x.instance == i and x.started > t + BOUND], \
             f"instance {i}'s key cache still held the key {BOUND * 1000:.0f} ms after the revocation"
     assert_nothing_lost(cluster, key["id"], seen + probes)
+
+
+def test_a_key_revoked_with_the_cli_is_refused_by_every_instance_at_once(cluster: Cluster) -> None:
+    """``quotagate keys revoke`` runs in a process of its own, which relays nothing: it sets the Redis
+    revocation marker and publishes the change itself, so no instance waits for its cache to refresh."""
+    secret, key = cluster.mint(rpm=1000)  # a limit: each chat goes through the admission (marker) path
+    for gw in cluster.instances:  # cached everywhere, through both paths
+        with httpx.Client(base_url=gw.llm_url, headers={"Authorization": f"Bearer {secret}"}) as client:
+            assert client.get("/models").status_code == 200
+            assert client.post("/chat/completions", json={"model": "chat", "messages": [
+                {"role": "user", "content": "hi"}], "max_tokens": 1}).status_code == 200
+    cluster.instances[0].cli("keys", "revoke", key["id"])
+    for gw in cluster.instances:
+        with httpx.Client(base_url=gw.llm_url, headers={"Authorization": f"Bearer {secret}"}) as client:
+            r = client.post("/chat/completions", json={"model": "chat", "messages": [
+                {"role": "user", "content": "hi"}], "max_tokens": 1})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "key_revoked", gw.llm_url
+    time.sleep(0.1)  # the pub/sub message reaches every key cache within the documented 100 ms
+    for gw in cluster.instances:
+        r = httpx.get(f"{gw.llm_url}/models", headers={"Authorization": f"Bearer {secret}"})
+        assert r.status_code == 401, gw.llm_url

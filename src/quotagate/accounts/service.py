@@ -142,12 +142,50 @@ class AccountService:
         return _user(row)
 
     def authenticate_password(self, email: str, password: str) -> User:
-        """The user with that email and password; Unauthenticated otherwise (same error for both)."""
+        """The user with that email and password; Unauthenticated otherwise (same error for both, and for
+        a disabled user: the password is checked all the same, so the time taken tells nothing)."""
         with self._engine.connect() as conn:
             row = conn.execute(select(users).where(users.c.email == email.strip().lower())).first()
-        if not self._passwords.verify(row.password_hash if row else None, password) or row is None:
+        if not self._passwords.verify(row.password_hash if row else None, password) or row is None \
+                or row.disabled_at is not None:
             raise Unauthenticated("wrong email or password")
         return _user(row)
+
+    def list_users(self) -> list[tuple[User, datetime | None]]:
+        """Every user, oldest first, with when each was disabled (None: active)."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(users).order_by(users.c.created_at, users.c.id)).all()
+        return [(_user(r), r.disabled_at) for r in rows]
+
+    def set_password(self, email: str, password: str) -> User:
+        """Give the user a new password; their web sessions end (API access tokens are left alone)."""
+        if not MIN_LENGTH <= len(password) <= MAX_LENGTH:
+            raise InvalidRequest(f"password: must be {MIN_LENGTH} to {MAX_LENGTH} characters", field="password")
+        password_hash = self._passwords.hash(password)
+        user = self.get_user_by_email(email)
+        with self._engine.begin() as conn:
+            conn.execute(update(users).where(users.c.id == user.id).values(password_hash=password_hash))
+            conn.execute(update(access_tokens).where(access_tokens.c.user_id == user.id,
+                                                     access_tokens.c.kind == WEB_SESSION,
+                                                     access_tokens.c.revoked_at.is_(None))
+                         .values(revoked_at=utcnow()))
+        return user
+
+    def set_disabled(self, email: str, disabled: bool) -> User:
+        """Disable a user (no sign-in; every access token and session of theirs stops working at once) or
+        enable them again (their tokens stay revoked: new ones must be made). Repeating is harmless."""
+        user = self.get_user_by_email(email)
+        now = utcnow()
+        with self._engine.begin() as conn:
+            if disabled:
+                conn.execute(update(users).where(users.c.id == user.id, users.c.disabled_at.is_(None))
+                             .values(disabled_at=now))
+                conn.execute(update(access_tokens).where(access_tokens.c.user_id == user.id,
+                                                         access_tokens.c.revoked_at.is_(None))
+                             .values(revoked_at=now))
+            else:
+                conn.execute(update(users).where(users.c.id == user.id).values(disabled_at=None))
+        return user
 
     # -- access tokens -----------------------------------------------------------------------
     def create_token(self, user: User, name: str = "console", *,
@@ -195,6 +233,8 @@ class AccountService:
         # session cookie is no bearer token for the API (nor an API token a session).
         if row is None or row.revoked_at is not None or row.kind != kind:
             raise Unauthenticated("the access token is unknown or revoked")
+        if row.disabled_at is not None:
+            raise Unauthenticated("the account is disabled")
         now = utcnow()
         touch = TOKEN_TOUCH_INTERVAL
         if kind == WEB_SESSION:

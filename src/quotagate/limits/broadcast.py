@@ -102,6 +102,11 @@ class KeyBroadcaster:
                 backoff = min(backoff * 2, 2.0)
             self._outbox.task_done()
 
+    async def announce(self, change: KeyChanged) -> None:
+        """Tell every instance about ``change`` now, from a process that does not relay (a CLI command):
+        its revocation marker, then the message. Raises if Redis cannot be reached."""
+        await self._send(change)
+
     async def _send(self, change: KeyChanged) -> None:
         record = await asyncio.to_thread(self._resolve, change.secret_hash)
         if record is not None and record.revoked:

@@ -63,6 +63,7 @@ users = Table(
     Column("password_hash", Text, nullable=True),
     Column("is_admin", Boolean, nullable=False, default=False),
     Column("created_at", UTCDateTime, nullable=False),
+    Column("disabled_at", UTCDateTime, nullable=True),  # set: no sign-in, no token works
 )
 
 access_tokens = Table(
