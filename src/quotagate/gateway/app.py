@@ -34,6 +34,7 @@ from quotagate.gateway.counting import (
 from quotagate.gateway.dialects import CHAT, COMPLETIONS, Dialect
 from quotagate.gateway.encoding import decode_body
 from quotagate.gateway.errors import ApiError, bad_request
+from quotagate.gateway.forwarded import ForwardedFor
 from quotagate.gateway.keycache import KeyCache
 from quotagate.gateway.parsing import (
     LENGTH_FIELDS,
@@ -136,6 +137,7 @@ class LLMApp:
         self._default_max_tokens = rt.config.gateway.default_max_tokens
         self._counters = load_counters(rt.config.models.values())
         self._model_lists: dict[frozenset[str] | None, bytes] = {}
+        self._forwarded = ForwardedFor(rt.settings.forwarded_allow_ips)
         origins = rt.settings.cors_origin_set
         self._cors = Cors(origins) if origins else None
         if rt.limiter is None:
@@ -275,6 +277,8 @@ class LLMApp:
                 auth = value
             elif name == b"user-agent":
                 call.user_agent = value.decode("latin-1")
+            elif name == b"x-forwarded-for":
+                call.client_ip = self._forwarded.client(call.client_ip, value)
         if auth is None:
             raise ApiError(401, "invalid_api_key", "You didn't provide an API key. Send it as "
                            "'Authorization: Bearer <inference-key>'.")
@@ -300,6 +304,9 @@ class LLMApp:
         now = time.time()
         if key.expires_at is not None and key.expires_at <= now:
             raise ApiError(401, "key_expired", "This API key has expired.")
+        if key.networks is not None and not key.allows(call.client_ip):
+            raise ApiError(403, "network_not_allowed", f"This API key may not be used from {call.client_ip}; "
+                           "its allowed_networks do not include that address.")
         return key
 
     def _usable(self, key: KeyRecord, model: str, kind: str) -> ModelSpec:

@@ -3,7 +3,7 @@
     ApiError
      ├── status 400  invalid_request_error   a bad body (``param`` names the field)
      ├── status 401  invalid_api_key / key_revoked / key_expired
-     ├── status 403  model_not_allowed
+     ├── status 403  model_not_allowed, network_not_allowed (the key's allowed_networks)
      ├── status 404  model_not_found, unknown_url
      ├── status 405  method_not_allowed
      ├── status 408  request_timeout       the request body stalled (httpserver.py, BODY_TIMEOUT)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any, Literal
 
 from quotagate.ids import isoformat
@@ -33,6 +34,8 @@ class InferenceKey:
     updated_at: datetime
     last_used_at: datetime | None
     rotated_from: str | None
+    allowed_networks: tuple[str, ...] | None = None
+    metadata: dict[str, str] | None = None
 
     def status(self, now: datetime) -> Status:
         if self.revoked_at is not None:
@@ -51,6 +54,8 @@ class InferenceKey:
             "created_at": isoformat(self.created_at), "updated_at": isoformat(self.updated_at),
             "revoked_at": isoformat(self.revoked_at), "last_used_at": isoformat(self.last_used_at),
             "rotated_from": self.rotated_from,
+            "allowed_networks": list(self.allowed_networks) if self.allowed_networks is not None else None,
+            "metadata": dict(self.metadata) if self.metadata is not None else None,
         }
 
 
@@ -59,7 +64,8 @@ class KeyRecord:
     """What the gateway needs to admit a request, resolved once and cached; plain data, no ORM.
 
     ``models`` is the set of model ids the key may call (its ``allowed_models`` within its project's
-    models), or None for every model in the catalog. Times are Unix seconds.
+    models), or None for every model in the catalog. ``networks``: its ``allowed_networks``, parsed.
+    Times are Unix seconds.
     """
 
     id: str
@@ -73,6 +79,21 @@ class KeyRecord:
     expires_at: float | None
     revoked: bool
     version: int
+    networks: tuple[IPv4Network | IPv6Network, ...] | None = None  # where it may be used from (None: anywhere)
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+    def allows(self, address: str | None) -> bool:
+        """Whether a request from ``address`` may use the key (its ``allowed_networks``)."""
+        if self.networks is None:
+            return True
+        if address is None:
+            return False
+        try:
+            ip = ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # ::ffff:10.1.2.3 on a dual-stack socket is 10.1.2.3
+        return any(ip in net for net in self.networks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from ipaddress import ip_network
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
@@ -52,6 +53,24 @@ def check_budget_pair(token_limit: int | None, token_limit_period: str | None) -
                              "neither", field=missing)
 
 
+MAX_NETWORKS = 64
+MAX_METADATA = 16
+MetadataKey = Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
+MetadataValue = Annotated[StrictStr, Field(max_length=256)]
+
+
+def parse_network(value: str) -> str:
+    """A CIDR network (or a single address) in its normal form; an error naming the problem otherwise."""
+    try:
+        return str(ip_network(value.strip(), strict=True))
+    except ValueError as exc:
+        if "host bits set" in str(exc):
+            loose = ip_network(value.strip(), strict=False)
+            raise ValueError(f"{value!r} has host bits set; the network is {loose}") from None
+        raise ValueError(f"{value[:60]!r} is not an IP network in CIDR form (10.0.0.0/8, 2001:db8::/32) "
+                         "or an address") from None
+
+
 class _Limits(BaseModel):
     model_config = _STRICT
 
@@ -61,6 +80,13 @@ class _Limits(BaseModel):
     token_limit_period: Period | None = None
     allowed_models: ModelList | None = None
     expires_at: datetime | None = None
+    allowed_networks: Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_NETWORKS)] | None = None
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA)] | None = None
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else list(dict.fromkeys(parse_network(v) for v in value))
 
     @field_validator("expires_at", mode="before")
     @classmethod

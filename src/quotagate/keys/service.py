@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
+from ipaddress import ip_network
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Row, select, update
@@ -23,7 +24,8 @@ from quotagate.keys.models import InferenceKey, KeyRecord
 from quotagate.keys.schemas import KeyCreate, KeyUpdate, RotateRequest, check_budget_pair
 from quotagate.store.tables import inference_keys, projects
 
-LIMIT_FIELDS = ("rpm", "tpm", "token_limit", "token_limit_period", "allowed_models", "expires_at")
+LIMIT_FIELDS = ("rpm", "tpm", "token_limit", "token_limit_period", "allowed_models", "expires_at",
+                "allowed_networks", "metadata")
 
 
 def _key(row: Row[Any]) -> InferenceKey:
@@ -34,6 +36,8 @@ def _key(row: Row[Any]) -> InferenceKey:
         expires_at=row.expires_at, revoked_at=row.revoked_at, archived=bool(row.archived),
         created_at=row.created_at, updated_at=row.updated_at, last_used_at=row.last_used_at,
         rotated_from=row.rotated_from,
+        allowed_networks=tuple(row.allowed_networks) if row.allowed_networks is not None else None,
+        metadata=dict(row.metadata) if row.metadata is not None else None,
     )
 
 
@@ -323,4 +327,5 @@ class KeyService:
             models=frozenset(models) if models is not None else None,
             expires_at=row.expires_at.timestamp() if row.expires_at else None,
             revoked=row.revoked_at is not None, version=row.version,
+            networks=tuple(ip_network(n) for n in row.allowed_networks) if row.allowed_networks is not None else None,
         )

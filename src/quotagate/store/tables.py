@@ -131,6 +131,8 @@ inference_keys = Table(
     Column("token_limit", BigInteger, nullable=True),
     Column("token_limit_period", String(8), nullable=True),
     Column("allowed_models", JSON, nullable=True),
+    Column("allowed_networks", JSON, nullable=True),  # CIDR strings; null: from anywhere
+    Column("metadata", JSON, nullable=True),          # the operator's tags, string -> string
     Column("expires_at", UTCDateTime, nullable=True),
     Column("revoked_at", UTCDateTime, nullable=True),
     Column("archived", Boolean, nullable=False, default=False),
