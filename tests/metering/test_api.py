@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import time
 
 import httpx
@@ -101,3 +103,54 @@ def test_metrics_on_the_console_port_are_for_instance_admins(gateway: Gateway) -
     r = httpx.get(f"{gw.console_url}/metrics", headers={"Authorization": f"Bearer {member.token}"}, timeout=10)
     assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
     assert "quotagate_journal_backlog_records" in gw.metrics()
+
+
+def test_project_usage_by_model_and_csv_exports(gateway_console: Gateway, store: Engine) -> None:
+    owner = gateway_console.user("owner@example.com")
+    project = owner.project()
+    first = owner.mint(project["id"])
+    second = owner.mint(project["id"])
+    other_project = owner.project("elsewhere")
+    stranger_key = owner.mint(other_project["id"])
+    a, b = Key(first["id"], project["id"]), Key(second["id"], project["id"])
+    now = time.time()
+    events = [event(a, created_at=now - 300 + i, prompt_tokens=10, completion_tokens=5) for i in range(3)]
+    events += [event(b, created_at=now - 200 + i, model="bge-m3", endpoint="embeddings", prompt_tokens=7,
+                     completion_tokens=0, user_agent="=HYPERLINK(\"http://evil\")") for i in range(2)]
+    events.append(event(Key(stranger_key["id"], other_project["id"]), created_at=now - 100))
+    store_batch(store, events)
+
+    usage = owner.ok("GET", f"/v1/projects/{project['id']}/usage")
+    assert usage["totals"]["requests"] == 5 and usage["totals"]["total_tokens"] == 3 * 15 + 2 * 7
+    assert [(m["model"], m["requests"], m["total_tokens"]) for m in usage["models"]] == [
+        ("qwen3.6-27b", 3, 45), ("bge-m3", 2, 14)]
+    assert {k["key_id"]: k["requests"] for k in usage["keys"]} == {first["id"]: 3, second["id"]: 2}
+
+    as_csv = owner.request("GET", f"/v1/projects/{project['id']}/usage", params={"format": "csv"})
+    assert as_csv.status_code == 200 and as_csv.headers["content-type"].startswith("text/csv")
+    assert "attachment" in as_csv.headers["content-disposition"]
+    lines = as_csv.text.splitlines()
+    assert lines[0] == "start,model,requests,prompt_tokens,completion_tokens,total_tokens,errors,rate_limited," \
+                       "avg_latency_ms"
+    assert sum(int(line.split(",")[2]) for line in lines[1:]) == 5
+
+    activity = owner.ok("GET", f"/v1/projects/{project['id']}/activity", params={"limit": 3})
+    assert [r["request_id"] for r in activity["data"]] == [e.request_id for e in reversed(events[:5])][:3]
+    assert activity["has_more"]
+    rest = owner.ok("GET", f"/v1/projects/{project['id']}/activity", params={"before": activity["next_cursor"]})
+    assert [r["request_id"] for r in rest["data"]] == [e.request_id for e in reversed(events[:5])][3:]
+    window = owner.ok("GET", f"/v1/projects/{project['id']}/activity", params={
+        "start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 250))})
+    assert len(window["data"]) == 2  # the embeddings only
+
+    exported = owner.request("GET", f"/v1/projects/{project['id']}/activity", params={"format": "csv"})
+    rows = list(csv.DictReader(io.StringIO(exported.text)))
+    assert [r["request_id"] for r in rows] == [e.request_id for e in reversed(events[:5])]
+    # A caller's text that a spreadsheet would run as a formula is written as text.
+    assert rows[0]["user_agent"] == "'=HYPERLINK(\"http://evil\")" and rows[0]["stream"] == "false"
+
+    stranger = gateway_console.user("stranger@example.com")
+    for params in ({}, {"format": "csv"}):
+        assert stranger.request("GET", f"/v1/projects/{project['id']}/activity", params=params).status_code == 404
+    bad = owner.request("GET", f"/v1/projects/{project['id']}/activity", params={"format": "xml"})
+    assert bad.status_code == 400 and bad.json()["error"]["field"] == "format"

@@ -165,6 +165,8 @@ def endpoint(handler: Handler, authenticate: Authenticator,
                                    "it has been logged"}}, status_code=500)
         if status == 204:
             return Response(status_code=204)
+        if isinstance(payload, Response):  # a handler's own rendering (a CSV export)
+            return payload
         return JSON(payload, status_code=status)
 
     return run

@@ -22,6 +22,7 @@ from quotagate.ids import isoformat
 from quotagate.keys.models import InferenceKey
 from quotagate.keys.service import KeyService
 from quotagate.limits.interfaces import Limiter, LimitState
+from quotagate.metering.export import ACTIVITY_COLUMNS, USAGE_COLUMNS, csv_response
 from quotagate.metering.queries import UsageQueries, Window
 from quotagate.metering.store import WIDTHS
 from quotagate.store.tables import inference_keys
@@ -30,8 +31,10 @@ log = logging.getLogger(__name__)
 
 MAX_POINTS = 1500          # per model: a minute series can span 25 h, an hour series 62 days
 DEFAULT_RANGE = timedelta(hours=24)
-USAGE_PARAMS = frozenset({"start", "end", "granularity"})
+USAGE_PARAMS = frozenset({"start", "end", "granularity", "format"})
 ACTIVITY_PARAMS = frozenset({"limit", "before", "starting_after", "request_id"})
+PROJECT_ACTIVITY_PARAMS = frozenset({"start", "end", "limit", "before", "starting_after", "format"})
+CSV_ROWS = 100_000  # activity rows one CSV export may hold (page with before= past them)
 
 
 
@@ -43,6 +46,13 @@ def parse_time(name: str, raw: str) -> datetime:
         raise InvalidRequest(f"{name}: not an ISO 8601 timestamp: {raw!r} (e.g. 2026-01-31T12:00:00Z)",
                              field=name) from None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def wants_csv(call: Call) -> bool:
+    fmt = call.query.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise InvalidRequest(f"format: must be json or csv, not {fmt[:20]!r}", field="format")
+    return fmt == "csv"
 
 
 def parse_window(call: Call, now: datetime) -> Window:
@@ -144,8 +154,11 @@ class UsageAPI:
     def project_usage(self, call: Call) -> Result:
         project = self._accounts.get_project(call.actor, call.path["projectId"])  # 404 unless theirs
         window = parse_window(call, datetime.now(UTC))
+        csv = wants_csv(call)
         self._catch_up()
         found = self.queries.project_usage(project.id, window)
+        if csv:
+            return 200, csv_response(found["data"], USAGE_COLUMNS, f"usage-{project.id}.csv")
         return 200, {
             "object": "usage", "project_id": project.id,
             "start": isoformat(datetime.fromtimestamp(window.start, UTC)),
@@ -164,11 +177,32 @@ class UsageAPI:
         return 200, {"object": "list", "data": rows, "has_more": more,
                      "next_cursor": rows[-1]["request_id"] if more and rows else None}
 
+    def project_activity(self, call: Call) -> Result:
+        """Every key's requests in a range (default: the last 24 h), newest first; JSON pages or CSV."""
+        project = self._accounts.get_project(call.actor, call.path["projectId"])
+        check_params(call, PROJECT_ACTIVITY_PARAMS)
+        csv = wants_csv(call)
+        limit = page_limit(call, default=CSV_ROWS if csv else 100, maximum=CSV_ROWS if csv else 1000)
+        now = datetime.now(UTC)
+        raw_end, raw_start = call.query.get("end"), call.query.get("start")
+        end = parse_time("end", raw_end) if raw_end is not None else now
+        start = parse_time("start", raw_start) if raw_start is not None else end - DEFAULT_RANGE
+        if start >= end:
+            raise InvalidRequest("end: must be later than start", field="end")
+        before = call.query.get("before") or call.query.get("starting_after")
+        self._catch_up()
+        rows, more = self.queries.project_activity(project.id, start=start, end=end, limit=limit, before=before)
+        if csv:
+            return 200, csv_response(rows, ACTIVITY_COLUMNS, f"activity-{project.id}.csv")
+        return 200, {"object": "list", "data": rows, "has_more": more,
+                     "next_cursor": rows[-1]["request_id"] if more and rows else None}
+
     def routes(self) -> list[tuple[str, str, Handler]]:
         return [
             ("GET", "/v1/inference/keys/{keyId}/usage", self.key_usage),
             ("GET", "/v1/inference/keys/{keyId}/activity", self.activity),
             ("GET", "/v1/projects/{projectId}/usage", self.project_usage),
+            ("GET", "/v1/projects/{projectId}/activity", self.project_activity),
         ]
 
 

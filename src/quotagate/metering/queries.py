@@ -146,7 +146,12 @@ class UsageQueries:
             keys.append({"key_id": key_id, "name": meta.name if meta else None,
                          "prefix": meta.prefix if meta else None, **_point(Sums(*v))})
         keys.sort(key=lambda k: (-k["total_tokens"], k["key_id"]))
-        return {"totals": totals, "data": data, "keys": keys}
+        models: dict[str | None, dict[str, int]] = {}
+        for point in data:
+            _add(models.setdefault(point["model"], _empty()), point)
+        by_model = [{"model": m, **t} for m, t in sorted(models.items(),
+                                                          key=lambda mt: (-mt[1]["total_tokens"], mt[0] or ""))]
+        return {"totals": totals, "data": data, "keys": keys, "models": by_model}
 
     def activity(self, key_id: str, *, limit: int, before: str | None = None,
                  request_id: str | None = None) -> tuple[list[dict[str, Any]], bool]:
@@ -161,6 +166,24 @@ class UsageQueries:
             if before is not None:
                 anchor = conn.execute(select(e.created_at, e.request_id)
                                       .where(e.key_id == key_id, e.request_id == before)).first()
+                if anchor is None:
+                    return [], False
+                query = query.where(or_(e.created_at < anchor.created_at,
+                                        and_(e.created_at == anchor.created_at, e.request_id < anchor.request_id)))
+            rows = conn.execute(query.order_by(e.created_at.desc(), e.request_id.desc()).limit(limit + 1)).all()
+        return [activity_row(r) for r in rows[:limit]], len(rows) > limit
+
+
+    def project_activity(self, project_id: str, *, start: datetime, end: datetime, limit: int,
+                         before: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """Every key's requests in [start, end), newest first: (up to ``limit`` rows, whether there are more).
+        ``before`` is a request id of this project to page past."""
+        e = usage_events.c
+        query = select(usage_events).where(e.project_id == project_id, e.created_at >= start, e.created_at < end)
+        with self._engine.connect() as conn:
+            if before is not None:
+                anchor = conn.execute(select(e.created_at, e.request_id)
+                                      .where(e.project_id == project_id, e.request_id == before)).first()
                 if anchor is None:
                     return [], False
                 query = query.where(or_(e.created_at < anchor.created_at,

@@ -187,6 +187,7 @@ usage_events = Table(
     Column("user_agent", String(512), nullable=True),
     Index("ix_usage_events_key_created", "key_id", "created_at", "request_id"),
     Index("ix_usage_events_created", "created_at"),
+    Index("ix_usage_events_project_created", "project_id", "created_at", "request_id"),
 )
 
 # Aggregates per key, model and time bucket, at three levels: ``width`` is the bucket's length in seconds
