@@ -166,6 +166,11 @@ class Console:
         result: dict[str, Any] = self.ok("POST", "/v1/projects", 201, json={"name": name, **body})
         return result
 
+    def join(self, project_id: str) -> dict[str, Any]:
+        """Accept this user's invitation to the project (members are invited: nothing is granted before)."""
+        result: dict[str, Any] = self.ok("POST", f"/v1/me/invitations/{project_id}/accept")
+        return result
+
     def mint(self, project_id: str, **body: Any) -> dict[str, Any]:
         body.setdefault("name", "test-key")
         result: dict[str, Any] = self.ok("POST", f"/v1/projects/{project_id}/inference/keys", 201, json=body)

@@ -178,6 +178,7 @@ def test_no_secret_in_the_database_or_the_log(gateway_console: Gateway, database
     issued.append(token["token"])
     alice.ok("DELETE", f"/v1/me/access-tokens/{token['id']}")
     alice.ok("POST", f"/v1/projects/{pid}/members", 201, json={"email": "secret-bob@example.com", "role": "viewer"})
+    bob.join(pid)
     bob.request("POST", f"/v1/projects/{pid}/inference/keys", json={"name": "nope"})  # 403
     # refused requests that carry secrets: a typo of a real token, a key used as a token
     for bad in (alice.token[:-1] + "x", first["secret"], rotated["secret"]):

@@ -45,6 +45,7 @@ def test_two_owners_stepping_down_at_once_leave_one_owner(alice: Console, make_u
     frank = make_user("frank")
     pid = alice.project("race-owners")["id"]
     alice.ok("POST", f"/v1/projects/{pid}/members", 201, json={"email": email_of(frank), "role": "owner"})
+    frank.join(pid)
     alice_id, frank_id = alice.ok("GET", "/v1/me")["id"], frank.ok("GET", "/v1/me")["id"]
     for _ in range(3):
         results = _parallel([(alice, "PATCH", f"/v1/projects/{pid}/members/{alice_id}", {"role": "member"}),

@@ -27,6 +27,7 @@ def shared(team: dict[str, Console]) -> dict[str, Any]:
     for role in ("member", "viewer"):
         owner.ok("POST", f"/v1/projects/{project['id']}/members", 201,
                  json={"email": email_of(team[role]), "role": role})
+        team[role].join(project["id"])
     key = owner.mint(project["id"], name="shared-key")
     return {"project": project, "key": key}
 
@@ -59,10 +60,18 @@ def test_members_list_add_change_remove(alice: Console, make_user: UserFactory) 
     assert dave.request("GET", f"/v1/projects/{pid}").status_code == 404
     added = alice.ok("POST", f"/v1/projects/{pid}/members", 201, json={"email": dave_email.upper(), "role": "viewer"})
     assert added["object"] == "project_member" and added["email"] == dave_email and added["role"] == "viewer"
+    # Invited, not added: nothing is granted until dave accepts (issue 13: no one is added without consent).
+    assert added["status"] == "invited"
+    assert dave.request("GET", f"/v1/projects/{pid}").status_code == 404
+    invitations = dave.ok("GET", "/v1/me/invitations")["data"]
+    assert [(i["project_id"], i["project_name"], i["role"]) for i in invitations] == [(pid, "team", "viewer")]
+    assert dave.join(pid)["role"] == "viewer"
+    assert dave.ok("GET", "/v1/me/invitations")["data"] == []
     assert dave.ok("GET", f"/v1/projects/{pid}")["role"] == "viewer"
+    assert dave.request("POST", f"/v1/me/invitations/{pid}/accept").status_code == 404  # once
     members = alice.ok("GET", f"/v1/projects/{pid}/members")["data"]
-    assert sorted((m["email"], m["role"]) for m in members) == sorted([(email_of(alice), "owner"),
-                                                                       (dave_email, "viewer")])
+    assert sorted((m["email"], m["role"], m["status"]) for m in members) == sorted([
+        (email_of(alice), "owner", "active"), (dave_email, "viewer", "active")])
     r = alice.request("POST", f"/v1/projects/{pid}/members", json={"email": dave_email, "role": "member"})
     assert r.status_code == 409  # already a member: change the role with PATCH
     changed = alice.ok("PATCH", f"/v1/projects/{pid}/members/{added['user_id']}", json={"role": "member"})
@@ -119,7 +128,8 @@ def test_adding_a_member_answers_the_same_whether_or_not_the_email_has_an_accoun
     a, b = answers[known], answers[unknown]
     assert a.headers["content-length"] == b.headers["content-length"]
     ja, jb = a.json(), b.json()
-    assert list(ja) == list(jb) == ["object", "user_id", "email", "role", "created_at"]
+    assert list(ja) == list(jb) == ["object", "user_id", "email", "role", "status", "created_at"]
+    assert ja["status"] == jb["status"] == "invited"
     assert re.fullmatch(r"usr_[0-9A-Za-z]{20}", ja["user_id"]) and re.fullmatch(r"usr_[0-9A-Za-z]{20}", jb["user_id"])
     assert (ja["email"], jb["email"]) == (known, unknown)
     assert _shape(a, known, ja["user_id"]) == _shape(b, unknown, jb["user_id"])
@@ -139,7 +149,7 @@ def test_adding_a_member_answers_the_same_whether_or_not_the_email_has_an_accoun
     assert eb["details"] == {"email": unknown, "role": "viewer"}
 
 
-def test_a_user_created_later_is_a_member_at_once(alice: Console, server: Gateway) -> None:
+def test_a_user_created_later_finds_the_invitations(alice: Console, server: Gateway) -> None:
     pid = alice.project("waiting")["id"]
     other = alice.project("waiting-too")["id"]
     email = _fresh_email("later")
@@ -152,11 +162,16 @@ def test_a_user_created_later_is_a_member_at_once(alice: Console, server: Gatewa
     later = server.user(email.upper())  # created with another case: emails are compared case-insensitively
     me = later.ok("GET", "/v1/me")
     assert me["id"] == added["user_id"] and me["email"] == email
+    assert later.request("GET", f"/v1/projects/{pid}").status_code == 404  # invited, not yet a member
+    assert {i["project_id"]: i["role"] for i in later.ok("GET", "/v1/me/invitations")["data"]} == {
+        pid: "member", other: "owner"}
+    later.join(pid)
+    later.join(other)
     assert later.ok("GET", f"/v1/projects/{pid}")["role"] == "member"
     assert later.ok("GET", f"/v1/projects/{other}")["role"] == "owner"
     assert {pid, other} <= {p["id"] for p in later.ok("GET", "/v1/projects")["data"]}
     members = [m for m in alice.ok("GET", f"/v1/projects/{pid}/members")["data"] if m["email"] == email]
-    assert members == [added]
+    assert [{**m, "created_at": None} for m in members] == [{**added, "status": "active", "created_at": None}]
     # now a member like any other: it can mint and leave
     later.mint(pid, name="from-a-later-user")
     later.ok("DELETE", f"/v1/projects/{pid}/members/{me['id']}", 204)
@@ -179,12 +194,20 @@ def test_a_member_without_an_account_can_be_removed(alice: Console, server: Gate
 
 def test_the_last_owner_rule_does_not_tell_whether_the_other_owner_has_an_account(
         alice: Console, make_user: UserFactory) -> None:
-    """Stepping down with a second owner succeeds whether or not that owner has an account yet."""
+    """An invited owner does not hold the project, whether or not the email has an account: stepping down is
+    refused the same way in both cases; once the co-owner has accepted, it succeeds."""
     me = alice.ok("GET", "/v1/me")["id"]
-    for email in (email_of(make_user("co-owner")), _fresh_email("co-owner")):
+    co_owner = make_user("co-owner")
+    answers = []
+    for email in (email_of(co_owner), _fresh_email("co-owner")):
         pid = alice.project("two-owners")["id"]
         alice.ok("POST", f"/v1/projects/{pid}/members", 201, json={"email": email, "role": "owner"})
-        assert alice.ok("PATCH", f"/v1/projects/{pid}/members/{me}", json={"role": "member"})["role"] == "member"
+        r = alice.request("PATCH", f"/v1/projects/{pid}/members/{me}", json={"role": "member"})
+        answers.append((r.status_code, r.json()))
+    assert answers[0] == answers[1] and answers[0][0] == 409
+    first = co_owner.ok("GET", "/v1/me/invitations")["data"][0]["project_id"]
+    co_owner.join(first)
+    assert alice.ok("PATCH", f"/v1/projects/{first}/members/{me}", json={"role": "member"})["role"] == "member"
 
 
 def test_a_project_never_loses_its_last_owner(alice: Console, make_user: UserFactory) -> None:
@@ -196,6 +219,7 @@ def test_a_project_never_loses_its_last_owner(alice: Console, make_user: UserFac
         assert r.status_code == 409 and r.json()["error"]["code"] == "conflict", r.text
     erin_member = alice.ok("POST", f"/v1/projects/{pid}/members", 201, json={"email": email_of(erin),
                                                                               "role": "owner"})
+    erin.join(pid)
     # with a second owner, the first may step down; then the second is the last and is protected
     assert alice.ok("PATCH", f"/v1/projects/{pid}/members/{me}", json={"role": "member"})["role"] == "member"
     r = erin.request("PATCH", f"/v1/projects/{pid}/members/{erin_member['user_id']}", json={"role": "viewer"})
@@ -336,3 +360,28 @@ def test_a_stranger_cannot_tell_a_hidden_project_from_a_missing_one(team: dict[s
     real_key = stranger.request("DELETE", f"/v1/inference/keys/{shared['key']['id']}")
     fake_key = stranger.request("DELETE", "/v1/inference/keys/key_00000000000000000000")
     assert real_key.status_code == fake_key.status_code == 404
+
+
+def test_an_invitation_can_be_declined_and_is_only_the_invited_users(alice: Console,
+                                                                      make_user: UserFactory) -> None:
+    grace, mallory = make_user("grace"), make_user("mallory")
+    pid = alice.project("invite-only")["id"]
+    invited = alice.ok("POST", f"/v1/projects/{pid}/members", 201, json={"email": email_of(grace), "role": "member"})
+    # Someone else cannot take it, and learns nothing (the same 404 as for no invitation at all).
+    taken = mallory.request("POST", f"/v1/me/invitations/{pid}/accept")
+    none = mallory.request("POST", "/v1/me/invitations/proj_nothing/accept")
+    assert taken.status_code == none.status_code == 404
+    assert mallory.request("GET", f"/v1/projects/{pid}").status_code == 404
+    # An invited member can do nothing in the project yet.
+    assert grace.request("POST", f"/v1/projects/{pid}/inference/keys", json={"name": "k"}).status_code == 404
+    grace.ok("DELETE", f"/v1/me/invitations/{pid}", 204)
+    assert grace.ok("GET", "/v1/me/invitations")["data"] == []
+    assert grace.request("POST", f"/v1/me/invitations/{pid}/accept").status_code == 404
+    assert email_of(grace) not in [m["email"] for m in alice.ok("GET", f"/v1/projects/{pid}/members")["data"]]
+    log = alice.ok("GET", f"/v1/projects/{pid}/audit-log")["data"]
+    assert [(e["action"], e["target_id"], e["actor"]["email"]) for e in log[:2]] == [
+        ("member.declined", invited["user_id"], email_of(grace)), ("member.added", invited["user_id"], email_of(alice))]
+    # Invited again, accepted: recorded as joined, by the user who joined.
+    alice.ok("POST", f"/v1/projects/{pid}/members", 201, json={"email": email_of(grace), "role": "viewer"})
+    grace.join(pid)
+    assert alice.ok("GET", f"/v1/projects/{pid}/audit-log")["data"][0]["action"] == "member.joined"

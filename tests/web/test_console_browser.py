@@ -121,11 +121,12 @@ def test_create_copy_revoke_archive(gateway_console: Gateway, browser: Any, shot
 def test_viewer_sees_no_write_buttons_and_server_refuses(gateway_console: Gateway, browser: Any, shot: Any) -> None:
     gw = gateway_console
     owner = gw.user("owner@example.com", password=PASSWORD)
-    gw.user("viewer@example.com", password=PASSWORD)
+    viewer = gw.user("viewer@example.com", password=PASSWORD)
     project = owner.project("acme")
     key = owner.mint(project["id"], name="backend")
     owner.ok("POST", f"/v1/projects/{project['id']}/members", 201, json={"email": "viewer@example.com",
                                                                           "role": "viewer"})
+    viewer.join(project["id"])
     context = browser.new_context()
     page = context.new_page()
     sign_in(page, gw, "viewer@example.com")
@@ -206,3 +207,31 @@ def test_a_long_key_list_comes_in_pages(gateway_console: Gateway, browser: Any) 
     r = httpx.get(f"{gw.console_url}/projects/{project['id']}/keys?before=key_nope", cookies=cookies)
     assert r.status_code == 400 and "no key" in r.text
     context.close()
+
+
+def test_an_invited_user_accepts_or_declines_in_the_console(gateway_console: Gateway, browser: Any,
+                                                             shot: Any) -> None:
+    gw = gateway_console
+    owner = gw.user("inviter@example.com", password=PASSWORD)
+    gw.user("invitee@example.com", password=PASSWORD)
+    wanted, unwanted = owner.project("wanted"), owner.project("unwanted")
+    for project in (wanted, unwanted):
+        owner.ok("POST", f"/v1/projects/{project['id']}/members", 201,
+                 json={"email": "invitee@example.com", "role": "member"})
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    sign_in(page, gw, "invitee@example.com")
+    page.wait_for_url(re.compile(r"/projects$"))  # invitations waiting: the projects page, not a project
+    invitations = page.get_by_role("region", name="Invitations")
+    assert invitations.get_by_text("wanted", exact=True).is_visible()
+    shot(page, "invitations")
+    row = invitations.locator("li", has_text="unwanted")
+    row.get_by_role("button", name="Decline").click()
+    page.wait_for_url(re.compile(r"/projects$"))
+    assert page.get_by_role("region", name="Invitations").locator("li").count() == 1
+    page.get_by_role("region", name="Invitations").get_by_role("button", name="Accept").click()
+    page.wait_for_url(re.compile(rf"/projects/{wanted['id']}/keys"))
+    assert page.get_by_role("button", name="Create key").count() == 1  # a member: may create keys
+    members = {m["email"]: m["status"] for m in owner.ok("GET", f"/v1/projects/{wanted['id']}/members")["data"]}
+    assert members["invitee@example.com"] == "active"
+    assert "invitee@example.com" not in [m["email"] for m in
+                                         owner.ok("GET", f"/v1/projects/{unwanted['id']}/members")["data"]]

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from quotagate.ids import isoformat, utcnow
 
+MemberStatus = Literal["active", "invited"]
 Role = Literal["owner", "member", "viewer"]
 TokenKind = Literal["api", "session"]  # a console API access token, or a web console session
 ROLES: tuple[Role, ...] = ("viewer", "member", "owner")  # in rising order of power
@@ -61,10 +62,25 @@ class Member:
     email: str
     role: Role
     created_at: datetime
+    status: MemberStatus = "active"   # "invited": added, not yet accepted (no access until then)
 
     def to_json(self) -> dict[str, Any]:
         return {"object": "project_member", "user_id": self.user_id, "email": self.email,
-                "role": self.role, "created_at": isoformat(self.created_at)}
+                "role": self.role, "status": self.status, "created_at": isoformat(self.created_at)}
+
+
+@dataclass(frozen=True, slots=True)
+class Invitation:
+    """A project's invitation to the user who reads it."""
+
+    project_id: str
+    project_name: str
+    role: Role
+    invited_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {"object": "invitation", "project_id": self.project_id, "project_name": self.project_name,
+                "role": self.role, "invited_at": isoformat(self.invited_at)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from quotagate.accounts.models import (
     AccessToken,
     Actor,
+    Invitation,
     Member,
     Project,
     Role,
@@ -116,20 +117,14 @@ class AccountService:
         password_hash = self._passwords.hash(password) if password is not None else None
         try:
             with self._engine.begin() as conn:
-                # Memberships waiting for this email (see add_member) become real ones in this transaction,
-                # under the user id they were given when they were added.
+                # Invitations waiting for this email (see add_member) stay invitations, for the new user to
+                # accept or decline; the user gets the id the projects were shown when it was added.
                 _lock_email(conn, email)
-                pending = conn.execute(select(pending_memberships).where(pending_memberships.c.email == email)
-                                       .order_by(pending_memberships.c.created_at)).all()
-                user = User(id=pending[0].user_id if pending else new_id("usr"), email=email, is_admin=is_admin,
-                            created_at=utcnow())
+                reserved = conn.execute(select(func.min(pending_memberships.c.user_id))
+                                        .where(pending_memberships.c.email == email)).scalar()
+                user = User(id=reserved or new_id("usr"), email=email, is_admin=is_admin, created_at=utcnow())
                 conn.execute(users.insert().values(id=user.id, email=email, is_admin=is_admin,
                                                    created_at=user.created_at, password_hash=password_hash))
-                if pending:
-                    conn.execute(memberships.insert(), [
-                        {"project_id": p.project_id, "user_id": user.id, "role": p.role, "created_at": p.created_at}
-                        for p in pending])
-                    conn.execute(pending_memberships.delete().where(pending_memberships.c.email == email))
         except IntegrityError:
             raise Conflict(f"a user with email {email!r} already exists", field="email") from None
         return user
@@ -386,11 +381,12 @@ class AccountService:
         return project
 
     # -- members -----------------------------------------------------------------------------
-    # A member is added by email, and the answer is the same whether or not the email has an account: for
-    # an email without one, the membership is kept in ``pending_memberships`` under the user id that user
-    # will get (``create_user`` turns it into a real membership). Everywhere a project's members are read
-    # or changed — list, add, change role, remove, the last-owner rule — a pending member is treated
-    # exactly like a user's membership, so that nobody in the project can tell the two apart.
+    # A member is added by email as an *invitation* (``pending_memberships``), whether or not the email
+    # has an account: nothing is granted until the invited user accepts it (``accept_invitation``), and
+    # the answer is the same either way (for an email without an account, the invitation is kept under
+    # the user id that user will get). A project's member list shows invitations with status "invited";
+    # their role can be changed and they can be removed (withdrawn) like members. Only members who
+    # accepted count as the project's owners.
 
     @staticmethod
     def _all_members(project_id: str) -> Any:
@@ -409,12 +405,13 @@ class AccountService:
             self.role_in(conn, actor, project_id)
             every = self._all_members(project_id)
             rows = conn.execute(select(every).order_by(every.c.email)).all()
-        return [Member(user_id=r.user_id, email=r.email, role=r.role, created_at=r.created_at) for r in rows]
+        return [Member(user_id=r.user_id, email=r.email, role=r.role, created_at=r.created_at,
+                       status="invited" if r.pending else "active") for r in rows]
 
     def add_member(self, actor: Actor, project_id: str, body: MemberAdd) -> Member:
-        """Add the email's user to the project, or, when the email has no account, a pending membership
-        that becomes theirs when the account is created. Both answer the same Member (the user id being the
-        one the user has or will have), with the same queries in the same order."""
+        """Invite the email's user (or the user that email will have) to the project with a role; they are a
+        member once they accept. Both cases answer the same invited Member (the user id being the one the
+        user has or will have), with the same queries in the same order."""
         email = normalise_email(body.email)
         with self._engine.begin() as conn:
             self.require(conn, actor, project_id, "owner", lock=True)
@@ -423,7 +420,6 @@ class AccountService:
                 select(users.c.id).where(users.c.email == email).scalar_subquery().label("user_id"),
                 select(func.min(pending_memberships.c.user_id)).where(pending_memberships.c.email == email)
                 .scalar_subquery().label("reserved_id"))).one()
-            has_account = found.user_id is not None
             user_id: str = found.user_id or found.reserved_id or new_id("usr")
             every = self._all_members(project_id)
             existing = conn.execute(select(every.c.role).where(
@@ -432,19 +428,53 @@ class AccountService:
                 raise Conflict(f"{email} is already a member (role {existing!r}); "
                                "change the role with PATCH", field="email")
             now = utcnow()
-            if has_account:
-                conn.execute(memberships.insert().values(project_id=project_id, user_id=user_id, role=body.role,
-                                                         created_at=now))
-            else:
-                conn.execute(pending_memberships.insert().values(project_id=project_id, email=email,
-                                                                 user_id=user_id, role=body.role, created_at=now))
+            conn.execute(pending_memberships.insert().values(project_id=project_id, email=email,
+                                                             user_id=user_id, role=body.role, created_at=now))
             record(conn, actor, project_id, "member.added", "user", user_id, {"email": email, "role": body.role})
-        return Member(user_id=user_id, email=email, role=body.role, created_at=now)
+        return Member(user_id=user_id, email=email, role=body.role, created_at=now, status="invited")
 
     def _owners(self, conn: Connection, project_id: str) -> int:
-        # Pending owners count: otherwise stepping down would tell an owner whether the other has an account.
-        every = self._all_members(project_id)
-        return int(conn.execute(select(func.count()).select_from(every).where(every.c.role == "owner")).scalar_one())
+        # Only owners who accepted hold the project (an invitation may never be accepted).
+        return int(conn.execute(select(func.count()).select_from(memberships).where(
+            memberships.c.project_id == project_id, memberships.c.role == "owner")).scalar_one())
+
+    # -- invitations, seen by the invited user ---------------------------------------------------
+    def list_invitations(self, user: User) -> list[Invitation]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(pending_memberships, projects.c.name)
+                                .join(projects, projects.c.id == pending_memberships.c.project_id)
+                                .where(pending_memberships.c.email == user.email)
+                                .order_by(pending_memberships.c.created_at)).all()
+        return [Invitation(project_id=r.project_id, project_name=r.name, role=r.role, invited_at=r.created_at)
+                for r in rows]
+
+    def _invitation(self, conn: Connection, user: User, project_id: str) -> Any:
+        row = conn.execute(select(pending_memberships).where(
+            pending_memberships.c.project_id == project_id, pending_memberships.c.email == user.email)
+            .with_for_update()).first()
+        if row is None:
+            raise NotFound(f"no invitation to project {project_id!r}")
+        return row
+
+    def accept_invitation(self, actor: Actor, project_id: str) -> Project:
+        """Join the project with the role the invitation gives; the answer is the project as now seen."""
+        with self._engine.begin() as conn:
+            row = self._invitation(conn, actor.user, project_id)
+            conn.execute(pending_memberships.delete().where(pending_memberships.c.project_id == project_id,
+                                                            pending_memberships.c.email == actor.user.email))
+            conn.execute(memberships.insert().values(project_id=project_id, user_id=actor.user.id, role=row.role,
+                                                     created_at=utcnow()))
+            record(conn, actor, project_id, "member.joined", "user", actor.user.id,
+                   {"email": actor.user.email, "role": row.role})
+            return self._project(conn, project_id, "owner" if actor.user.is_admin else row.role)
+
+    def decline_invitation(self, actor: Actor, project_id: str) -> None:
+        with self._engine.begin() as conn:
+            row = self._invitation(conn, actor.user, project_id)
+            conn.execute(pending_memberships.delete().where(pending_memberships.c.project_id == project_id,
+                                                            pending_memberships.c.email == actor.user.email))
+            record(conn, actor, project_id, "member.declined", "user", actor.user.id,
+                   {"email": actor.user.email, "role": row.role})
 
     def _membership(self, conn: Connection, project_id: str, user_id: str) -> Any:
         every = self._all_members(project_id)
@@ -465,13 +495,14 @@ class AccountService:
         with self._engine.begin() as conn:
             self.require(conn, actor, project_id, "owner", lock=True)
             row = self._membership(conn, project_id, user_id)
-            if row.role == "owner" and body.role != "owner" and self._owners(conn, project_id) <= 1:
+            if not row.pending and row.role == "owner" and body.role != "owner" and self._owners(conn, project_id) <= 1:
                 raise Conflict("a project must keep at least one owner; make someone else owner first")
             table, where = self._table_of(row, project_id, user_id)
             conn.execute(update(table).where(where).values(role=body.role))
             record(conn, actor, project_id, "member.role_changed", "user", user_id,
                    {"email": row.email, "from": row.role, "to": body.role})
-        return Member(user_id=user_id, email=row.email, role=body.role, created_at=row.created_at)
+        return Member(user_id=user_id, email=row.email, role=body.role, created_at=row.created_at,
+                      status="invited" if row.pending else "active")
 
     def remove_member(self, actor: Actor, project_id: str, user_id: str) -> None:
         with self._engine.begin() as conn:
@@ -479,7 +510,7 @@ class AccountService:
             needed: Role = "viewer" if user_id == actor.user.id else "owner"
             self.require(conn, actor, project_id, needed, lock=True)
             row = self._membership(conn, project_id, user_id)
-            if row.role == "owner" and self._owners(conn, project_id) <= 1:
+            if not row.pending and row.role == "owner" and self._owners(conn, project_id) <= 1:
                 raise Conflict("a project must keep at least one owner; make someone else owner first")
             table, where = self._table_of(row, project_id, user_id)
             conn.execute(table.delete().where(where))

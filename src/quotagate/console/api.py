@@ -89,6 +89,18 @@ class ConsoleAPI:
     def revoke_token(self, call: Call) -> Result:
         return 200, self.accounts.revoke_token(call.actor.user, call.path["tokenId"]).to_json()
 
+    # -- invitations (the invited user's side) -------------------------------------------------
+    def list_invitations(self, call: Call) -> Result:
+        found = self.accounts.list_invitations(call.actor.user)
+        return 200, {"object": "list", "data": [i.to_json() for i in found]}
+
+    def accept_invitation(self, call: Call) -> Result:
+        return 200, self.accounts.accept_invitation(call.actor, call.path["projectId"]).to_json()
+
+    def decline_invitation(self, call: Call) -> Result:
+        self.accounts.decline_invitation(call.actor, call.path["projectId"])
+        return 204, None
+
     # -- projects and members ----------------------------------------------------------------
     def create_project(self, call: Call) -> Result:
         return 201, self.accounts.create_project(call.actor, call.json(ProjectCreate)).to_json()
@@ -202,6 +214,9 @@ class ConsoleAPI:
             ("GET", "/v1/me/access-tokens", self.list_tokens),
             ("POST", "/v1/me/access-tokens", self.create_token),
             ("DELETE", "/v1/me/access-tokens/{tokenId}", self.revoke_token),
+            ("GET", "/v1/me/invitations", self.list_invitations),
+            ("POST", "/v1/me/invitations/{projectId}/accept", self.accept_invitation),
+            ("DELETE", "/v1/me/invitations/{projectId}", self.decline_invitation),
             ("POST", "/v1/projects", self.create_project),
             ("GET", "/v1/projects", self.list_projects),
             ("GET", "/v1/projects/{projectId}", self.get_project),

@@ -234,7 +234,7 @@ class WebConsole:
     async def home(self, page: Page) -> Response:
         assert page.actor is not None
         projects = await self.call(self.accounts.list_projects, page.actor, limit=1)
-        if projects:
+        if projects and not await self.call(self.accounts.list_invitations, page.actor.user):
             return RedirectResponse(f"/projects/{projects[0].id}/keys", status_code=303)
         return RedirectResponse("/projects", status_code=303)
 
@@ -249,8 +249,21 @@ class WebConsole:
             return self.render(page, "error.html", 400, title="No such page", message=exc.message)
         older = found[PROJECTS_PER_PAGE - 1].id if len(found) > PROJECTS_PER_PAGE else None
         found = found[:PROJECTS_PER_PAGE]
+        invitations = await self.call(self.accounts.list_invitations, page.actor.user)
         return self.render(page, "projects.html", status, projects=found, picker=found[:PICKER_SIZE],
-                           project=None, older=older, paged=before is not None, **extra)
+                           project=None, older=older, paged=before is not None, invitations=invitations, **extra)
+
+    async def invitation(self, page: Page, form: FormData) -> Response:
+        """Accept (then open the project) or decline an invitation."""
+        assert page.actor is not None
+        project_id, action = page.request.path_params["projectId"], page.request.path_params["action"]
+        if action == "accept":
+            await self.call(self.accounts.accept_invitation, page.actor, project_id)
+            return RedirectResponse(f"/projects/{project_id}/keys", status_code=303)
+        if action == "decline":
+            await self.call(self.accounts.decline_invitation, page.actor, project_id)
+            return RedirectResponse("/projects", status_code=303)
+        return self.render(page, "error.html", 404, title="Not found", message="no such action")
 
     async def picker(self, page: Page, current: Project | None = None) -> list[Project]:
         """The projects in the top bar's picker: the newest few (one query), and the current one."""
@@ -434,6 +447,7 @@ class WebConsole:
             Route("/projects", self.page()(self.projects), methods=["GET"]),
             Route("/projects/go", self.page()(self.go_to_project), methods=["GET"]),
             Route("/projects", self.page(write=True)(self.create_project), methods=["POST"]),
+            Route("/invitations/{projectId}/{action}", self.page(write=True)(self.invitation), methods=["POST"]),
             Route("/projects/{projectId}/keys", self.page()(self.keys_list), methods=["GET"]),
             Route("/projects/{projectId}/keys", self.page(write=True)(self.create_key), methods=["POST"]),
             Route("/keys/{keyId}", self.page()(self.key_detail), methods=["GET"]),
