@@ -73,13 +73,52 @@ class _Choice:
             message["tool_calls"] = [self.calls[i] for i in sorted(self.calls)]
         return message
 
+    def render(self, index: int) -> dict[str, Any]:
+        return {"index": index, "message": self.message(),
+                "logprobs": {"content": self.logprobs} if self.logprobs is not None else None,
+                "finish_reason": self.finish}
+
+
+class _TextChoice:
+    """A completion choice: its text joined, its logprobs' lists joined, its last ``finish_reason``."""
+
+    __slots__ = ("finish", "logprobs", "texts")
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.logprobs: dict[str, list[Any]] | None = None
+        self.finish: Any = None
+
+    def add(self, choice: dict[str, Any]) -> None:
+        text = choice.get("text")
+        self.texts.append(text if isinstance(text, str) else "")
+        if isinstance(choice.get("logprobs"), dict):
+            joined = self.logprobs = self.logprobs or {}
+            for name, values in choice["logprobs"].items():
+                if isinstance(values, list):
+                    joined.setdefault(name, []).extend(values)
+        if choice.get("finish_reason"):
+            self.finish = choice["finish_reason"]
+
+    def render(self, index: int) -> dict[str, Any]:
+        return {"index": index, "text": "".join(self.texts), "logprobs": self.logprobs, "finish_reason": self.finish}
+
 
 def assemble(events: bytes) -> dict[str, Any] | None:
     """The ``chat.completion`` the stream ``events`` (SSE bytes, as relayed) add up to; None if they hold
     no chunk at all."""
+    return _assemble(events, "chat.completion", _Choice)
+
+
+def assemble_completion(events: bytes) -> dict[str, Any] | None:
+    """The ``text_completion`` a completions stream's ``events`` add up to; None if they hold no chunk."""
+    return _assemble(events, "text_completion", _TextChoice)
+
+
+def _assemble(events: bytes, kind: str, choice_type: type[_Choice] | type[_TextChoice]) -> dict[str, Any] | None:
     head: dict[str, Any] | None = None
     usage: Any = None
-    choices: dict[int, _Choice] = {}
+    choices: dict[int, _Choice | _TextChoice] = {}
     for chunk in _chunks(events):
         if head is None:
             head = chunk
@@ -88,56 +127,14 @@ def assemble(events: bytes) -> dict[str, Any] | None:
         for choice in chunk.get("choices") or []:
             if isinstance(choice, dict):
                 index = choice.get("index", 0)
-                choices.setdefault(index if type(index) is int else 0, _Choice()).add(choice)
+                choices.setdefault(index if type(index) is int else 0, choice_type()).add(choice)
     if head is None:
         return None
-    answer: dict[str, Any] = {"id": head.get("id"), "object": "chat.completion", "created": head.get("created"),
+    answer: dict[str, Any] = {"id": head.get("id"), "object": kind, "created": head.get("created"),
                               "model": head.get("model")}
     if head.get("system_fingerprint") is not None:
         answer["system_fingerprint"] = head["system_fingerprint"]
-    answer["choices"] = [{"index": i, "message": c.message(), "logprobs": {"content": c.logprobs}
-                          if c.logprobs is not None else None, "finish_reason": c.finish}
-                         for i, c in sorted(choices.items())]
-    if usage is not None:
-        answer["usage"] = usage
-    return answer
-
-
-def assemble_completion(events: bytes) -> dict[str, Any] | None:
-    """The ``text_completion`` a completions stream's ``events`` add up to: each choice's text joined, its
-    logprobs' lists joined, its last ``finish_reason``; None if they hold no chunk at all."""
-    head: dict[str, Any] | None = None
-    usage: Any = None
-    texts: dict[int, list[str]] = {}
-    logprobs: dict[int, dict[str, list[Any]]] = {}
-    finish: dict[int, Any] = {}
-    for chunk in _chunks(events):
-        if head is None:
-            head = chunk
-        if chunk.get("usage") is not None:
-            usage = chunk["usage"]
-        for choice in chunk.get("choices") or []:
-            if not isinstance(choice, dict):
-                continue
-            index = choice.get("index", 0)
-            index = index if type(index) is int else 0
-            text = choice.get("text")
-            texts.setdefault(index, []).append(text if isinstance(text, str) else "")
-            if isinstance(choice.get("logprobs"), dict):
-                joined = logprobs.setdefault(index, {})
-                for name, values in choice["logprobs"].items():
-                    if isinstance(values, list):
-                        joined.setdefault(name, []).extend(values)
-            if choice.get("finish_reason"):
-                finish[index] = choice["finish_reason"]
-    if head is None:
-        return None
-    answer: dict[str, Any] = {"id": head.get("id"), "object": "text_completion", "created": head.get("created"),
-                              "model": head.get("model")}
-    if head.get("system_fingerprint") is not None:
-        answer["system_fingerprint"] = head["system_fingerprint"]
-    answer["choices"] = [{"index": i, "text": "".join(t), "logprobs": logprobs.get(i),
-                          "finish_reason": finish.get(i)} for i, t in sorted(texts.items())]
+    answer["choices"] = [c.render(i) for i, c in sorted(choices.items())]
     if usage is not None:
         answer["usage"] = usage
     return answer

@@ -204,19 +204,8 @@ def parse_chat(raw: bytes) -> ChatRequest:
             raise bad_request(f"messages[{i}].content: must be a string or a list of parts (objects with "
                               "a string 'type')", f"messages[{i}].content")
         bound += text_bytes(message)
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise bad_request("stream: must be a boolean", "stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise bad_request("stream_options: must be an object", "stream_options")
-    include_usage = bool(options and options.get("include_usage") is True)
-    for name, (types, what) in _CHECKED.items():
-        value = body.get(name)
-        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
-            raise bad_request(f"{name}: must be {what}", name)
+    stream, include_usage = _streaming(body)
+    _check_types(body, _CHECKED)
     for name in ("tools", "functions"):
         value = body.get(name)
         if value:
@@ -225,16 +214,43 @@ def parse_chat(raw: bytes) -> ChatRequest:
     # Everything else the server might put into the prompt (documents, template arguments, unknown fields).
     bound += field_bytes(body, _NOT_PROMPT_OR_TOOLS)
     n = max(_int(body, "n", 1, MAX_CHOICES) or 1, _int(body, "best_of", 1, MAX_CHOICES) or 1)
-    # (Only the fields present are read: this runs on every request.)
+    max_tokens = _max_tokens(body)
+    best_of = body.get("best_of")
+    return ChatRequest(body=body, canonical=canonical, model=model, stream=stream, include_usage=include_usage,
+                       n=n, max_tokens=max_tokens, prompt_bound=bound,
+                       streamable=best_of is None or best_of <= (body.get("n") or 1))
+
+
+def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(``stream``, whether ``stream_options.include_usage`` asks for the usage chunk), checked."""
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise bad_request("stream: must be a boolean", "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad_request("stream_options: must be an object", "stream_options")
+    return stream, bool(options and options.get("include_usage") is True)
+
+
+def _check_types(body: dict[str, Any], checked: dict[str, tuple[tuple[type, ...], str]]) -> None:
+    """A 400 for an optional field of the wrong type (a boolean is no number, unless booleans are asked for)."""
+    for name, (types, what) in checked.items():
+        value = body.get(name)
+        if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            raise bad_request(f"{name}: must be {what}", name)
+
+
+def _max_tokens(body: dict[str, Any]) -> int | None:
+    """The client's completion length: the smallest of the length fields it sent (only those present are
+    read: this runs on every request); ``min_tokens`` above it is a 400."""
     limits = [v for name in LENGTH_FIELDS if name in body and (v := _length(body, name)) is not None]
     min_tokens = _int(body, "min_tokens", 0, MAX_TOKENS_CEILING)
     if min_tokens is not None and limits and min_tokens > min(limits):
         raise bad_request(f"min_tokens: must not exceed the completion limit ({min(limits)}), got {min_tokens}",
                           "min_tokens")
-    best_of = body.get("best_of")
-    return ChatRequest(body=body, canonical=canonical, model=model, stream=stream, include_usage=include_usage,
-                       n=n, max_tokens=min(limits) if limits else None, prompt_bound=bound,
-                       streamable=best_of is None or best_of <= (body.get("n") or 1))
+    return min(limits) if limits else None
 
 
 def _length(body: dict[str, Any], name: str) -> int | None:
@@ -278,19 +294,8 @@ def parse_completions(raw: bytes) -> ChatRequest:
     bound = 0
     for prompt in prompts:
         bound += EMBEDDING_INPUT_ALLOWANCE + (text_bytes(prompt) if isinstance(prompt, str) else len(prompt))
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise bad_request("stream: must be a boolean", "stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise bad_request("stream_options: must be an object", "stream_options")
-    include_usage = bool(options and options.get("include_usage") is True)
-    for name, (types, what) in _COMPLETION_CHECKED.items():
-        value = body.get(name)
-        if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
-            raise bad_request(f"{name}: must be {what}", name)
+    stream, include_usage = _streaming(body)
+    _check_types(body, _COMPLETION_CHECKED)
     bound += field_bytes(body, _COMPLETION_NOT_PROMPT)  # the suffix, and whatever else a server may read
     n = _int(body, "n", 1, MAX_CHOICES) or 1
     best_of = _int(body, "best_of", 1, MAX_CHOICES)
@@ -300,13 +305,9 @@ def parse_completions(raw: bytes) -> ChatRequest:
     if sequences > MAX_CHOICES:
         raise bad_request(f"prompt: {len(prompts)} prompts of {max(n, best_of or 1)} sequences each is more than "
                           f"the {MAX_CHOICES} sequences a request may generate", "prompt")
-    limits = [v for name in LENGTH_FIELDS if name in body and (v := _length(body, name)) is not None]
-    min_tokens = _int(body, "min_tokens", 0, MAX_TOKENS_CEILING)
-    if min_tokens is not None and limits and min_tokens > min(limits):
-        raise bad_request(f"min_tokens: must not exceed the completion limit ({min(limits)}), got {min_tokens}",
-                          "min_tokens")
+    max_tokens = _max_tokens(body)
     return ChatRequest(body=body, canonical=canonical, model=model, stream=stream, include_usage=include_usage,
-                       n=sequences, max_tokens=min(limits) if limits else None, prompt_bound=bound,
+                       n=sequences, max_tokens=max_tokens, prompt_bound=bound,
                        streamable=best_of is None or best_of <= n, prompts=prompts)
 
 
