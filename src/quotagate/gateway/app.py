@@ -49,6 +49,7 @@ from quotagate.gateway.parsing import (
     text_bytes,
 )
 from quotagate.gateway.refusals import refusal_error
+from quotagate.gateway.responses import endpoint as responses
 from quotagate.gateway.streaming import Lease, StreamRelay
 from quotagate.gateway.upstream_errors import upstream_failure
 from quotagate.gateway.usage import charge, reported, usage_object
@@ -174,6 +175,8 @@ class LLMApp:
             endpoint, handler, allowed = "rerank", self._rerank, "POST"
         elif path == "/v1/score":
             endpoint, handler, allowed = "score", self._score, "POST"
+        elif path == "/v1/responses":
+            endpoint, handler, allowed = responses.ENDPOINT, self._responses, "POST"
         elif path == "/v1/models" or path.startswith("/v1/models/"):
             endpoint, handler, allowed = "models", self._list_models, "GET"
         elif path == "/healthz" and method in ("GET", "HEAD"):
@@ -510,6 +513,9 @@ class LLMApp:
                                        lease, dialect)
             return
         await self._finish_plain(call, key, adm, response, send, prompt, granted, counter, dialect)
+
+    async def _responses(self, call: Call, key: KeyRecord, scope: Scope, receive: Receive, send: Send) -> None:
+        await responses.serve(self, call, key, scope, receive, send)
 
     async def _embeddings(self, call: Call, key: KeyRecord, scope: Scope, receive: Receive, send: Send) -> None:
         raw = await self._read_body(scope, receive)
