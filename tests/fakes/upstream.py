@@ -20,6 +20,14 @@ with ``extra_body={"fake": {...}}``):
     error_body      with ``status``: this JSON body instead of the OpenAI-shaped error
     stream_error    (stream) send this object as the first event, then end (a server failing mid-stream)
 
+``/v1/responses`` answers as vLLM does (a ``response`` object, or its typed event stream: response.created,
+output item and content part events, one ``response.output_text.delta`` per token, then
+``response.completed``, or ``response.incomplete`` when ``max_output_tokens`` cut it short, carrying the
+usage with ``input_tokens_details`` and ``output_tokens_details``). Besides ``tokens``, ``ignore_max``,
+``usage`` (a Responses usage object), ``no_usage``, ``token_delay``, ``die_after``, ``hang_after``,
+``tool_call`` and ``stream_error``, it takes ``reasoning`` (reasoning tokens generated before the text,
+counted in ``output_tokens_details.reasoning_tokens``) and ``cached`` (``input_tokens_details.cached_tokens``).
+
 Like real servers, it obeys every completion length field it knows: llama.cpp's ``n_predict`` first
 (it overrides ``max_tokens`` there), then ``max_completion_tokens``, then ``max_tokens``; and ``best_of``
 candidates are generated (and reported) besides the ``n`` returned, as vLLM does. With
@@ -62,6 +70,7 @@ class FakeUpstream:
         self.port = port or free_port()
         self.mode = "ok"
         self.requests: list[dict[str, Any]] = []
+        self.paths: list[str] = []  # the path of each of requests
         self.authorizations: list[str | None] = []
         self.disconnects = 0
         self.request_ids: list[str | None] = []
@@ -97,6 +106,9 @@ class FakeUpstream:
     def chat_requests(self) -> list[dict[str, Any]]:
         return [r for r in self.requests if "messages" in r]
 
+    def responses_requests(self) -> list[dict[str, Any]]:
+        return [r for r, path in zip(self.requests, self.paths, strict=True) if path.endswith("/responses")]
+
     # -- the ASGI app ------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -112,6 +124,7 @@ class FakeUpstream:
         except orjson.JSONDecodeError:
             body = {}
         self.requests.append(body)
+        self.paths.append(scope["path"])
         headers = dict(scope["headers"])
         auth = headers.get(b"authorization")
         self.authorizations.append(auth.decode() if auth else None)
@@ -143,6 +156,8 @@ class FakeUpstream:
             await self._completions(send, body, fake)
         elif scope["path"].endswith(("/rerank", "/score")):
             await self._pairs(send, body, fake, scope["path"].endswith("/rerank"))
+        elif scope["path"].endswith("/responses"):
+            await self._responses(send, body, fake)
         else:
             await self._chat(send, receive, body, fake)
 
@@ -301,6 +316,112 @@ class FakeUpstream:
         if wants_usage and not fake.get("usage_on_finish"):
             await event({**chunk, "choices": [], "usage": usage})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    async def _responses(self, send: Any, body: dict[str, Any], fake: dict[str, Any]) -> None:
+        natural = int(fake.get("tokens", 8))
+        reasoning = int(fake.get("reasoning", 0))
+        n_predict = body.get("n_predict")
+        limit = (n_predict if isinstance(n_predict, int) and n_predict >= 0 else None) \
+            or body.get("max_output_tokens") or body.get("max_completion_tokens") or body.get("max_tokens")
+        total = natural + reasoning
+        count = total if fake.get("ignore_max") or not limit else min(total, limit)
+        if self.counter is None:
+            prompt = max(1, (_text(body.get("input")) + _text(body.get("instructions"))) // 2)
+        else:
+            from quotagate.gateway.responses.prompt import as_chat
+            prompt = self.counter.prompt(as_chat(body))
+        usage = fake.get("usage") or {
+            "input_tokens": prompt, "input_tokens_details": {"cached_tokens": int(fake.get("cached", 0))},
+            "output_tokens": count, "output_tokens_details": {"reasoning_tokens": min(reasoning, count)},
+            "total_tokens": prompt + count}
+        incomplete = count < total
+        head = {"id": "resp_fake", "object": "response", "created_at": 1, "model": body.get("model"),
+                "status": "in_progress", "incomplete_details": None, "output": [], "usage": None,
+                "max_output_tokens": body.get("max_output_tokens"), "store": body.get("store")}
+        thinking = min(reasoning, count)
+        items: list[dict[str, Any]] = []
+        if thinking:
+            items.append({"type": "reasoning", "id": "rs_fake", "summary": [], "status": "completed",
+                          "content": [{"type": "reasoning_text", "text": " think" * thinking}]})
+        words = count - thinking
+        if fake.get("tool_call"):
+            arguments = '{"q": "' + "x" * max(0, words - 2) + '"}' if words else ""
+            items.append({"type": "function_call", "id": "fc_fake", "call_id": "call_fake", "name": "lookup",
+                          "arguments": arguments, "status": "completed"})
+        else:
+            items.append({"type": "message", "id": "msg_fake", "role": "assistant", "status": "completed",
+                          "content": [{"type": "output_text", "text": " tok" * words, "annotations": []}]})
+        final = {**head, "status": "incomplete" if incomplete else "completed",
+                 "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None, "output": items}
+        if not fake.get("no_usage"):
+            final["usage"] = usage
+        if not body.get("stream"):
+            await self._json(send, 200, final)
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        sequence = 0
+
+        async def event(kind: str, fields: dict[str, Any]) -> None:
+            nonlocal sequence
+            data = orjson.dumps({"type": kind, "sequence_number": sequence, **fields})
+            sequence += 1
+            await send({"type": "http.response.body", "body": b"event: " + kind.encode() + b"\ndata: " + data
+                        + b"\n\n", "more_body": True})
+
+        if fake.get("stream_error"):
+            await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(fake["stream_error"])
+                        + b"\n\n", "more_body": False})
+            return
+        await event("response.created", {"response": head})
+        await event("response.in_progress", {"response": head})
+        delay = float(fake.get("token_delay", 0))
+        emitted = 0
+
+        async def token() -> None:
+            nonlocal emitted
+            if fake.get("hang_after") == emitted:
+                await asyncio.sleep(3600)
+            if fake.get("die_after") == emitted:
+                raise RuntimeError("fake upstream dies mid-stream")
+            if delay:
+                await asyncio.sleep(delay)
+            emitted += 1
+
+        for index, item in enumerate(items):
+            kind = item["type"]
+            if kind == "reasoning":
+                await event("response.output_item.added", {"output_index": index, "item": {**item, "content": [],
+                                                                                          "status": "in_progress"}})
+                for _ in range(thinking):
+                    await token()
+                    await event("response.reasoning_text.delta", {"item_id": item["id"], "output_index": index,
+                                                                  "content_index": 0, "delta": " think"})
+            elif kind == "function_call":
+                await event("response.output_item.added", {"output_index": index, "item": {
+                    **item, "arguments": "", "status": "in_progress"}})
+                pieces = ['{"q": "'] + ["x"] * max(0, words - 2) + ['"}'] if words else []
+                for piece in pieces[:words]:
+                    await token()
+                    await event("response.function_call_arguments.delta", {
+                        "item_id": item["id"], "output_index": index, "delta": piece})
+            else:
+                await event("response.output_item.added", {"output_index": index, "item": {
+                    **item, "content": [], "status": "in_progress"}})
+                await event("response.content_part.added", {"item_id": item["id"], "output_index": index,
+                                                            "content_index": 0, "part": {
+                                                                "type": "output_text", "text": "", "annotations": []}})
+                for _ in range(words):
+                    await token()
+                    await event("response.output_text.delta", {"item_id": item["id"], "output_index": index,
+                                                               "content_index": 0, "delta": " tok", "logprobs": []})
+                await event("response.output_text.done", {"item_id": item["id"], "output_index": index,
+                                                          "content_index": 0, "text": " tok" * words, "logprobs": []})
+                await event("response.content_part.done", {"item_id": item["id"], "output_index": index,
+                                                           "content_index": 0, "part": item["content"][0]})
+            await event("response.output_item.done", {"output_index": index, "item": item})
+        await event("response.incomplete" if incomplete else "response.completed", {"response": final})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     @staticmethod
     async def _tool_call_stream(event: Any, chunk: dict[str, Any], count: int, usage: dict[str, Any],
