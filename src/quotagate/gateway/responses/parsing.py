@@ -58,7 +58,7 @@ _CHECKED: dict[str, tuple[tuple[type, ...], str]] = {
 _NOT_PROMPT = frozenset({"model", "input", "instructions", "tools", "stream", "store", "background",
                          *RESPONSES_LENGTH_FIELDS, "temperature", "top_p", "seed", "user", "metadata",
                          "tool_choice", "parallel_tool_calls", "include", "truncation", "top_logprobs",
-                         "max_tool_calls", "reasoning", "service_tier", "stream_options", "n", "best_of"})
+                         "max_tool_calls", "service_tier", "stream_options", "n", "best_of"})
 
 
 @dataclass(slots=True)

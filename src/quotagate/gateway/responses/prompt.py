@@ -4,14 +4,12 @@ Servers serve the Responses API by turning the request into a chat request and r
 template (vLLM, and llama-server's ``server_chat_convert_responses_to_chatcmpl``): ``instructions`` first as
 a system message, a string ``input`` as one user message, and the items in order — a message as a message,
 a ``function_call`` as an assistant tool call (joined to the assistant message before it, as llama-server
-does), a ``function_call_output`` as a tool message, a ``reasoning`` item as the assistant's
-``reasoning_content``; the flat function tools as chat tools (``strict: true`` where absent, as
-llama-server adds it). The gateway does the same and counts the chat body as chat counts one
-(``tokens/counter.py``).
+does), a ``function_call_output`` as a tool message; the flat function tools as chat tools. The gateway
+does the same and counts the chat body as chat counts one (``tokens/counter.py``).
 
 A content given as several parts is rendered in each server's own way (joined with newlines for a template
-that takes strings, passed as parts to one that takes parts): such a prompt, like one of an item the gateway
-does not know, keeps the byte bound.
+that takes strings, passed as parts to one that takes parts): such a prompt, like one with a ``reasoning``
+item or an item the gateway does not know, keeps the byte bound.
 """
 
 from __future__ import annotations
@@ -66,9 +64,9 @@ def as_chat(body: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _tool(tool: dict[str, Any]) -> dict[str, Any]:
-    function = {k: v for k, v in tool.items() if k != "type"}
-    function.setdefault("strict", True)
-    return {"type": "function", "function": function}
+    # llama-server adds "strict": true where it is absent, but renders its tools without it (measured:
+    # the same count with and without); a strict the client sent is kept, the count then errs high.
+    return {"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}
 
 
 def _text(content: Any) -> str | None:
