@@ -18,7 +18,7 @@ class UsageEvent:
     key_id: str | None           # None when the key was unknown or malformed
     project_id: str | None
     model: str | None
-    endpoint: str                # "chat.completions", "embeddings", "models"
+    endpoint: str                # "chat.completions", "responses", "embeddings", "models"
     status_code: int
     error_code: str | None       # the OpenAI-shaped error code, if any
     stream: bool
