@@ -297,3 +297,23 @@ def test_hundreds_of_simultaneous_requests_never_overspend_a_budget(gw: Gateway,
     assert charged <= limit
     assert refused, "300 requests of ~100 tokens must run into a 3,000-token budget"
     assert budget_remaining(gw, secret) == limit - charged
+
+
+def test_the_body_policy_is_chats(gw: Gateway, mint: Mint, upstream: FakeUpstream) -> None:
+    """A repeated key is a 400 (servers differ on which value counts); a field the gateway does not know
+    counts into the prompt bound (a server may put it into the prompt), and is forwarded."""
+    secret, _ = mint(token_limit=100_000, token_limit_period="day")
+    before = len(upstream.requests)
+    with raw(gw, secret) as client:
+        r = client.post("/responses", content=b'{"model": "chat", "input": "hi", "max_output_tokens": 1, '
+                                              b'"max_output_tokens": 500}')
+        assert r.status_code == 400 and "repeats a key" in r.json()["error"]["message"]
+        assert len(upstream.requests) == before
+        documents = [{"title": "a", "text": "x" * 300}]
+        assert bound(input="hi", documents=documents) >= bound(input="hi") + 300
+        r = client.post("/responses", json={"model": "chat", "input": "hi", "documents": documents,
+                                            "fake": {"no_usage": True, "tokens": 1}})
+    assert r.status_code == 200
+    assert r.json()["usage"]["input_tokens"] == bound(input="hi", documents=documents,
+                                                      fake={"no_usage": True, "tokens": 1})
+    assert upstream.responses_requests()[-1]["documents"] == documents
