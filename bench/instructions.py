@@ -1,6 +1,6 @@
 """Instructions per LLM API request in the gateway process, counted by valgrind's callgrind.
 
-    .venv/bin/python bench/instructions.py [--requests 400] [--stream]
+    .venv/bin/python bench/instructions.py [--requests 400] [--stream] [--responses]
 
 Wall-clock figures on a shared VM drift by a third within minutes (docs/performance.md); an instruction
 count does not: the same code gives the same count to about 0.1%, whatever else the machine is doing. So
@@ -37,6 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--responses", action="store_true", help="POST /v1/responses instead of chat completions")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="qg-instructions-"))
     up_port, console_port, llm_port = free_port(), free_port(), free_port()
@@ -58,16 +59,21 @@ def main() -> None:
     try:
         wait_for_http(f"http://127.0.0.1:{llm_port}/healthz", timeout=600, proc=gateway)
         key = mint_bench_key(env, console_port)["secret"]
-        body = {"model": "bench", "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
-                "max_tokens": 32, "stream": args.stream}
+        body: dict[str, object] = {"model": "bench", "max_tokens": 32, "stream": args.stream,
+                                   "messages": [{"role": "user", "content": "Say hello to the benchmark."}]}
+        path = "/v1/chat/completions"
+        if args.responses:
+            body = {"model": "bench", "input": "Say hello to the benchmark.", "max_output_tokens": 32,
+                    "stream": args.stream}
+            path = "/v1/responses"
         llm = httpx.Client(base_url=f"http://127.0.0.1:{llm_port}", headers={"Authorization": f"Bearer {key}"},
                            timeout=120)
         for _ in range(WARM_UP):
-            llm.post("/v1/chat/completions", json=body).raise_for_status()
+            llm.post(path, json=body).raise_for_status()
         time.sleep(1.5)  # the shipper's pass after the warm-up, out of the count
         subprocess.run(["callgrind_control", "-z", str(gateway.pid)], check=True, capture_output=True)
         for _ in range(args.requests):
-            llm.post("/v1/chat/completions", json=body).raise_for_status()
+            llm.post(path, json=body).raise_for_status()
         subprocess.run(["callgrind_control", "-d", str(gateway.pid)], check=True, capture_output=True)
         time.sleep(1)
         dumps = sorted(tmp.glob("callgrind.out*"), key=lambda p: p.stat().st_mtime)
@@ -75,7 +81,7 @@ def main() -> None:
         match = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
         if match is None:
             raise SystemExit(f"no instruction total in {dumps[-1]}")
-        kind = "streaming" if args.stream else "non-streaming"
+        kind = ("streaming" if args.stream else "non-streaming") + (" Responses" if args.responses else " chat")
         print(f"{int(match.group(1)) / args.requests:,.0f} instructions per {kind} request "
               f"({args.requests} requests after {WARM_UP} of warm-up)")
     finally:

@@ -20,7 +20,6 @@ them. The relay parses each event's JSON to count what was generated, find the u
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -55,43 +54,74 @@ class Outcome:
 
 class _Output:
     """The output items a stream has built so far (for the ``response.incomplete`` of a cut-off): items
-    by their output index (or id, for servers that send no index), their text and arguments joined."""
+    by their output index (or id, for servers that send no index), with the text and arguments deltas
+    kept as pieces, joined only if a cut-off needs them. The events' parsed objects are kept as they are:
+    what is relayed is the server's bytes, never these."""
+
+    __slots__ = ("_items", "_pieces")
 
     def __init__(self) -> None:
         self._items: dict[Any, dict[str, Any]] = {}
+        self._pieces: dict[tuple[Any, str, int], list[str]] = {}  # (item, "text"/"arguments", part index)
 
-    def _key(self, event: dict[str, Any], item: Any = None) -> Any:
+    @staticmethod
+    def _key(event: dict[str, Any]) -> Any:
         index = event.get("output_index")
         if type(index) is int:
             return index
+        item = event.get("item")
         return event.get("item_id") or (item.get("id") if isinstance(item, dict) else None)
 
-    def add(self, kind: str, event: dict[str, Any]) -> None:
-        item = event.get("item")
-        if kind in ("response.output_item.added", "response.output_item.done") and isinstance(item, dict):
-            self._items[self._key(event, item)] = copy.deepcopy(item)
-            return
+    def item(self, event: dict[str, Any], done: bool) -> None:
+        """response.output_item.added or .done: the item as it stands (done: whole, its pieces dropped)."""
+        if isinstance(event.get("item"), dict):
+            key = self._key(event)
+            self._items[key] = event["item"]
+            if done and self._pieces:
+                self._pieces = {k: v for k, v in self._pieces.items() if k[0] != key}
+
+    def part(self, event: dict[str, Any]) -> None:
+        """response.content_part.added: a new (empty) part of a message."""
         target = self._items.get(self._key(event))
-        if target is None:
-            return
-        if kind == "response.content_part.added" and isinstance(event.get("part"), dict):
-            target.setdefault("content", []).append(dict(event["part"]))
-        elif kind == "response.output_text.delta" and isinstance(event.get("delta"), str):
+        if target is not None and isinstance(event.get("part"), dict):
             parts = target.get("content")
-            index = event.get("content_index", len(parts) - 1 if parts else 0)
-            if isinstance(parts, list) and type(index) is int and 0 <= index < len(parts) \
-                    and isinstance(parts[index], dict):
-                parts[index]["text"] = parts[index].get("text", "") + event["delta"]
-        elif kind == "response.function_call_arguments.delta" and isinstance(event.get("delta"), str):
-            target["arguments"] = (target.get("arguments") or "") + event["delta"]
+            if not isinstance(parts, list):
+                parts = target["content"] = []
+            parts.append(event["part"])
+
+    def delta(self, kind: str, event: dict[str, Any], delta: str) -> None:
+        if kind == "response.output_text.delta":
+            index = event.get("content_index", -1)
+            self._pieces.setdefault((self._key(event), "text", index if type(index) is int else -1), []).append(delta)
+        elif kind == "response.function_call_arguments.delta":
+            self._pieces.setdefault((self._key(event), "arguments", 0), []).append(delta)
 
     def items(self) -> list[dict[str, Any]]:
+        for (key, field, index), pieces in self._pieces.items():
+            target = self._items.get(key)
+            if target is None:
+                continue
+            if field == "arguments":
+                target["arguments"] = (target.get("arguments") or "") + "".join(pieces)
+                continue
+            parts = target.get("content")
+            if isinstance(parts, list) and parts and -len(parts) <= index < len(parts) \
+                    and isinstance(parts[index], dict):
+                parts[index]["text"] = (parts[index].get("text") or "") + "".join(pieces)
+        self._pieces = {}
         out = []
         for item in self._items.values():
             if item.get("status") == "in_progress":
                 item["status"] = "incomplete"
             out.append(item)
         return out
+
+
+class _More:
+    """A delta that needs more output tokens than are reserved (the relay leases them, then handles it again)."""
+
+
+_MORE = _More()
 
 
 class ResponsesRelay:
@@ -255,13 +285,15 @@ class ResponsesRelay:
             if b"\r" in buf:
                 buf = buf.replace(b"\r\n", b"\n")
             out: list[bytes] = []
-            done: ApiError | bool | None = None
+            done: ApiError | bool | _More | None = None
             while True:
                 end = buf.find(b"\n\n")
                 if end < 0:
                     break
                 event, buf = buf[:end], buf[end + 2:]
-                done = await self._event(event, out)
+                done = self._event(event, out)
+                while done is _MORE:
+                    done = await self._lease_more(event, out)
                 if done is not None:
                     break
             if out:
@@ -279,18 +311,41 @@ class ResponsesRelay:
         await self._start()
         await self._send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
 
-    async def _event(self, event: bytes, out: list[bytes]) -> ApiError | bool | None:
+    async def _lease_more(self, event: bytes, out: list[bytes]) -> ApiError | bool | _More | None:
+        """The event needs a token more than is reserved: lease the next block and handle it again, or cut
+        the stream off before it if the key has nothing more."""
+        assert self._lease is not None and self._granted is not None
+        got = await self._lease.more(self._counted + 1 - self._granted, self._granted)
+        self._granted += got
+        if got == 0:
+            log.info("request %s: its tokens per minute or budget has nothing more for it; cutting the stream off "
+                     "at %d output tokens", self._rid, self._counted)
+            self._cut = True
+            return True
+        return self._event(event, out)
+
+    def _event(self, event: bytes, out: list[bytes]) -> ApiError | bool | _More | None:
         """Handle one SSE event: append what to relay to ``out``; True when the stream is over."""
+        # Servers write "event: <type>\ndata: <json>": read that shape without splitting it into lines.
         name = b""
-        data = []
-        for line in event.split(b"\n"):
-            if line.startswith(b"data:"):
-                data.append(line[5:].lstrip(b" "))
-            elif line.startswith(b"event:"):
-                name = line[6:].strip()
-        if not data:
-            return None  # a comment or keep-alive
-        payload = data[0] if len(data) == 1 else b"\n".join(data)
+        rest = event
+        if event.startswith(b"event:"):
+            newline = event.find(b"\n")
+            if newline < 0:
+                return None  # a name and no data
+            name, rest = event[6:newline].strip(), event[newline + 1:]
+        if rest.startswith(b"data:") and b"\n" not in rest:
+            payload = rest[5:].lstrip(b" ")
+        else:
+            data = []
+            for line in rest.split(b"\n"):
+                if line.startswith(b"data:"):
+                    data.append(line[5:].lstrip(b" "))
+                elif line.startswith(b"event:"):
+                    name = line[6:].strip()
+            if not data:
+                return None  # a comment or keep-alive
+            payload = b"\n".join(data)
         if payload == b"[DONE]":
             return True if self._last is not None else None
         try:
@@ -307,33 +362,32 @@ class ResponsesRelay:
         sequence = obj.get("sequence_number")
         if type(sequence) is int:
             self._sequence = sequence
-        if kind in TERMINAL:
-            if not isinstance(obj.get("response"), dict):
-                return ApiError(502, "upstream_error", f"the model server sent {kind} without its response")
-            self._last, self._last_name, self._last_raw = obj, name, event + b"\n\n"
-            return True
-        if not self._head and isinstance(obj.get("response"), dict):
-            self._head = {k: v for k, v in obj["response"].items() if k not in ("output", "usage")}
-        delta = obj.get("delta")
-        if kind.endswith(".delta") and isinstance(delta, str) and delta:
-            granted = self._granted
-            while granted is not None and self._counted + 1 > granted:
-                lease = self._lease
-                if lease is None or not lease.more_allowed(granted):
+        if kind.endswith(".delta"):
+            delta = obj.get("delta")
+            if isinstance(delta, str) and delta:
+                granted = self._granted
+                if granted is not None and self._counted >= granted:
+                    lease = self._lease
+                    if lease is not None and lease.more_allowed(granted):
+                        return _MORE
                     log.warning("request %s: the model server went past max_output_tokens; cutting the stream off "
                                 "at its reservation (%d output tokens)", self._rid, granted)
                     self._cut = True
                     return True
-                got = await lease.more(self._counted + 1 - granted, granted)
-                self._granted = granted = granted + got
-                if got == 0:
-                    log.info("request %s: its tokens per minute or budget has nothing more for it; cutting the "
-                             "stream off at %d output tokens", self._rid, self._counted)
-                    self._cut = True
-                    return True
-            self._counted += 1
-            if self._texts is not None:
-                self._texts.append(delta)
-        self._output.add(kind, obj)
+                self._counted += 1
+                if self._texts is not None:
+                    self._texts.append(delta)
+                self._output.delta(kind, obj, delta)
+        elif kind in TERMINAL:
+            if not isinstance(obj.get("response"), dict):
+                return ApiError(502, "upstream_error", f"the model server sent {kind} without its response")
+            self._last, self._last_name, self._last_raw = obj, name, event + b"\n\n"
+            return True
+        elif kind == "response.output_item.added" or kind == "response.output_item.done":
+            self._output.item(obj, kind == "response.output_item.done")
+        elif kind == "response.content_part.added":
+            self._output.part(obj)
+        elif not self._head and isinstance(obj.get("response"), dict):
+            self._head = {k: v for k, v in obj["response"].items() if k not in ("output", "usage")}
         out.append(event + b"\n\n")
         return None
