@@ -317,3 +317,17 @@ def test_the_body_policy_is_chats(gw: Gateway, mint: Mint, upstream: FakeUpstrea
     assert r.json()["usage"]["input_tokens"] == bound(input="hi", documents=documents,
                                                       fake={"no_usage": True, "tokens": 1})
     assert upstream.responses_requests()[-1]["documents"] == documents
+
+
+def test_the_upstream_model_name_and_processing_time(gw: Gateway, mint: Mint, upstream: FakeUpstream) -> None:
+    """A catalog entry's upstream_model is the name sent upstream; the client keeps the public id. Both
+    answers carry openai-processing-ms, as chat's do."""
+    secret, _ = mint()
+    with raw(gw, secret) as client:
+        r = client.post("/responses", json={"model": "mapped", "input": "hi"})
+        assert r.status_code == 200 and int(r.headers["openai-processing-ms"]) >= 0
+        assert upstream.responses_requests()[-1]["model"] == "Org/Mapped-Model-7B"
+        with client.stream("POST", "/responses", json={"model": "mapped", "input": "hi", "stream": True}) as s:
+            assert s.status_code == 200 and int(s.headers["openai-processing-ms"]) >= 0
+            s.read()
+    assert upstream.responses_requests()[-1]["model"] == "Org/Mapped-Model-7B"

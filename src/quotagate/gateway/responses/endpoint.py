@@ -33,6 +33,11 @@ from quotagate.upstreams.client import Response, UpstreamError, UpstreamTimeout
 if TYPE_CHECKING:
     from quotagate.gateway.app import Call, LLMApp, Receive, Scope, Send
 
+
+def processing_ms(call: Call) -> tuple[bytes, bytes]:
+    """OpenAI's ``openai-processing-ms`` of a stream's head (as app.py's)."""
+    return b"openai-processing-ms", b"%d" % ((time.perf_counter() - call.t0) * 1000)
+
 ENDPOINT = "responses"  # the endpoint's name in usage rows, activity and metrics
 
 _SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
@@ -74,6 +79,9 @@ async def serve(app: LLMApp, call: Call, key: KeyRecord, scope: Scope, receive: 
         # Every length field sent says the grant; max_output_tokens is added only where without it a limit
         # could be overrun (none sent, and nothing else bounds the output within the grant).
         changed = _lengths(body, grant, cap=asked is None and (natural is None or grant < natural)) or changed
+    if spec.upstream_model is not None:
+        body["model"] = spec.upstream_model
+        changed = True
     payload = orjson.dumps(body) if changed else req.canonical
     response = await app._forward(call, key, adm, req.model, "/responses", payload)
     if req.stream and response.status == 200:
@@ -100,7 +108,7 @@ def _lengths(body: dict[str, Any], grant: int, *, cap: bool) -> bool:
 
 async def _relay(app: LLMApp, call: Call, key: KeyRecord, adm: Admission, response: Response, send: Send,
                  receive: Receive, prompt_bound: int, counter: TokenCounter | None, lease: Lease | None) -> None:
-    hdrs = [*_SSE, (b"x-request-id", call.request_id.encode()), *call.rate_headers]
+    hdrs = [*_SSE, (b"x-request-id", call.request_id.encode()), processing_ms(call), *call.rate_headers]
     relay = ResponsesRelay(request_id=call.request_id, response=response, send=send, receive=receive, headers=hdrs,
                            prompt_bound=prompt_bound,
                            granted=adm.granted, started_at=call.t0, clock=time.perf_counter, counter=counter,
