@@ -51,3 +51,18 @@ def test_the_node_sdk_raises_its_rate_limit_error(gw: Gateway, mint: Mint) -> No
     assert not refused["ok"]
     assert (refused["error"], refused["status"], refused["code"]) == ("RateLimitError", 429, "rate_limit_exceeded")
     assert refused["requestId"].startswith("req_") and int(refused["retryAfter"]) >= 1
+
+
+def test_the_node_sdk_calls_the_responses_api(gw: Gateway, mint: Mint) -> None:
+    secret, _ = mint(token_limit=100_000, token_limit_period="day")
+    got = node(gw, secret, "response", "response-stream")
+    assert all(r["ok"] for r in got.values()), got
+    prompt = len("hi from node") // 2  # the fake upstream's count
+    assert got["response"]["text"] == " tok" * 3 and got["response"]["status"] == "incomplete"
+    usage = got["response"]["usage"]
+    assert (usage["input_tokens"], usage["output_tokens"], usage["total_tokens"]) == (prompt, 3, prompt + 3)
+    assert got["response-stream"]["text"] == " tok" * 3
+    assert {"response.created", "response.output_text.delta"} <= set(got["response-stream"]["types"])
+    # Cut short by max_output_tokens, the fake (as OpenAI) ends with response.incomplete, carrying the usage.
+    assert "response.incomplete" in got["response-stream"]["types"]
+    assert got["response-stream"]["usage"]["output_tokens"] == 3

@@ -53,7 +53,7 @@ const CALLS = {
     for await (const event of stream) {
       types.add(event.type);
       if (event.type === "response.output_text.delta") text += event.delta;
-      if (event.type === "response.completed") usage = event.response.usage;
+      if (event.type === "response.completed" || event.type === "response.incomplete") usage = event.response.usage;
     }
     return { text, usage, types: [...types] };
   },
