@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 import httpx
+from openai import OpenAI
 from tokenizers import Tokenizer
 
 from tests.realserver.model import render_chat_template
@@ -57,5 +58,16 @@ def test_demo_catalog_counts_prompts_exactly(tmp_path: Path, database_url: str) 
             events = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
         assert "".join(c["choices"][0]["text"] for c in events if c["choices"]).count(" ") == 5
         assert events[-1]["usage"] == {"prompt_tokens": counted, "completion_tokens": 5, "total_tokens": counted + 5}
+        # The Responses API, with the official SDK: instructions and input are the same conversation as the
+        # chat request above, counted the same; streamed with the SDK's helper too.
+        client = OpenAI(base_url=gw.llm_url, api_key=secret, max_retries=0, timeout=30)
+        answer = client.responses.create(model="qwen3.6-27b", instructions="Be brief.", input="Hi, what is a token?",
+                                         max_output_tokens=7)
+        assert answer.usage is not None and (answer.usage.input_tokens, answer.usage.output_tokens) == (exact, 7)
+        assert len(tokenizer.encode(answer.output_text, add_special_tokens=False).ids) == 7
+        with client.responses.stream(model="qwen3.6-27b", instructions="Be brief.", input="Hi, what is a token?",
+                                     max_output_tokens=4) as stream:
+            deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        assert len(deltas) == 4
     finally:
         gw.stop()

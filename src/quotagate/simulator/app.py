@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from quotagate.gateway.responses.prompt import as_chat
 from quotagate.tokens.counter import TokenCounter
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ class SimulatorApp:
             await self._chat(await _body(receive), send)
         elif path.endswith("/v1/completions") and scope["method"] == "POST":
             await self._chat(await _body(receive), send, text=True)
+        elif path.endswith("/v1/responses") and scope["method"] == "POST":
+            await self._responses(await _body(receive), send)
         elif path.endswith("/embeddings") and scope["method"] == "POST":
             await _json(send, 200, self._embeddings(await _body(receive)))
         elif path.endswith("/models"):
@@ -163,6 +166,65 @@ class SimulatorApp:
         if isinstance(options, dict) and options.get("include_usage"):
             await event([], usage=usage)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    async def _responses(self, raw: bytes, send: Send) -> None:
+        """A response of the Responses API (as vLLM serves it): one ``response``, or its typed events."""
+        try:
+            body = orjson.loads(raw)
+            if not isinstance(body["input"], str | list):
+                raise TypeError
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            await _json(send, 400, {"error": {"message": "a JSON body with input is required",
+                                              "type": "invalid_request_error"}})
+            return
+        seed = _seed(raw)
+        natural = DEFAULT_COMPLETION[0] + seed % (DEFAULT_COMPLETION[1] - DEFAULT_COMPLETION[0])
+        limit = body.get("max_output_tokens")
+        count = min(natural, limit) if isinstance(limit, int) and limit > 0 else natural
+        chat = None
+        with contextlib.suppress(Exception):  # a shape the conversion does not take: made-up counts
+            chat = as_chat(body)
+        prompt = self._prompt(chat) if chat is not None else _prompt_tokens(body["input"])
+        words = self._words(seed, count)
+        rid, mid = f"resp_sim{seed:016x}", f"msg_sim{seed:016x}"
+        head = {"id": rid, "object": "response", "created_at": int(time.time()), "model": body.get("model", ""),
+                "status": "in_progress", "incomplete_details": None, "output": [], "usage": None, "store": False}
+        part = {"type": "output_text", "text": "".join(words), "annotations": []}
+        item = {"type": "message", "id": mid, "role": "assistant", "status": "completed", "content": [part]}
+        final = {**head, "status": "incomplete" if count < natural else "completed", "output": [item],
+                 "incomplete_details": {"reason": "max_output_tokens"} if count < natural else None,
+                 "usage": {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
+                           "output_tokens": count, "output_tokens_details": {"reasoning_tokens": 0},
+                           "total_tokens": prompt + count}}
+        if not body.get("stream"):
+            if self._delay * count > 0.0005:
+                await asyncio.sleep(self._delay * count)
+            await _json(send, 200, final)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        sequence = 0
+
+        async def event(kind: str, **fields: Any) -> None:
+            nonlocal sequence
+            data = orjson.dumps({"type": kind, "sequence_number": sequence, **fields})
+            sequence += 1
+            await send({"type": "http.response.body", "body": b"event: " + kind.encode() + b"\ndata: " + data
+                        + b"\n\n", "more_body": True})
+
+        at = {"item_id": mid, "output_index": 0, "content_index": 0}
+        await event("response.created", response=head)
+        await event("response.in_progress", response=head)
+        await event("response.output_item.added", output_index=0, item={**item, "status": "in_progress",
+                                                                        "content": []})
+        await event("response.content_part.added", **at, part={**part, "text": ""})
+        for word in words:
+            await asyncio.sleep(self._delay)
+            await event("response.output_text.delta", **at, delta=word, logprobs=[])
+        await event("response.output_text.done", **at, text=part["text"], logprobs=[])
+        await event("response.content_part.done", **at, part=part)
+        await event("response.output_item.done", output_index=0, item=item)
+        await event("response.incomplete" if count < natural else "response.completed", response=final)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _embeddings(self, raw: bytes) -> dict[str, Any]:
         try:
