@@ -8,6 +8,7 @@ spent exactly, a stream cut off where it ends.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, cast
 
@@ -202,3 +203,51 @@ def test_gateway_refuses_what_llama_server_cannot_do_either(site: Site) -> None:
     assert refused.value.param == "previous_response_id"
     got = site.totals(key_id)
     assert (got["requests"], got["prompt_tokens"], got["completion_tokens"]) == (1, 0, 0)
+
+
+def test_gateway_never_overspends_a_budget_under_concurrent_responses(site: Site, llama_server: LlamaServer) -> None:
+    """Waves of 40 simultaneous requests, half streamed, against a budget of 1,000 tokens: never more is
+    charged, each client is told llama-server's prompt count and at most its 20 output tokens (fewer where
+    the budget's end cut it short), the key's usage adds up to what the clients were told, and the waves end only when not even
+    one more request's prompt fits."""
+    budget = 1_000
+    client, key_id = site.key(token_limit=budget, token_limit_period="month")
+    body = {"model": MODEL_ALIAS, "input": REQUESTS["plain"]["input"], "max_output_tokens": 20, "temperature": 0,
+            "seed": 7}
+    reserve = 24 if site.exact else parse_responses(orjson.dumps({**body, "stream": True})).prompt_bound
+
+    async def waves() -> tuple[int, int]:
+        sdk = openai.AsyncOpenAI(base_url=site.gateway.llm_url, api_key=client.api_key, max_retries=0, timeout=120)
+
+        async def one(i: int) -> tuple[int, int] | None:
+            try:
+                if i % 2:
+                    events = [e async for e in await sdk.responses.create(
+                        model=MODEL_ALIAS, input=body["input"], max_output_tokens=20, temperature=0,
+                        extra_body={"seed": 7}, stream=True)]
+                    assert events[-1].type in ("response.completed", "response.incomplete")
+                    return usage_of(events[-1].response)
+                return usage_of(await sdk.responses.create(model=MODEL_ALIAS, input=body["input"],
+                                                           max_output_tokens=20, temperature=0,
+                                                           extra_body={"seed": 7}))
+            except openai.RateLimitError as exc:
+                assert exc.code == "token_limit_exceeded"
+                return None
+
+        charged = served = 0
+        for _ in range(30):
+            wave = [u for u in await asyncio.gather(*(one(i) for i in range(40))) if u is not None]
+            for prompt, output in wave:
+                assert prompt == 24 and 0 < output <= 20
+            charged += sum(p + c for p, c in wave)
+            served += len(wave)
+            if not wave:
+                break
+        await sdk.close()
+        return charged, served
+
+    charged, served = asyncio.run(waves())
+    assert budget - reserve - 1 < charged <= budget
+    got = site.totals(key_id)
+    assert got["total_tokens"] == charged
+    assert got["requests"] > served  # the refusals are counted too
