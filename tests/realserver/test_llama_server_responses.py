@@ -68,8 +68,7 @@ def respond(client: OpenAI, **body: Any) -> Response:
 
 
 def respond_streamed(client: OpenAI, **body: Any) -> list[Any]:
-    """A streamed call with the SDK: all its events (llama-server's events have no output_index, which the
-    SDK's ``responses.stream`` helper needs, so the plain stream is read)."""
+    """A streamed call with the SDK: all its events."""
     return list(client.responses.create(**{"model": MODEL_ALIAS, **SAMPLING, **body, "stream": True}))
 
 
@@ -100,7 +99,40 @@ def test_llama_server_counts_a_response_as_the_chat_request_it_becomes(llama_ser
     assert (usage["input_tokens"], usage["output_tokens"]) == (expected, 3)
 
 
+def test_llama_servers_events_are_not_numbered(llama_server: LlamaServer) -> None:
+    """llama-server's stream events carry no sequence_number, and no output_index or content_index, which
+    the SDKs' stream helpers need to put the output together (the openai SDK's ``responses.stream`` fails
+    on them): the gateway numbers them (test_gateway_numbers_llama_servers_events)."""
+    events = []
+    with httpx.stream("POST", f"{llama_server.url}/v1/responses", timeout=120, json={
+            "model": MODEL_ALIAS, "input": "Hi", "max_output_tokens": 3, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line.removeprefix("data: ")))
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert not any("sequence_number" in e or "output_index" in e or "content_index" in e for e in events)
+
+
 # -- the gateway in front of it ------------------------------------------------------------------------
+
+
+def test_gateway_numbers_llama_servers_events(site: Site, llama_server: LlamaServer) -> None:
+    """Through the gateway the SDK's ``responses.stream`` helper puts llama-server's stream together: the
+    events are numbered in order, each item event has its item's index, each part event its part's."""
+    client, _ = site.key(token_limit=1_000_000, token_limit_period="month")
+    reply = direct(llama_server, **REQUESTS["instructions"], max_output_tokens=12)
+    with client.responses.stream(model=MODEL_ALIAS, max_output_tokens=12, **SAMPLING,
+                                 **REQUESTS["instructions"]) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert final.output_text == text_of(reply)
+    assert usage_of(final) == (reply["usage"]["input_tokens"], 12)
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert deltas and {(e.output_index, e.content_index) for e in deltas} == {(0, 0)}
+    assert deltas[-1].snapshot == text_of(reply)  # the helper's running text
+
 
 def test_gateway_reports_llama_servers_usage(site: Site, llama_server: LlamaServer) -> None:
     """Non-streamed and streamed, for every request shape: the client gets llama-server's text and usage
@@ -208,8 +240,8 @@ def test_gateway_refuses_what_llama_server_cannot_do_either(site: Site) -> None:
 def test_gateway_never_overspends_a_budget_under_concurrent_responses(site: Site, llama_server: LlamaServer) -> None:
     """Waves of 40 simultaneous requests, half streamed, against a budget of 1,000 tokens: never more is
     charged, each client is told llama-server's prompt count and at most its 20 output tokens (fewer where
-    the budget's end cut it short), the key's usage adds up to what the clients were told, and the waves end only when not even
-    one more request's prompt fits."""
+    the budget's end cut it short), the key's usage adds up to what the clients were told, and the waves
+    end only when not even one more request's prompt fits."""
     budget = 1_000
     client, key_id = site.key(token_limit=budget, token_limit_period="month")
     body = {"model": MODEL_ALIAS, "input": REQUESTS["plain"]["input"], "max_output_tokens": 20, "temperature": 0,

@@ -14,7 +14,9 @@ them. The relay parses each event's JSON to count what was generated, find the u
   ``incomplete_details.reason: "max_output_tokens"`` (what OpenAI sends when a response reaches its
   ``max_output_tokens``), the output relayed so far and the usage charged, and the upstream is closed;
 - an error event before anything was relayed becomes a plain error answer; after, the client gets an
-  ``error`` event (the SDKs raise ``APIError``) and the stream ends.
+  ``error`` event (the SDKs raise ``APIError``) and the stream ends;
+- the events of a server that numbers none (llama-server) are numbered and written again (``_fill``): the
+  SDKs' stream helpers need ``sequence_number``, ``output_index`` and ``content_index``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+# Events of one content part of an item, which carry its content_index.
+_PART_EVENTS = ("response.content_part.", "response.output_text.", "response.refusal.", "response.reasoning_text.")
 
 
 @dataclass(slots=True)
@@ -152,6 +156,7 @@ class ResponsesRelay:
         self._last_name = b""
         self._last_raw = b""
         self._sequence: int | None = None
+        self._indices: dict[Any, int] = {}  # output_index by item id, for a server that sends none
         self._output = _Output()
         self._texts: list[str] | None = [] if counter is not None else None
 
@@ -359,12 +364,11 @@ class ResponsesRelay:
             return stream_failure(obj if kind is None else {"error": obj})
         if not isinstance(kind, str):
             return ApiError(502, "upstream_error", "the model server sent a stream event without a type")
-        sequence = obj.get("sequence_number")
-        if type(sequence) is int:
-            self._sequence = sequence
+        delta: str | None = None  # the generated text of an event that counts as a token
         if kind.endswith(".delta"):
-            delta = obj.get("delta")
-            if isinstance(delta, str) and delta:
+            text = obj.get("delta")
+            if isinstance(text, str) and text:
+                delta = text
                 granted = self._granted
                 if granted is not None and self._counted >= granted:
                     lease = self._lease
@@ -374,14 +378,23 @@ class ResponsesRelay:
                                 "at its reservation (%d output tokens)", self._rid, granted)
                     self._cut = True
                     return True
-                self._counted += 1
-                if self._texts is not None:
-                    self._texts.append(delta)
-                self._output.delta(kind, obj, delta)
+        # (Past this point the event is taken: _MORE above may have it handled again, and nothing before
+        # changes the relay's state.)
+        filled = "sequence_number" not in obj
+        if filled:
+            self._fill(kind, obj)
+        elif type(obj["sequence_number"]) is int:
+            self._sequence = obj["sequence_number"]
+        if delta is not None:
+            self._counted += 1
+            if self._texts is not None:
+                self._texts.append(delta)
+            self._output.delta(kind, obj, delta)
         elif kind in TERMINAL:
             if not isinstance(obj.get("response"), dict):
                 return ApiError(502, "upstream_error", f"the model server sent {kind} without its response")
-            self._last, self._last_name, self._last_raw = obj, name, event + b"\n\n"
+            self._last, self._last_name = obj, name
+            self._last_raw = self._sse(kind, obj) if filled else event + b"\n\n"
             return True
         elif kind == "response.output_item.added" or kind == "response.output_item.done":
             self._output.item(obj, kind == "response.output_item.done")
@@ -389,5 +402,21 @@ class ResponsesRelay:
             self._output.part(obj)
         elif not self._head and isinstance(obj.get("response"), dict):
             self._head = {k: v for k, v in obj["response"].items() if k not in ("output", "usage")}
-        out.append(event + b"\n\n")
+        out.append(self._sse(kind, obj) if filled else event + b"\n\n")
         return None
+
+    def _fill(self, kind: str, obj: dict[str, Any]) -> None:
+        """Number an event of a server that numbers none (llama-server sends no ``sequence_number``, and no
+        ``output_index`` or ``content_index``, which the SDKs' stream helpers need to put the output
+        together): the event's number, its item's index (in the order the items were added) and, for a
+        part's event, the index of its part (servers that leave it out write one part per item)."""
+        self._sequence = 0 if self._sequence is None else self._sequence + 1
+        obj["sequence_number"] = self._sequence
+        item = obj.get("item")
+        key = obj.get("item_id") or (item.get("id") if isinstance(item, dict) else None)
+        if key is None:
+            return
+        if "output_index" not in obj:
+            obj["output_index"] = self._indices.setdefault(key, len(self._indices))
+        if "content_index" not in obj and kind.startswith(_PART_EVENTS):
+            obj["content_index"] = 0
