@@ -45,6 +45,9 @@ _STATEFUL = {
     "prompt": "a stored prompt template is held on the model server, where the gateway cannot count it: send "
               "its text in 'instructions' and 'input'",
 }
+# Tools the client runs (it sends their results back as input items); built-in tools (web search, file
+# search, code interpreter, MCP...) are run by the model server, their results put into the prompt there.
+_CLIENT_TOOLS = frozenset({"function", "custom"})
 _NUMBER = (int, float)
 _CHECKED: dict[str, tuple[tuple[type, ...], str]] = {
     "instructions": ((str,), "a string"), "temperature": (_NUMBER, "a number"), "top_p": (_NUMBER, "a number"),
@@ -100,8 +103,13 @@ def parse_responses(raw: bytes) -> ResponsesRequest:
         for i, tool in enumerate(tools):
             if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
                 raise bad_request(f"tools[{i}]: must be an object with a string 'type'", f"tools[{i}]")
-            if tool["type"] == "function" and not isinstance(tool.get("name"), str):
-                raise bad_request(f"tools[{i}].name: a function tool needs a string 'name'", f"tools[{i}].name")
+            if tool["type"] not in _CLIENT_TOOLS:
+                raise bad_request(f"tools[{i}].type: '{tool['type'][:100]}' is not accepted: a built-in tool is run by "
+                                  "the model server, which puts its results into the prompt out of the gateway's "
+                                  "sight (it counts a prompt before forwarding it). Use function tools, run by "
+                                  "your program", f"tools[{i}].type")
+            if not isinstance(tool.get("name"), str):
+                raise bad_request(f"tools[{i}].name: a {tool['type']} tool needs a string 'name'", f"tools[{i}].name")
         # Templates print tool schemas as JSON with spaces after ',' and ':': at most twice the compact form.
         bound += TOOLS_ALLOWANCE + 2 * len(orjson.dumps(tools))
     bound += field_bytes(body, _NOT_PROMPT)

@@ -54,9 +54,9 @@ def as_chat(body: dict[str, Any]) -> dict[str, Any] | None:
     chat: dict[str, Any] = {"messages": messages}
     tools = body.get("tools")
     if tools:
-        functions = [_tool(tool) for tool in tools if tool.get("type") == "function"]
-        if functions:
-            chat["tools"] = functions
+        if any(tool["type"] != "function" for tool in tools):
+            return None  # a custom (free-form) tool: servers render it, if at all, in their own ways
+        chat["tools"] = [_tool(tool) for tool in tools]
     kwargs = body.get("chat_template_kwargs")
     if kwargs is not None:
         chat["chat_template_kwargs"] = kwargs
