@@ -229,6 +229,18 @@ class _Exchange:
             if not self.keep_alive:
                 conn.close()
 
+    # -- the direct writer ---------------------------------------------------------------------------
+    # A relayed stream writes most of its chunks from the upstream connection's callback, with no
+    # coroutine per chunk (gateway/streaming.py): these two do what ``send`` does for a body message that
+    # is not the last, once the answer has begun and while nothing holds it back.
+    def writable(self) -> bool:
+        conn = self.conn
+        return self.started and not conn.write_paused and not conn.gone and not self.done and not self.head_only
+
+    def write(self, body: bytes) -> None:
+        """Body bytes, written now; only when ``writable()``."""
+        self.conn.write(b"%x\r\n%s\r\n" % (len(body), body) if self.chunked else body)
+
     def _prepare_head(self, status: int, headers: Any) -> None:
         if self.wants_continue:
             # Answered before asking for the body (a 413 from Content-Length, a 401): the client may send
@@ -254,6 +266,13 @@ class _Exchange:
             lines.append(b"connection: close\r\n")
         lines.append(b"\r\n")
         self.head = b"".join(lines)
+
+
+def direct_writer(send: Any) -> _Exchange | None:
+    """The exchange behind an ASGI ``send`` of this server (its ``writable`` and ``write``), or None for
+    another server's, or a send that is not one (a buffer)."""
+    owner = getattr(send, "__self__", None)
+    return owner if isinstance(owner, _Exchange) else None
 
 
 class _Connection(asyncio.Protocol):

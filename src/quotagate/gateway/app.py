@@ -53,7 +53,7 @@ from quotagate.gateway.responses import endpoint as responses
 from quotagate.gateway.streaming import Lease, StreamRelay
 from quotagate.gateway.upstream_errors import upstream_failure
 from quotagate.gateway.usage import charge, reported, usage_object
-from quotagate.httpserver import BODY_ERROR
+from quotagate.httpserver import BODY_ERROR, direct_writer
 from quotagate.keys.models import KeyRecord
 from quotagate.keys.secrets import INFERENCE_KEY_KIND, hash_secret, is_well_formed
 from quotagate.limits.errors import LimiterUnavailable
@@ -615,7 +615,7 @@ class LLMApp:
         relay = StreamRelay(request_id=call.request_id, response=response, send=send, receive=receive,
                             headers=hdrs, prompt_bound=prompt_bound, granted=granted, include_usage=include_usage,
                             n=n, started_at=call.t0, clock=time.perf_counter, counter=counter, lease=lease,
-                            dialect=dialect)
+                            dialect=dialect, writer=direct_writer(send))
         settled = False
 
         async def finish(prompt: int, completion: int, error_code: str | None) -> None:

@@ -29,6 +29,10 @@ class Dialect:
     carries_token: Callable[[dict[str, Any]], bool]
     # A choice the gateway writes when it cuts a stream off.
     cut_choice: Callable[[int], dict[str, Any]]
+    # The fields of a streamed part that may carry generated text, and those of them that are plain strings
+    # (the stream relay counts a part with one such field, and no other, from its bytes: streaming.py).
+    token_fields: tuple[str, ...]
+    text_fields: tuple[str, ...]
 
 
 def _delta_carries_token(delta: dict[str, Any]) -> bool:
@@ -67,9 +71,11 @@ def _completion_texts(part: dict[str, Any]) -> list[str]:
 CHAT = Dialect(endpoint="chat.completions", path="/chat/completions", answer_object="chat.completion",
                chunk_object="chat.completion.chunk", part=_chat_part, texts=generated_texts,
                carries_token=_delta_carries_token,
-               cut_choice=lambda i: {"index": i, "delta": {}, "finish_reason": "length"})
+               cut_choice=lambda i: {"index": i, "delta": {}, "finish_reason": "length"},
+               token_fields=(*GENERATED_TEXT, "tool_calls", "function_call"), text_fields=GENERATED_TEXT)
 
 COMPLETIONS = Dialect(endpoint="completions", path="/completions", answer_object="text_completion",
                       chunk_object="text_completion", part=_completion_part, texts=_completion_texts,
                       carries_token=_text_carries_token,
-                      cut_choice=lambda i: {"index": i, "text": "", "logprobs": None, "finish_reason": "length"})
+                      cut_choice=lambda i: {"index": i, "text": "", "logprobs": None, "finish_reason": "length"},
+                      token_fields=("text",), text_fields=("text",))

@@ -1,9 +1,10 @@
 """Relaying a chat completion (or completion: ``dialects.py``) stream (SSE) from a model server to the
 client, event by event.
 
-Each complete event is sent on as soon as it has arrived (nothing is held back but a partial event).
-The relay parses only what it must: each event's JSON, to count token-carrying deltas, to notice the
-usage chunk and errors. It asks the model server for usage (the caller sets
+Each complete event is sent on as soon as it has arrived (nothing is held back but a partial event), what
+one read brought in one write. The relay parses only what it must: an event's JSON, to count token-carrying
+deltas, to notice the usage chunk and errors; and not even that for a token delta whose bytes are those of
+an earlier one but for its text (``_Shape``), which is most of a stream. It asks the model server for usage (the caller sets
 ``stream_options.include_usage``), passes the usage chunk on only if the client asked for it, and
 cuts the stream off, with ``finish_reason: "length"`` and ``[DONE]``, before a chunk that would take
 it past its reservation. Each delta chunk carries at least one token, so the count is a lower bound
@@ -16,7 +17,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -35,6 +36,15 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 _DONE = b"data: [DONE]\n\n"
 
 
+class Writer(Protocol):
+    """The client connection's body, written without a coroutine (httpserver.direct_writer)."""
+
+    def writable(self) -> bool:
+        """Whether ``write`` may be called now (the answer has begun, nothing holds it back)."""
+
+    def write(self, body: bytes) -> None: ...
+
+
 def _tokens_in(choices: list[Any], dialect: Dialect) -> tuple[int, bool]:
     """(token-carrying parts, whether any choice finished) of one chunk's choices."""
     count = 0
@@ -49,6 +59,19 @@ def _tokens_in(choices: list[Any], dialect: Dialect) -> tuple[int, bool]:
         if choice.get("finish_reason"):
             finished = True
     return count, finished
+
+
+_SHAPES = 8  # shapes kept per stream (one per choice for most servers, and one for the first delta)
+
+
+class _Shape(NamedTuple):
+    """The bytes of a plain token delta event around its text: an event that is ``prefix``, a JSON string's
+    body and ``tail`` is that delta with another text (one token-carrying delta if the text is not empty),
+    and nothing else: no finish, no usage, no error, no tool call, the same choice."""
+
+    prefix: bytes   # from "data: " to the text's opening quote, included
+    tail: bytes     # from the text's closing quote, included, to the end of the event and its blank line
+    choice: int     # the index of its choice
 
 
 class _More:
@@ -112,7 +135,7 @@ class StreamRelay:
                  headers: list[tuple[bytes, bytes]], prompt_bound: int, granted: int | None,
                  include_usage: bool, n: int, started_at: float, clock: Callable[[], float],
                  counter: TokenCounter | None = None, lease: Lease | None = None,
-                 dialect: Dialect = CHAT) -> None:
+                 dialect: Dialect = CHAT, writer: Writer | None = None) -> None:
         self._rid = request_id
         self._dialect = dialect
         self._resp = response
@@ -140,6 +163,9 @@ class StreamRelay:
         self._texts: dict[int, list[str]] | None = {} if counter is not None else None
         self._lease = lease
         self._want = 0  # completion tokens the event being handled needs beyond the reservation
+        self._shapes: list[_Shape] = []  # of the plain token deltas seen (see _plain)
+        self._writer = writer            # the client's body, written from the upstream's callback (_push)
+        self._buf = b""                  # a partial event, waiting for the rest of it
 
     @property
     def started(self) -> bool:
@@ -218,11 +244,18 @@ class StreamRelay:
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
     async def _pump(self) -> ApiError | None:
-        """Relay until [DONE], the end of the upstream's body, a cut-off or an error (returned)."""
+        """Relay until [DONE], the end of the upstream's body, a cut-off or an error (returned).
+
+        What one read brings is relayed in one send: the complete events in it as they came (a slice of the
+        read, not rebuilt), with what an event parsed in full became in its place. A partial event at the
+        end waits for the next read. With a ``writer``, once the stream's token deltas have a known shape,
+        the reads in between are relayed from the upstream connection's callback instead (``_push``)."""
         read_chunk = self._resp.read_chunk
-        buf = b""
-        done = False
-        while not done:
+        push = self._resp.push if self._writer is not None else None
+        send = self._send
+        while True:
+            if push is not None and self._shapes and self._started and not self._gone:
+                push(self._push)
             try:
                 chunk = await read_chunk()
             except UpstreamTimeout:
@@ -237,29 +270,114 @@ class StreamRelay:
                 if self._finished or self._usage is not None:
                     return None
                 return ApiError(502, "upstream_error", "the model server's stream ended before it finished")
-            buf += chunk
-            if b"\r" in buf:
-                buf = buf.replace(b"\r\n", b"\n")
-            out: list[bytes] = []
-            while True:
-                end = buf.find(b"\n\n")
-                if end < 0:
-                    break
-                event, buf = buf[:end], buf[end + 2:]
+            block = self._split(chunk)
+            if block is None:
+                continue
+            pos = self._plain(block, 0) if self._shapes else 0
+            if pos == len(block):  # the usual read: token deltas only, relayed as they came
+                if self._ttft is None:
+                    self._ttft = (self._clock() - self._t0) * 1000
+                if not self._started:
+                    await self._start()
+                await send({"type": "http.response.body", "body": block, "more_body": True})
+                continue
+            out = [block[:pos]] if pos else []
+            result: ApiError | bool | _More | None = None
+            while pos < len(block):
+                end = block.find(b"\n\n", pos)
+                event = block[pos:end]
+                pos = end + 2
                 result = self._event(event, out)
                 while result is _MORE:
                     result = await self._reserve_more(event, out)
                 if result is not None:
-                    if isinstance(result, ApiError):
-                        if out:
-                            await self._relay(out)
-                        return result
-                    done = True
                     break
+                plain = self._plain(block, pos) if self._shapes else pos
+                if plain > pos:
+                    out.append(block[pos:plain])
+                    pos = plain
             if out:
                 await self._relay(out)
+            if isinstance(result, ApiError):
+                return result
+            if result is not None:
+                break
         self._resp.close() if self._cut else self._resp.release()
         return None
+
+    def _split(self, data: bytes) -> bytes | None:
+        """``data`` after the partial event held: the complete events now at hand (the rest is held), or None."""
+        buf = self._buf + data if self._buf else data
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n")  # (a CR at the end is held until its LF comes)
+        last = buf.rfind(b"\n\n")
+        if last < 0:
+            self._buf = buf
+            return None
+        if last + 2 == len(buf):
+            self._buf = b""
+            return buf
+        self._buf = buf[last + 2:]
+        return buf[:last + 2]
+
+    def _push(self, data: bytes) -> bytes | None:
+        """The upstream's bytes as they arrive while ``_pump`` waits for them (``Response.push``): the token
+        deltas of a known shape are counted and written to the client here and now, with no task to wake;
+        from the first event that needs more (a full parse, a reservation, a client that does not keep up),
+        the rest is handed back, for ``_pump`` to read next."""
+        writer = self._writer
+        assert writer is not None
+        if self._gone or not writer.writable():
+            rest = self._buf + data
+            self._buf = b""
+            return rest
+        if not self._buf and data.endswith(b"\n\n"):
+            block = data  # (one whole event, most often: no partial one to join it to)
+        else:
+            split = self._split(data)
+            if split is None:
+                return None
+            block = split
+        pos = self._plain(block, 0)
+        if pos == len(block):
+            writer.write(block)
+            return None
+        if pos:
+            writer.write(block[:pos])
+        rest = block[pos:] + self._buf
+        self._buf = b""
+        return rest
+
+    def _plain(self, block: bytes, pos: int) -> int:
+        """Account for the events of ``block`` from ``pos`` on that have the shape of an earlier token delta
+        (``_Shape``): the position of the first that has not (to be parsed in full), or the end."""
+        shapes = self._shapes
+        size = len(block)
+        while pos < size:
+            for shape in shapes:
+                if block.startswith(shape.prefix, pos):
+                    break
+            else:
+                return pos
+            start = pos + len(shape.prefix)
+            end = block.find(shape.tail, start)
+            if end < 0:
+                return pos
+            try:
+                # What lies between must be exactly one JSON string (no quote ending it early, no escape
+                # running into the tail, no line break, valid UTF-8): then this event is the shape with
+                # another text. (Spanning two events, it would hold their blank line: never a string.)
+                text = orjson.loads(b'"' + block[start:end] + b'"')
+            except orjson.JSONDecodeError:
+                return pos
+            if text:
+                if self._granted is not None and self._counted >= self._granted:
+                    return pos  # past the reservation: the full path reserves more or cuts the stream off
+                self._counted += 1
+                if self._texts is not None:
+                    self._texts.setdefault(shape.choice, []).append(text)
+            pos = end + len(shape.tail)
+        return pos
 
     async def _reserve_more(self, event: bytes, out: list[bytes]) -> ApiError | bool | _More | None:
         """The event needs more completion tokens than are reserved: reserve the next block and handle it
@@ -278,7 +396,8 @@ class StreamRelay:
         if self._ttft is None:
             self._ttft = (self._clock() - self._t0) * 1000
         await self._start()
-        await self._send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+        await self._send({"type": "http.response.body", "body": out[0] if len(out) == 1 else b"".join(out),
+                          "more_body": True})
 
     def _event(self, event: bytes, out: list[bytes]) -> ApiError | bool | _More | None:
         """Handle one SSE event: append what to relay to ``out``; True when the stream is over."""
@@ -328,5 +447,43 @@ class StreamRelay:
             # once, in the usage chunk at the end, and only if it asked for one.
             del obj["usage"]
             payload = orjson.dumps(obj)
+        elif not finished and len(choices) == 1 and len(self._shapes) < _SHAPES \
+                and len(event) == len(payload) + 6 and event.startswith(b"data: "):  # relayed as it came
+            self._learn(event, choices[0])
         out.append(b"data: " + payload + b"\n\n")
         return None
+
+    def _learn(self, event: bytes, choice: Any) -> None:
+        """Keep the shape of a plain token delta (one choice, one text, nothing else that varies) so that the
+        events after it that differ from it only in that text are counted without being parsed."""
+        dialect = self._dialect
+        part = dialect.part(choice, True) if isinstance(choice, dict) else None
+        if not isinstance(part, dict):
+            return
+        present = [name for name in dialect.token_fields if part.get(name) is not None]
+        if len(present) != 1 or present[0] not in dialect.text_fields or not isinstance(part[present[0]], str):
+            return
+        key = b'"%s":"' % present[0].encode()
+        at = event.find(key)
+        if at < 0 or event.find(key, at + 1) >= 0:
+            return  # not found as written (spaces), or found twice: no shape
+        start = end = at + len(key)
+        while True:  # the quote that ends the string: one not escaped by an odd run of backslashes
+            end = event.find(b'"', end)
+            if end < 0:
+                return
+            run = end
+            while event[run - 1] == 0x5C:  # backslash
+                run -= 1
+            if (end - run) % 2 == 0:
+                break
+            end += 1
+        try:
+            if orjson.loads(event[start - 1:end + 1]) != part[present[0]]:
+                return
+        except orjson.JSONDecodeError:
+            return
+        index = choice.get("index", 0)
+        shape = _Shape(event[:start], event[end:] + b"\n\n", index if type(index) is int else 0)
+        if shape not in self._shapes:
+            self._shapes.insert(0, shape)  # the latest first (the first delta, with its role, is often alone)

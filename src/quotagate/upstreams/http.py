@@ -9,6 +9,10 @@ keep-alive pooling, a read timeout and a body it can read as it arrives. Respons
 One ``Pool`` per upstream base URL holds idle keep-alive connections, most recently used first. A ``Response``
 is one connection while it carries an answer; ``release()`` hands the connection back to the pool when the
 answer was read to its end and the server keeps the connection open, and closes it otherwise.
+
+A long stream's body can also be handed over as it arrives, in the protocol's callback, to a ``Sink`` set
+with ``Response.push`` while its reader waits: the stream relay does that for the plain token chunks, each of
+which would otherwise cost a wake-up of the reading task (a future, a task step, a chain of coroutines).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import errno
 import socket
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -34,6 +39,11 @@ MAX_IDLE = 1024
 # [DONE]) keeps its connection this long, and up to this many more bytes, to see the end and be reused.
 DRAIN_SECONDS = 1.0
 DRAIN_BYTES = 64 * 1024
+
+
+# Takes body bytes as they arrive; returns None when it has taken them all, or the bytes it hands back: they
+# are kept for read_chunk, the reader is woken, and the sink is dropped.
+Sink = Callable[[bytes], "bytes | None"]
 
 
 class _Unsolicited(Exception):
@@ -64,6 +74,7 @@ class Connection(asyncio.Protocol):
         self._drained = 0
         self._drain_timer: asyncio.TimerHandle | None = None
         self._chunks: list[bytes] = []
+        self._sink: Sink | None = None       # takes the body while the reader waits (push); dropped when it wakes
         self._buffered = 0
         self._paused = False
         self._error: UpstreamError | None = None
@@ -162,6 +173,14 @@ class Connection(asyncio.Protocol):
                 self._stop_draining()
                 self.abort()
             return
+        sink = self._sink
+        if sink is not None:
+            self._deadline = self._loop.time() + self._timeout  # the read timeout counts from the last bytes
+            rest = sink(body)
+            if rest is None:
+                return
+            self._sink = None
+            body = rest
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
@@ -220,9 +239,16 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
         return data
 
+    def push(self, sink: Sink) -> None:
+        """Hand the body's next bytes to ``sink`` as they arrive, until the reader wakes (for the end of the
+        body, an error, or bytes the sink handed back). Only while nothing is buffered: those come first."""
+        if not self._chunks and self._busy:
+            self._sink = sink
+
     def finish(self) -> bool:
         """End the exchange; True when the connection can carry another request."""
         reusable = self._complete and self._keep_alive and self._error is None and not self._chunks
+        self._sink = None
         self._busy = False
         self._chunks.clear()
         self._buffered = 0
@@ -267,13 +293,16 @@ class Connection(asyncio.Protocol):
             await waiter
         finally:
             self._waiter = None
+            self._sink = None  # what comes now is read_chunk's, in order, until the reader pushes again
 
     def _wake(self) -> None:
+        self._sink = None
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     def _fail(self, error: UpstreamError) -> None:
+        self._sink = None
         if self._error is None:
             self._error = error
         waiter = self._waiter
@@ -329,9 +358,15 @@ class Response:
             parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def read_chunk(self) -> bytes:
-        """The next piece of the body as it arrives; b"" at its end."""
-        return await self._live().read_chunk()
+    def read_chunk(self) -> Awaitable[bytes]:
+        """The next piece of the body as it arrives; b"" at its end. (The connection's own coroutine: one
+        frame less per chunk of a stream.)"""
+        return self._live().read_chunk()
+
+    def push(self, sink: Sink) -> None:
+        """Until the next ``read_chunk`` returns, hand the body's bytes to ``sink`` as they arrive (``Sink``)."""
+        if self._conn is not None:
+            self._conn.push(sink)
 
     def release(self) -> None:
         """Done with the answer: the connection goes back to the pool if it is still good."""
