@@ -19,6 +19,8 @@ with ``extra_body={"fake": {...}}``):
     usage_on_finish (stream) put the usage on the finish chunk (as some servers do) instead of a chunk of its own
     error_body      with ``status``: this JSON body instead of the OpenAI-shaped error
     stream_error    (stream) send this object as the first event, then end (a server failing mid-stream)
+    raw             (stream) send these strings as the body, as they are (UTF-8), each in a write of its own,
+                    ``token_delay`` apart: events cut anywhere, CRLF line ends, bytes no encoder would write
 
 ``/v1/responses`` answers as vLLM does (a ``response`` object, or its typed event stream: response.created,
 output item and content part events, one ``response.output_text.delta`` per token, then
@@ -287,6 +289,14 @@ class FakeUpstream:
                         "more_body": True})
 
         chunk = {**base, "object": "chat.completion.chunk"}
+        delay = float(fake.get("token_delay", 0))
+        if fake.get("raw") is not None:
+            for i, piece in enumerate(fake["raw"]):
+                if delay and i:
+                    await asyncio.sleep(delay)
+                await send({"type": "http.response.body", "body": piece.encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         if fake.get("stream_error"):
             await event(fake["stream_error"])
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -297,7 +307,6 @@ class FakeUpstream:
             return
         await event({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}}
                                           for i in range(n)]})
-        delay = float(fake.get("token_delay", 0))
         for t in range(count):
             if fake.get("hang_after") == t:
                 await asyncio.sleep(3600)

@@ -23,6 +23,7 @@ from quotagate.tokens.counter import TokenCounter
 from tests.conftest import fresh_database
 from tests.fakes.upstream import FakeUpstream
 from tests.gateway.helpers import async_sdk, budget_remaining, hi, sdk
+from tests.gateway.test_stream_relay import DONE, FINISH, FIRST, delta
 from tests.realserver.model import CONTEXT_LENGTH, TinyModel, make_model
 from tests.support import Console, Gateway, start_gateway
 
@@ -165,6 +166,24 @@ def test_a_stream_without_usage_is_charged_its_exact_prompt(cgw: Gateway, owner:
     assert usage.prompt_tokens == tiny.count(tiny.render(CONVERSATION))
     assert usage.completion_tokens >= 6
     assert budget_remaining(cgw, secret) == limit - usage.total_tokens
+
+
+def test_a_slow_stream_without_usage_is_charged_the_tokens_of_its_text(cgw: Gateway, owner: tuple[Console, str],
+                                                                       tiny: TinyModel) -> None:
+    # Deltas of several tokens each, one by one: counted without a full parse (tests/gateway/
+    # test_stream_relay.py), and still their text kept for the tokenizer, which counts more than one a delta.
+    # More than the stream's first block (16): it was charged 16, the rest of the text for free, until the
+    # relay reserved the text's tokens past its block as it does a report's.
+    secret = _key(owner, token_limit=10_000, token_limit_period="day")
+    texts = [" the weather in Paris", " is mild and", " café au lait", " for everyone \"here\""]
+    raw = [FIRST, *(delta(t) for t in texts), FINISH, DONE]
+    chunks = list(sdk(cgw, secret).chat.completions.create(
+        model="counted", messages=hi(), max_tokens=100, stream=True, stream_options={"include_usage": True},
+        extra_body={"fake": {"raw": raw, "token_delay": 0.002}}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "".join(texts)
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == tiny.count("".join(texts)) > len(texts)
+    assert budget_remaining(cgw, secret) == 10_000 - usage.total_tokens
 
 
 def test_under_reported_choices_are_charged_what_was_generated(cgw: Gateway, owner: tuple[Console, str],

@@ -209,6 +209,9 @@ class StreamRelay:
         counted = self._counted
         if report is None and self._counter is not None and self._texts:
             counted = max(counted, sum(self._counter.text("".join(t)) for t in self._texts.values()))
+            if self._granted is not None and self._lease is not None and counted > self._granted and not self._cut:
+                # The text holds more tokens than deltas (several tokens a chunk): as for a report above.
+                self._granted += await self._lease.more(counted - self._granted, self._granted)
         prompt, completion = charge(report, self._bound, self._granted, counted=counted, request_id=self._rid)
         if self._cut:
             prompt, completion = charge(None, self._bound, self._granted, counted=self._granted or 0)
