@@ -168,3 +168,21 @@ def test_a_stream_of_two_choices_in_events_of_their_own(gw: Gateway, mint: Mint)
     assert texts == {0: "abcd", 1: "abcd"}
     used = chunks[-1].usage
     assert used is not None and used.completion_tokens == 8
+
+
+@pytest.mark.parametrize("ignore_max", [False, True])
+def test_a_slow_completions_stream_is_counted_and_cut_off_alike(gw: Gateway, mint: Mint, ignore_max: bool) -> None:
+    # /v1/completions: the text is on the choice itself ("text"), its shape learnt all the same. Without
+    # usage from the server the charge is the deltas counted; past max_tokens, the stream is cut off.
+    secret, _ = mint(token_limit=1_000, token_limit_period="day")
+    chunks = list(sdk(gw, secret).completions.create(
+        model="chat", prompt="tell", max_tokens=7, stream=True, stream_options={"include_usage": True},
+        extra_body={"fake": {"tokens": 30 if ignore_max else 6, "ignore_max": ignore_max, "no_usage": True,
+                             "token_delay": 0.005}}))
+    count = 7 if ignore_max else 6
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == " tok" * count
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        ["length" if ignore_max else "stop"]
+    used = chunks[-1].usage
+    assert used is not None and used.completion_tokens == count
+    assert budget_remaining(gw, secret) == 1_000 - used.total_tokens
