@@ -230,16 +230,15 @@ class _Exchange:
                 conn.close()
 
     # -- the direct writer ---------------------------------------------------------------------------
-    # A relayed stream writes most of its chunks from the upstream connection's callback, with no
-    # coroutine per chunk (gateway/streaming.py): these two do what ``send`` does for a body message that
-    # is not the last, once the answer has begun and while nothing holds it back.
-    def writable(self) -> bool:
+    def write(self, body: bytes) -> bool:
+        """Body bytes of an answer under way, written now, with no coroutine (a relayed stream writes most of
+        its chunks from the upstream connection's callback: gateway/streaming.py), as ``send`` writes a body
+        message that is not the last. Whether the client takes more at once: if not, the next bytes must go
+        through ``send``, which waits for it. Only once ``send`` has written the answer's first body bytes."""
         conn = self.conn
-        return self.started and not conn.write_paused and not conn.gone and not self.done and not self.head_only
-
-    def write(self, body: bytes) -> None:
-        """Body bytes, written now; only when ``writable()``."""
-        self.conn.write(b"%x\r\n%s\r\n" % (len(body), body) if self.chunked else body)
+        if not self.done and not self.head_only:
+            conn.write(b"%x\r\n%s\r\n" % (len(body), body) if self.chunked else body)
+        return not conn.write_paused
 
     def _prepare_head(self, status: int, headers: Any) -> None:
         if self.wants_continue:
@@ -269,8 +268,8 @@ class _Exchange:
 
 
 def direct_writer(send: Any) -> _Exchange | None:
-    """The exchange behind an ASGI ``send`` of this server (its ``writable`` and ``write``), or None for
-    another server's, or a send that is not one (a buffer)."""
+    """The exchange behind an ASGI ``send`` of this server (its ``write``), or None for another server's, or
+    a send that is not one (a buffer)."""
     owner = getattr(send, "__self__", None)
     return owner if isinstance(owner, _Exchange) else None
 

@@ -10,6 +10,7 @@ the client gets and what the key is charged are what a full parse of every event
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import openai
@@ -18,6 +19,7 @@ import pytest
 from tests.fakes.upstream import FakeUpstream
 from tests.gateway.conftest import Mint
 from tests.gateway.helpers import budget_remaining, hi, sdk
+from tests.gateway.helpers import raw as raw_client
 from tests.support import Gateway
 
 CHUNK = {"id": "chatcmpl-raw", "object": "chat.completion.chunk", "created": 1, "model": "chat"}
@@ -186,3 +188,21 @@ def test_a_slow_completions_stream_is_counted_and_cut_off_alike(gw: Gateway, min
     used = chunks[-1].usage
     assert used is not None and used.completion_tokens == count
     assert budget_remaining(gw, secret) == 1_000 - used.total_tokens
+
+
+def test_a_client_that_reads_late_gets_every_delta_in_order(gw: Gateway, mint: Mint) -> None:
+    # Megabytes of deltas while the client reads nothing: the relay's writes fill the client's socket, it
+    # stops writing from the upstream's callback and waits for the client, and nothing is lost or reordered.
+    secret, _ = mint(token_limit=100_000_000, token_limit_period="day")  # (the fake's strings count as prompt)
+    texts = [f"{i:05d}" + "x" * 20_000 for i in range(300)]  # (6 MB: the request body carries them)
+    raw = [FIRST, *(delta(t) for t in texts), FINISH, DONE]
+    with raw_client(gw, secret) as client, client.stream("POST", "/chat/completions", json={
+            "model": "chat", "messages": hi(), "stream": True, "max_tokens": 1000,
+            "stream_options": {"include_usage": True}, "fake": {"raw": raw, "token_delay": 0.0005}}) as r:
+        assert r.status_code == 200
+        time.sleep(2)
+        body = r.read().decode()
+    events = [json.loads(line[6:]) for line in body.split("\n\n") if line.startswith("data: {")]
+    got = [c["delta"].get("content") for e in events for c in e["choices"] if c["delta"].get("content")]
+    assert got == texts
+    assert events[-1]["usage"]["completion_tokens"] == len(texts)

@@ -4,8 +4,8 @@ client, event by event.
 Each complete event is sent on as soon as it has arrived (nothing is held back but a partial event), what
 one read brought in one write. The relay parses only what it must: an event's JSON, to count token-carrying
 deltas, to notice the usage chunk and errors; and not even that for a token delta whose bytes are those of
-an earlier one but for its text (``_Shape``), which is most of a stream. It asks the model server for usage (the caller sets
-``stream_options.include_usage``), passes the usage chunk on only if the client asked for it, and
+an earlier one but for its text (``_Shape``), which is most of a stream. It asks the model server for
+usage (the caller sets ``stream_options.include_usage``), passes the usage chunk on only if the client asked for it, and
 cuts the stream off, with ``finish_reason: "length"`` and ``[DONE]``, before a chunk that would take
 it past its reservation. Each delta chunk carries at least one token, so the count is a lower bound
 of what was generated and an honest model server is never cut off.
@@ -39,10 +39,8 @@ _DONE = b"data: [DONE]\n\n"
 class Writer(Protocol):
     """The client connection's body, written without a coroutine (httpserver.direct_writer)."""
 
-    def writable(self) -> bool:
-        """Whether ``write`` may be called now (the answer has begun, nothing holds it back)."""
-
-    def write(self, body: bytes) -> None: ...
+    def write(self, body: bytes) -> bool:
+        """Write ``body`` now (once ``send`` has sent body bytes); whether the client takes more at once."""
 
 
 def _tokens_in(choices: list[Any], dialect: Dialect) -> tuple[int, bool]:
@@ -257,8 +255,8 @@ class StreamRelay:
         push = self._resp.push if self._writer is not None else None
         send = self._send
         while True:
-            if push is not None and self._shapes and self._started and not self._gone:
-                push(self._push)
+            if push is not None and self._shapes and not self._gone:
+                push(self._push)  # (a shape is learnt from an event that was sent: the answer's body has begun)
             try:
                 chunk = await read_chunk()
             except UpstreamTimeout:
@@ -330,7 +328,7 @@ class StreamRelay:
         the rest is handed back, for ``_pump`` to read next."""
         writer = self._writer
         assert writer is not None
-        if self._gone or not writer.writable():
+        if self._gone:
             rest = self._buf + data
             self._buf = b""
             return rest
@@ -343,8 +341,7 @@ class StreamRelay:
             block = split
         pos = self._plain(block, 0)
         if pos == len(block):
-            writer.write(block)
-            return None
+            return None if writer.write(block) else b""  # (b"": taken, but the client is behind: no more)
         if pos:
             writer.write(block[:pos])
         rest = block[pos:] + self._buf

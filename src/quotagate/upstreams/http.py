@@ -41,8 +41,8 @@ DRAIN_SECONDS = 1.0
 DRAIN_BYTES = 64 * 1024
 
 
-# Takes body bytes as they arrive; returns None when it has taken them all, or the bytes it hands back: they
-# are kept for read_chunk, the reader is woken, and the sink is dropped.
+# Takes body bytes as they arrive; returns None when it has taken them all, or the bytes it hands back: the
+# sink is dropped, and those bytes, if any, are kept for read_chunk and the reader is woken.
 Sink = Callable[[bytes], "bytes | None"]
 
 
@@ -180,6 +180,8 @@ class Connection(asyncio.Protocol):
             if rest is None:
                 return
             self._sink = None
+            if not rest:
+                return  # taken, and the sink wants no more: the next bytes are read_chunk's
             body = rest
         self._chunks.append(body)
         self._buffered += len(body)
