@@ -206,3 +206,21 @@ def test_a_client_that_reads_late_gets_every_delta_in_order(gw: Gateway, mint: M
     got = [c["delta"].get("content") for e in events for c in e["choices"] if c["delta"].get("content")]
     assert got == texts
     assert events[-1]["usage"]["completion_tokens"] == len(texts)
+
+
+def test_a_shape_is_learnt_only_around_the_deltas_own_text(gw: Gateway, mint: Mint) -> None:
+    # The delta's "content" written with a space (not found as the relay looks for it) and another
+    # "content" of the same value elsewhere in the event: a shape around that other string would leave the
+    # delta's text in its fixed bytes, and count the later deltas by the other string (empty: no token).
+    secret, _ = mint(token_limit=10_000, token_limit_period="day")
+
+    def spaced(other: str) -> str:
+        return (delta("@").replace('"content":"@"', '"content": " tok"')[:-len("}\n\n")] +
+                ',"meta":{"content":' + json.dumps(other) + "}}\n\n")
+
+    json.loads(spaced("x")[len("data: "):])  # (valid JSON)
+    raw = [FIRST, spaced(" tok"), *(spaced("") for _ in range(4)), FINISH, DONE]
+    text, used, finishes = stream(gw, secret, raw)
+    assert text == " tok" * 5
+    assert finishes == ["stop"]
+    assert used.completion_tokens == 5

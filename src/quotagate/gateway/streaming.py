@@ -60,6 +60,7 @@ def _tokens_in(choices: list[Any], dialect: Dialect) -> tuple[int, bool]:
 
 
 _SHAPES = 8  # shapes kept per stream (one per choice for most servers, and one for the first delta)
+_PROBE, _PROBE_JSON = "\x01", b'\\u0001'  # a text put in place of a delta's to check its shape
 
 
 class _Shape(NamedTuple):
@@ -449,11 +450,11 @@ class StreamRelay:
             payload = orjson.dumps(obj)
         elif not finished and len(choices) == 1 and len(self._shapes) < _SHAPES \
                 and len(event) == len(payload) + 6 and event.startswith(b"data: "):  # relayed as it came
-            self._learn(event, choices[0])
+            self._learn(event, obj, choices[0])
         out.append(b"data: " + payload + b"\n\n")
         return None
 
-    def _learn(self, event: bytes, choice: Any) -> None:
+    def _learn(self, event: bytes, obj: dict[str, Any], choice: Any) -> None:
         """Keep the shape of a plain token delta (one choice, one text, nothing else that varies) so that the
         events after it that differ from it only in that text are counted without being parsed."""
         dialect = self._dialect
@@ -478,10 +479,19 @@ class StreamRelay:
             if (end - run) % 2 == 0:
                 break
             end += 1
+        # The bytes between must be the text and nothing else (not a string of the same value elsewhere): with
+        # another text there, the event must parse as the same object but for that text.
+        name, value = present[0], part[present[0]]
+        if value == _PROBE:
+            return
         try:
-            if orjson.loads(event[start - 1:end + 1]) != part[present[0]]:
-                return
+            twin = orjson.loads(event[6:start] + _PROBE_JSON + event[end:])
         except orjson.JSONDecodeError:
+            return
+        part[name] = _PROBE
+        same = twin == obj
+        part[name] = value
+        if not same:
             return
         index = choice.get("index", 0)
         shape = _Shape(event[:start], event[end:] + b"\n\n", index if type(index) is int else 0)
