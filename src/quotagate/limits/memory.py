@@ -193,7 +193,10 @@ class MemoryLimiter:
         return self._admission(key, st, now, counter, end, reservation=rid, reserved=reserved, granted=granted)
 
     async def extend(self, key: KeyRecord, admission: Admission, tokens: int) -> int:
-        rid = admission.reservation
+        return self.extend_sync(key, admission.reservation, tokens)
+
+    def extend_sync(self, key: KeyRecord, rid: str | None, tokens: int) -> int:
+        """``extend`` without the coroutine, by reservation id."""
         st = self._keys.get(key.id) if rid is not None else None
         res = st.reservations.get(rid) if st is not None and rid is not None else None
         if st is None or res is None or tokens <= 0 or key.revoked:
@@ -219,10 +222,13 @@ class MemoryLimiter:
         return room
 
     async def settle(self, key: KeyRecord, admission: Admission, actual_tokens: int) -> None:
-        rid = admission.reservation
+        self.settle_sync(key.id, admission.reservation, actual_tokens)
+
+    def settle_sync(self, key_id: str, rid: str | None, actual_tokens: int) -> None:
+        """``settle`` without the coroutine, by key id and reservation id."""
         if rid is None:
             return
-        st = self._keys.get(key.id)
+        st = self._keys.get(key_id)
         if st is None:
             return
         res = st.reservations.pop(rid, None)
@@ -240,6 +246,10 @@ class MemoryLimiter:
             res.counter.used += actual
 
     async def state(self, key: KeyRecord) -> LimitState:
+        return self.state_sync(key)
+
+    def state_sync(self, key: KeyRecord) -> LimitState:
+        """``state`` without the coroutine."""
         now = self._now()
         st = self._keys.get(key.id)
         if st is not None:
