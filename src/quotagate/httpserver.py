@@ -643,15 +643,17 @@ class HTTPServer:
     lifespan). ``max_connections`` (None: no cap) and ``max_per_address`` (0: no cap) bound the client
     connections open at once (connlimits); a new connection's first request head must be whole within
     ``first_head_timeout`` (at most ``keepalive``) of connecting. ``name`` names the listener in the log
-    and on /metrics."""
+    and on /metrics. ``sockets``, if given, are listening sockets to accept on instead of binding
+    ``host:port`` (a worker's, see workers/)."""
 
     def __init__(self, app: App, host: str, port: int, *, keepalive: float,
                  startup: Callable[[], Awaitable[None]] | None = None,
                  shutdown: Callable[[], Awaitable[None]] | None = None,
                  graceful_seconds: float = 10.0, body_timeout: float = BODY_TIMEOUT, name: str = "http",
                  max_connections: int | None = None, max_per_address: int = 0,
-                 first_head_timeout: float | None = None) -> None:
+                 first_head_timeout: float | None = None, sockets: list[socket.socket] | None = None) -> None:
         self.app = app
+        self.sockets = sockets  # already listening (a worker's, from its parent): served instead of binding
         self.host = host
         self.port = port
         self.keepalive = keepalive
@@ -683,19 +685,24 @@ class HTTPServer:
         self._exit = asyncio.Event()
         if self._should_exit:
             return
-        server: asyncio.Server | None = None
+        servers: list[asyncio.Server] = []
         try:
             if self._startup is not None:
                 await self._startup()
             try:
-                server = await self.loop.create_server(lambda: _Connection(self), self.host, self.port,
-                                                       reuse_address=True, backlog=2048)
+                if self.sockets is None:
+                    servers.append(await self.loop.create_server(lambda: _Connection(self), self.host, self.port,
+                                                                 reuse_address=True, backlog=2048))
+                else:
+                    for sock in self.sockets:
+                        servers.append(await self.loop.create_server(lambda: _Connection(self), sock=sock))
             except OSError as exc:
                 log.error("cannot listen on %s:%d: %s", self.host, self.port, exc.strerror or exc)
                 return
             self.started = True
             await self._exit.wait()
-            server.close()
+            for server in servers:
+                server.close()
             for conn in list(self.connections):
                 conn.stop()
             deadline = self.loop.time() + self.graceful_seconds
@@ -711,7 +718,7 @@ class HTTPServer:
         except Exception:
             log.exception("the listener on %s:%d failed", self.host, self.port)
         finally:
-            if server is not None:
+            for server in servers:
                 server.close()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(server.wait_closed(), 1.0)
