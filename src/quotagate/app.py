@@ -63,7 +63,11 @@ class Runtime:
     extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, settings: Settings, *, run_migrations: bool = True) -> Runtime:
+    def build(cls, settings: Settings, *, run_migrations: bool = True, limiter: Limiter | None = None,
+              worker: bool = False) -> Runtime:
+        """The runtime of ``settings``. ``limiter`` replaces the one the settings ask for; ``worker``
+        builds one of several processes serving the LLM API (workers/): its parent ships the usage journal,
+        relays key changes between instances and restores limits, so the worker does none of that."""
         config = load_config(settings.config)
         url = settings.effective_database_url
         if run_migrations:
@@ -77,16 +81,16 @@ class Runtime:
         accounts = AccountService(engine, passwords, model_ids, project_keys_invalidator(events), sessions=sessions,
                                   max_projects_per_user=settings.max_projects_per_user)
         keys = KeyService(engine, accounts, events, model_ids)
-        limiter = build_limiter(settings)
+        limiter = limiter or build_limiter(settings)
         runtime = cls(settings=settings, config=config, engine=engine, events=events, accounts=accounts,
                       keys=keys, audit=AuditLog(engine), limiter=limiter)
         runtime.on_stop.append(limiter.close)
-        broadcaster = build_broadcaster(limiter, events, keys.resolve)  # None without Redis
+        broadcaster = None if worker else build_broadcaster(limiter, events, keys.resolve)  # None without Redis
         if broadcaster is not None:
             runtime.on_start.append(broadcaster.start)
             runtime.on_stop.append(broadcaster.stop)  # runs before the limiter closes (reverse order)
             runtime.extras["broadcaster"] = broadcaster
-        install_metering(runtime)
+        install_metering(runtime, ship=not worker)
         if isinstance(limiter, MemoryLimiter) and runtime.meter is not None:
             # After the meter's start (which ships the journals of processes now gone into the store).
             runtime.on_start.append(lambda: restore_limits(limiter, engine))

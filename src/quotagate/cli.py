@@ -122,6 +122,10 @@ def serve(
                                                  "Env: QUOTAGATE_LLM_PORT.", show_default=False)] = None,
     role: Annotated[str | None, typer.Option(help="Which listeners to run: all, console or llm (default: all). "
                                              "Env: QUOTAGATE_ROLE.", show_default=False)] = None,
+    workers: Annotated[int | None, typer.Option(help="Processes serving the LLM API on its one port, with "
+                                                "limits exact across them (default: the number of cores; the "
+                                                "console stays in one process). Env: QUOTAGATE_WORKERS.",
+                                                show_default=False)] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Also serve /metrics on a listener of its own at "
                                                      "this port (default: none; the console listener serves "
                                                      "/metrics too). Env: QUOTAGATE_METRICS_PORT.",
@@ -134,7 +138,7 @@ def serve(
 ) -> None:
     """Run the console API and the LLM API. The database schema is brought up to date first."""
     s = settings(config=config, data_dir=data_dir, host=host, console_port=console_port, llm_port=llm_port,
-                 role=role, metrics_port=metrics_port, database_url=database_url, redis_url=redis_url)
+                 role=role, workers=workers, metrics_port=metrics_port, database_url=database_url, redis_url=redis_url)
     logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Alembic announces each of its plugins at INFO on every start; the migrations it runs stay visible.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import resource
+from collections.abc import Callable
 from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
@@ -14,6 +15,7 @@ from quotagate.app import Runtime, build_console_app, build_metrics_app
 from quotagate.connlimits import ConnectionMetrics, default_max_connections, open_file_limit
 from quotagate.httpserver import HTTPServer
 from quotagate.server import Listener, make_server, serve_all
+from quotagate.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +47,9 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-async def run(rt: Runtime) -> None:
-    s = rt.settings
-    raise_fd_limit()
-    servers: list[Listener] = []
-    if rt.config.simulator is not None:
-        from quotagate.simulator.app import build_simulator_app
-
-        sim = rt.config.simulator
-        log.warning("DEMO: serving a SIMULATED model server on http://%s:%d/v1 (made-up tokens, no model)",
-                    sim.host, sim.port)
-        servers.append(make_server(build_simulator_app(sim.tokens_per_second), sim.host, sim.port, s.log_level))
-    # Connection caps, after the open-file limit is raised (docs/security.md, "Connections").
+def listener_factory(s: Settings) -> Callable[..., HTTPServer]:
+    """How this process's listeners are made (call it after ``raise_fd_limit``): connection caps
+    (docs/security.md, "Connections"), keep-alive and timeouts from the settings."""
     max_connections = s.max_connections or default_max_connections(s.database_pool_size)
 
     def listener(app: Any, host: str, port: int, name: str, **hooks: Any) -> HTTPServer:
@@ -68,6 +61,21 @@ async def run(rt: Runtime) -> None:
     log.info("connections: at most %d per listener, %s per client address (open-file limit %d); a new "
              "connection's first request within %gs", max_connections, s.max_connections_per_address or "no cap",
              open_file_limit(), s.first_head_timeout_seconds)
+    return listener
+
+
+async def run(rt: Runtime) -> None:
+    s = rt.settings
+    raise_fd_limit()
+    servers: list[Listener] = []
+    if rt.config.simulator is not None:
+        from quotagate.simulator.app import build_simulator_app
+
+        sim = rt.config.simulator
+        log.warning("DEMO: serving a SIMULATED model server on http://%s:%d/v1 (made-up tokens, no model)",
+                    sim.host, sim.port)
+        servers.append(make_server(build_simulator_app(sim.tokens_per_second), sim.host, sim.port, s.log_level))
+    listener = listener_factory(s)
     listeners: list[HTTPServer] = []
     if s.role in ("all", "console"):
         # X-Forwarded-For/-Proto are believed from these proxies only (by default one on this machine, as
@@ -76,7 +84,14 @@ async def run(rt: Runtime) -> None:
         console = ProxyHeadersMiddleware(cast(Any, build_console_app(rt)), trusted_hosts=s.forwarded_allow_ips)
         listeners.append(listener(console, s.host, s.console_port, "console"))
         log.info("console API on http://%s:%d", s.host, s.console_port)
-    if s.role in ("all", "llm"):
+    if s.role in ("all", "llm") and s.effective_workers > 1:
+        from quotagate.workers.supervisor import Supervisor
+
+        # The LLM API in worker processes (workers/): this one keeps the console, the limiter they
+        # share (embedded default), the key-change relay and the usage shipper.
+        servers.append(Supervisor(rt, s.effective_workers))
+        log.info("LLM API on http://%s:%d/v1, in %d worker processes", s.host, s.llm_port, s.effective_workers)
+    elif s.role in ("all", "llm"):
         from quotagate.gateway.app import build_llm_app
 
         llm = build_llm_app(rt)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -14,15 +16,18 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from quotagate.keys.events import KeyEvents
 from quotagate.keys.models import KeyRecord, Period
 from quotagate.limits.interfaces import Limiter
 from quotagate.limits.memory import MemoryLimiter
 from quotagate.limits.redis import RedisLimiter
+from quotagate.workers.hub import Hub
+from quotagate.workers.link import ParentLink, SharedLimiter
 from tests.fakes.redis_server import RedisServer
 
 # Redis for the shared backend: CI has one; set QUOTAGATE_TEST_REDIS_URL="" to skip it explicitly.
 REDIS_URL = os.environ.get("QUOTAGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-BACKENDS = ["memory",
+BACKENDS = ["memory", "workers",
             pytest.param("redis", marks=pytest.mark.skipif(not REDIS_URL, reason="QUOTAGATE_TEST_REDIS_URL=''"))]
 
 # A Wednesday, at noon UTC.
@@ -82,6 +87,23 @@ async def backend(request: pytest.FixtureRequest, clock: Clock) -> AsyncIterator
 
         yield Backend("memory", memory, clock, tracked)
         await memory.close()
+    elif request.param == "workers":
+        # A worker's limiter (``serve --workers N``): the parent's MemoryLimiter over a real socketpair.
+        served = MemoryLimiter(now=clock)
+        hub = Hub(served, KeyEvents())
+        parent_end, worker_end = socket.socketpair()
+        await hub.attach(parent_end, "worker 0")
+        link = ParentLink()
+        await asyncio.get_running_loop().create_unix_connection(lambda: link, sock=worker_end)
+        remote = SharedLimiter(link)
+
+        async def held(key_id: str) -> bool:
+            await remote.state(make_key())  # a round trip: the parent has read every earlier settlement
+            return served.tracks(key_id)
+
+        yield Backend("workers", remote, clock, held)
+        await remote.close()
+        worker_end.close()
     else:
         async with redis_prefix() as prefix:
             shared = RedisLimiter.from_url(REDIS_URL, prefix=prefix, now=clock)

@@ -45,8 +45,9 @@ def _hit_ratio(rt: Runtime) -> float | None:
     return hits / (hits + misses)
 
 
-def install(rt: Runtime) -> None:
-    """Build metering for the runtime: the meter (LLM roles only), its hooks, the metrics registry."""
+def install(rt: Runtime, *, ship: bool = True) -> None:
+    """Build metering for the runtime: the meter (LLM roles only), its hooks, the metrics registry.
+    ``ship=False``: the meter only journals (a worker's; its parent runs the shipper)."""
     registry = new_registry()
     usage_metrics = UsageMetrics()
     registry.register(usage_metrics)
@@ -58,7 +59,7 @@ def install(rt: Runtime) -> None:
     ]
     if rt.settings.role in ("all", "llm"):
         meter = JournalMeter(rt.engine, rt.settings.data_dir / "journal", metrics=usage_metrics,
-                             options=ShipperOptions(nice=rt.settings.shipper_nice))
+                             options=ShipperOptions(nice=rt.settings.shipper_nice), ship=ship)
         rt.meter = meter
         rt.on_start.append(meter.start)
         rt.on_stop.append(meter.close)

@@ -14,7 +14,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from quotagate.metering.interfaces import UsageEvent
-from quotagate.metering.journal import Journal
+from quotagate.metering.journal import Journal, list_segments, segment_name
 from quotagate.metering.metrics import UsageMetrics
 from quotagate.metering.shipper import ShipperOptions, ShipperProcess
 from quotagate.metering.store import encode
@@ -28,13 +28,16 @@ class JournalMeter:
 
     def __init__(self, engine: Engine, directory: Path, *, metrics: UsageMetrics | None = None,
                  options: ShipperOptions | None = None, segment_bytes: int = 4 << 20,
-                 database_url: str | None = None) -> None:
+                 database_url: str | None = None, ship: bool = True) -> None:
         options = options or ShipperOptions()
         self.metrics = metrics or UsageMetrics()
         self.journal = Journal(directory, segment_bytes=segment_bytes, seal_after=options.seal_after)
         self.shipper = ShipperProcess(directory, database_url or engine.url.render_as_string(hide_password=False),
                                       options)
         self.lost = 0
+        # False in the workers of ``serve --workers N``: their parent's meter runs the one shipper of the
+        # directory (each worker still writes journal files of its own, under its own writer lock).
+        self.ships = ship
         self._tick: asyncio.Task[None] | None = None
 
     def record(self, event: UsageEvent) -> None:
@@ -54,7 +57,8 @@ class JournalMeter:
         processes now gone left in the journal)."""
         if not self.journal.is_open:
             self.journal.open()
-        await self.shipper.start()
+        if self.ships:
+            await self.shipper.start()
         self._tick = asyncio.create_task(self._upkeep(), name="usage-journal-upkeep")
 
     async def _upkeep(self) -> None:
@@ -62,18 +66,21 @@ class JournalMeter:
             await asyncio.sleep(1.0)
             try:
                 self.journal.seal_if_old()
-                self.shipper.check()
+                if self.ships:
+                    self.shipper.check()
             except Exception:
                 log.exception("usage journal upkeep failed")
 
     async def flush(self, within: float = 5.0) -> bool:
-        """Wait until everything recorded so far is in the store (False if not done ``within`` seconds)."""
-        seq, size = self.journal.position()
+        """Wait until everything recorded so far, by this process and by every other writer of the
+        directory (the workers of ``serve --workers N``), is in the store (False if not done ``within``
+        seconds)."""
+        targets = self._positions()
         deadline = time.monotonic() + within
         next_wake = 0.0
         while True:
-            p = self.shipper.progress(self.journal.writer)
-            if p is not None and (p.seq, p.offset) >= (seq, size):
+            targets = {w: pos for w, pos in targets.items() if not self._shipped(w, *pos)}
+            if not targets:
                 return True
             now = time.monotonic()
             if now >= deadline:
@@ -82,6 +89,26 @@ class JournalMeter:
                 self.shipper.wake()
                 next_wake = now + 0.05
             await asyncio.sleep(0.002)
+
+    def _positions(self) -> dict[str, tuple[int, int]]:
+        """Where each writer's journal ends now: writer -> (last segment's sequence number, its size)."""
+        positions: dict[str, tuple[int, int]] = {}
+        found = list_segments(self.journal.directory) if self.journal.directory.exists() else {}
+        for writer, segments in found.items():
+            seq, path = segments[-1]
+            with contextlib.suppress(FileNotFoundError):
+                positions[writer] = (seq, path.stat().st_size)
+        positions[self.journal.writer] = self.journal.position()
+        return positions
+
+    def _shipped(self, writer: str, seq: int, size: int) -> bool:
+        p = self.shipper.progress(writer)
+        if p is not None and (p.seq, p.offset) >= (seq, size):
+            return True
+        if size == 0 and p is None:
+            return True  # nothing written there
+        # A dead writer's segments are deleted once stored to their end (and then it has no progress).
+        return writer != self.journal.writer and not (self.journal.directory / segment_name(writer, seq)).exists()
 
     def backlog_records(self) -> int:
         """Records this process journaled that are not known to be in the store yet."""
@@ -104,4 +131,5 @@ class JournalMeter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._tick
         self.journal.close()
-        await self.shipper.stop()
+        if self.ships:
+            await self.shipper.stop()
