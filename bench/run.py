@@ -11,6 +11,9 @@ concurrency 1 and 64, and measures time to first token at concurrency 1 with an 
 The metering shipper process that ``serve`` starts stays on the gateway's core (it runs at nice 19, so it
 takes what the gateway leaves; ``--shipper-cpu 1`` moves it to the other core instead); its CPU time per
 request, counted until it has shipped the whole run's usage, is reported in a column of its own.
+``--workers N`` runs ``serve --workers N`` instead, and then nothing is pinned: the gateway's processes,
+the upstream and wrk all share every core (compare ``--workers 1`` with ``--workers 2`` that way); the
+gateway's CPU per request is then the parent's and the workers' together.
 Prints a Markdown table (see docs/performance.md). In Redis mode the bench key's counters are deleted
 from that Redis afterwards (nothing else is touched; never point it at a Redis you cannot write to).
 """
@@ -68,12 +71,18 @@ def children(pid: int) -> list[int]:
     return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
 
 
+def workers_of(pid: int) -> list[int]:
+    """The LLM API's worker processes of a ``serve --workers N``."""
+    return [k for k in children(pid) if b"quotagate.workers.main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
 def wrk(url: str, script: Path, connections: int, duration: int, pid: int | None = None,
-        drained: Callable[[], None] | None = None) -> dict[str, float]:
-    cpu0 = cpu_seconds(pid) if pid else 0.0
-    kids = children(pid) if pid else []
+        drained: Callable[[], None] | None = None, cpus: str = "1") -> dict[str, float]:
+    gateway = [pid, *workers_of(pid)] if pid else []
+    cpu0 = sum(cpu_seconds(g) for g in gateway)
+    kids = [k for k in children(pid) if k not in gateway] if pid else []
     kid0 = sum(cpu_seconds(k) for k in kids)
-    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
+    out = subprocess.run(["taskset", "-c", cpus, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
                           "-s", str(script), url], capture_output=True, text=True, check=True).stdout
     if "Non-2xx" in out:
         raise SystemExit(f"wrk saw errors against {url}:\n{out}")
@@ -85,7 +94,7 @@ def wrk(url: str, script: Path, connections: int, duration: int, pid: int | None
         requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     except (AttributeError, ValueError) as exc:
         raise SystemExit(f"could not read wrk's output against {url} ({exc}):\n{out}") from None
-    cpu = (cpu_seconds(pid) - cpu0) / requests if pid else 0.0
+    cpu = (sum(cpu_seconds(g) for g in gateway) - cpu0) / requests if pid else 0.0
     if drained is not None:
         drained()  # the shipper's cost per request: all of it, including catching up after the run
     kid_cpu = (sum(cpu_seconds(k) for k in kids) - kid0) / requests if kids else 0.0
@@ -117,12 +126,15 @@ def main() -> None:
     parser.add_argument("--cells", metavar="MODE:CONC,...",
                         help="only these cells, e.g. 'non-stream:1,stream:64' (default: all four)")
     parser.add_argument("--redis", metavar="URL", help="use the Redis limiter on this Redis (default: memory)")
+    parser.add_argument("--workers", type=int, help="serve --workers N, every process on every core (default: "
+                        "one process, pinned as described above)")
     parser.add_argument("--shipper-cpu", type=int, choices=(0, 1), default=0,
                         help="the core of the usage shipper process (default 0: the gateway's)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="qg-bench-"))
     up_port, console_port, llm_port = free_port(), free_port(), free_port()
-    procs = [subprocess.Popen(["taskset", "-c", "1", PY, str(ROOT / "bench" / "upstream.py"), str(up_port)])]
+    gateway_cpus, other_cpus = ("0", "1") if args.workers is None else ("0,1", "0,1")
+    procs = [subprocess.Popen(["taskset", "-c", other_cpus, PY, str(ROOT / "bench" / "upstream.py"), str(up_port)])]
     config = tmp / "bench.toml"
     config.write_text(f'[[models]]\nid = "bench"\ntype = "chat"\nupstreams = ["http://127.0.0.1:{up_port}/v1"]\n')
     env = {**os.environ, "QUOTAGATE_DATA_DIR": str(tmp / "data"), "QUOTAGATE_CONFIG": str(config),
@@ -132,13 +144,16 @@ def main() -> None:
     env.pop("QUOTAGATE_REDIS_URL", None)
     if args.redis:
         env["QUOTAGATE_REDIS_URL"] = args.redis
+    if args.workers is not None:
+        env["QUOTAGATE_WORKERS"] = str(args.workers)
     key_id = None
     try:
-        procs.append(subprocess.Popen(["taskset", "-c", "0", PY, "-m", "quotagate", "serve"], env=env))
+        procs.append(subprocess.Popen(["taskset", "-c", gateway_cpus, PY, "-m", "quotagate", "serve"], env=env))
         wait_for_http(f"http://127.0.0.1:{llm_port}/healthz", proc=procs[-1])
         wait_for_http(f"http://127.0.0.1:{up_port}/", proc=procs[0])
-        for shipper in children(procs[1].pid):  # the metering shipper (inherits the gateway's core)
-            os.sched_setaffinity(shipper, {args.shipper_cpu})
+        for shipper in set(children(procs[1].pid)) - set(workers_of(procs[1].pid)):  # the metering shipper
+            if args.workers is None:  # (it inherits the gateway's core)
+                os.sched_setaffinity(shipper, {args.shipper_cpu})
         minted = mint_bench_key(env, console_port)
         key, key_id, admin = minted["secret"], minted["id"], minted["admin_token"]
         direct = f"http://127.0.0.1:{up_port}/v1/chat/completions"
@@ -156,14 +171,16 @@ def main() -> None:
             script = tmp / f"post-{stream}.lua"
             script.write_text(LUA.format(body=body, key=key))
             for _ in range(args.repeat):
-                wrk(gateway, script, conns, 2)  # warm-up
-                d = wrk(direct, script, conns, args.duration)
+                wrk(gateway, script, conns, 2, cpus=other_cpus)  # warm-up
+                d = wrk(direct, script, conns, args.duration, cpus=other_cpus)
                 drain(metrics, admin)  # the warm-up's usage is not this run's to pay for
-                g = wrk(gateway, script, conns, args.duration, pid=procs[1].pid, drained=lambda: drain(metrics, admin))
+                g = wrk(gateway, script, conns, args.duration, pid=procs[1].pid, drained=lambda: drain(metrics, admin),
+                        cpus=other_cpus)
                 rows.append((stream, conns, d, g))
         t_direct = asyncio.run(ttft(direct, key, 100 if args.quick else 500))
         t_gw = asyncio.run(ttft(gateway, key, 100 if args.quick else 500))
-        print(f"\nlimiter: {'Redis at ' + args.redis if args.redis else 'memory'}; "
+        print(f"\nlimiter: {'Redis at ' + args.redis if args.redis else 'memory'}; workers: {args.workers or 1}"
+              f"{' (every process on every core)' if args.workers else ''}; "
               f"load average before the table: {os.getloadavg()}")
         print("| mode | conc. | direct req/s | gateway req/s | ratio | direct p50 / p99 | gateway p50 / p99 |"
               " added p50 / p99 | gateway CPU per request (→ req/s per core) | shipper CPU per request |")
@@ -211,10 +228,11 @@ def drain(metrics_url: str, token: str, within: float = 120.0) -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         text = httpx.get(metrics_url, headers={"Authorization": f"Bearer {token}"}, timeout=10).text
-        match = re.search(r"^quotagate_journal_backlog_records (\S+)", text, re.M)
-        if match is None:
+        # (With --workers, one line per worker process beside the parent's own.)
+        backlog = re.findall(r"^quotagate_journal_backlog_records(?:\{[^}]*\})? (\S+)", text, re.M)
+        if not backlog:
             raise SystemExit("no quotagate_journal_backlog_records on /metrics")
-        if float(match.group(1)) == 0:
+        if sum(float(b) for b in backlog) == 0:
             return
         time.sleep(0.2)
     raise SystemExit(f"the usage journal was not shipped within {within:.0f} s")

@@ -123,7 +123,7 @@ def serve(
     role: Annotated[str | None, typer.Option(help="Which listeners to run: all, console or llm (default: all). "
                                              "Env: QUOTAGATE_ROLE.", show_default=False)] = None,
     workers: Annotated[int | None, typer.Option(help="Processes serving the LLM API on its one port, with "
-                                                "limits exact across them (default: the number of cores; the "
+                                                "limits exact across them; 0: one per core (default: 1; the "
                                                 "console stays in one process). Env: QUOTAGATE_WORKERS.",
                                                 show_default=False)] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Also serve /metrics on a listener of its own at "

@@ -39,8 +39,8 @@ class Settings(BaseModel):
                                      description="a listener of its own for /metrics and /healthz")
     metrics_host: str = Field(default="127.0.0.1", description="the address the metrics listener binds")
     role: Role = "all"
-    workers: int | None = Field(default=None, ge=1, le=1024, description="processes serving the LLM API on "
-                                "its one port, with limits exact across them; default: the number of cores")
+    workers: int = Field(default=1, ge=0, le=1024, description="processes serving the LLM API on its one "
+                         "port, with limits exact across them; 0: one per core")
     keepalive_seconds: int = Field(default=75, ge=1, le=3600, description="how long both listeners keep an "
                                      "idle client connection open")
     forwarded_allow_ips: str = Field(default="127.0.0.1,::1", description="comma-separated addresses (or "
@@ -125,8 +125,8 @@ class Settings(BaseModel):
 
     @property
     def effective_workers(self) -> int:
-        """How many processes serve the LLM API: the setting, else the cores this process may run on."""
-        if self.workers is not None:
+        """How many processes serve the LLM API: the setting, or (0) the cores this process may run on."""
+        if self.workers:
             return self.workers
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 

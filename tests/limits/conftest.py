@@ -92,7 +92,7 @@ async def backend(request: pytest.FixtureRequest, clock: Clock) -> AsyncIterator
         served = MemoryLimiter(now=clock)
         hub = Hub(served, KeyEvents())
         parent_end, worker_end = socket.socketpair()
-        await hub.attach(parent_end, "worker 0")
+        await hub.attach(parent_end, 0, "worker 0")
         link = ParentLink()
         await asyncio.get_running_loop().create_unix_connection(lambda: link, sock=worker_end)
         remote = SharedLimiter(link)

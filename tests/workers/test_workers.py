@@ -13,7 +13,9 @@ from pathlib import Path
 
 import httpx
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
+from quotagate.settings import Settings
 from tests.fakes.upstream import FakeUpstream
 from tests.scaleout.cluster import ONE_REQUEST, Cluster, Seen, assert_nothing_lost, served, spread
 from tests.workers.conftest import start_workers
@@ -69,6 +71,13 @@ def test_rpm_tpm_and_budget_hold_across_workers_under_a_flood(two_workers: Clust
     assert all(s.code is None for s in served(tpm + budget)), "a stream ended in an error"
     for key, seen in ((rpm_key, rpm), (tpm_key, tpm), (budget_key, budget)):
         assert_nothing_lost(cluster, key["id"], seen)
+    # The console's /metrics has every worker's requests, each labelled with its worker.
+    counted: dict[str, float] = {}
+    for family in text_string_to_metric_families(gw.metrics()):
+        for sample in family.samples:
+            if sample.name == "quotagate_requests_total" and sample.labels.get("project") == cluster.project_id:
+                counted[sample.labels["worker"]] = counted.get(sample.labels["worker"], 0) + sample.value
+    assert set(counted) == {"0", "1"} and sum(counted.values()) == len(rpm + tpm + budget), counted
 
 
 def test_a_revocation_is_refused_by_every_worker_on_the_next_request(two_workers: Cluster) -> None:
@@ -176,3 +185,8 @@ def test_one_worker_is_one_process(tmp_path: Path, database_url: str, upstream: 
         assert_nothing_lost(cluster, key["id"], seen)
     finally:
         cluster.stop()
+
+
+def test_workers_0_is_one_per_core() -> None:
+    assert Settings(workers=0).effective_workers == len(os.sched_getaffinity(0))
+    assert Settings().effective_workers == 1

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 __all__ = ["JournalMeter", "Meter", "UsageEvent", "console_routes", "install"]
 
 REGISTRY = "metrics_registry"
+# Set by ``serve --workers N`` (workers/supervisor.py): the scrape of the worker processes' metrics.
+WORKER_METRICS = "worker_metrics"
 
 
 def _cache_figure(rt: Runtime, name: str) -> float | None:
@@ -92,7 +94,7 @@ def metrics_route(rt: Runtime) -> Route:
     if not isinstance(registry, CollectorRegistry):
         install(rt)
         registry = rt.extras[REGISTRY]
-    return Route("/metrics", metrics_endpoint(registry), methods=["GET"])
+    return Route("/metrics", metrics_endpoint(registry, lambda: rt.extras.get(WORKER_METRICS)), methods=["GET"])
 
 
 def console_routes(rt: Runtime) -> tuple[list[tuple[str, str, Handler]], list[BaseRoute]]:

@@ -23,6 +23,7 @@ from quotagate.keys.models import InferenceKey
 from quotagate.keys.service import KeyService
 from quotagate.limits.interfaces import Limiter, LimitState
 from quotagate.metering.export import ACTIVITY_COLUMNS, USAGE_COLUMNS, csv_response
+from quotagate.metering.metrics import merged_exposition
 from quotagate.metering.queries import UsageQueries, Window
 from quotagate.metering.store import WIDTHS
 from quotagate.store.tables import inference_keys
@@ -206,10 +207,18 @@ class UsageAPI:
         ]
 
 
-def metrics_endpoint(registry: CollectorRegistry) -> Callable[[Request], Awaitable[Response]]:
-    """``GET /metrics`` in Prometheus's text format."""
+WorkerScrape = Callable[[], Awaitable[dict[int, str]]]
+
+
+def metrics_endpoint(registry: CollectorRegistry, workers: Callable[[], WorkerScrape | None] = lambda: None
+                     ) -> Callable[[Request], Awaitable[Response]]:
+    """``GET /metrics`` in Prometheus's text format; with ``serve --workers N``, ``workers()`` gives the
+    scrape of the LLM API's worker processes, whose samples are added with a ``worker`` label."""
 
     async def metrics(_request: Request) -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        scrape = workers()
+        if scrape is None:
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(merged_exposition(registry, await scrape()), media_type=CONTENT_TYPE_LATEST)
 
     return metrics

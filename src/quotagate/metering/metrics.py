@@ -147,3 +147,32 @@ class GaugeCollector(Collector):
 def new_registry() -> CollectorRegistry:
     """A registry of this runtime's own (never the process-global default one)."""
     return CollectorRegistry(auto_describe=False)
+
+
+class _Families:
+    """A registry-shaped list of families, for ``generate_latest``."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def merged_exposition(registry: CollectorRegistry, workers: dict[int, str]) -> bytes:
+    """This process's metrics and its workers' (``serve --workers N``: index -> their /metrics text) in
+    one exposition: each worker's samples labelled ``worker="<index>"``, family by family (a family may
+    appear only once in the text format), this process's own samples unlabelled beside them."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    for family in registry.collect():
+        families[family.name] = family
+    for index, text in sorted(workers.items()):
+        for family in text_string_to_metric_families(text):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            merged.samples += [s._replace(labels={**s.labels, "worker": str(index)}) for s in family.samples]
+    return generate_latest(_Families(list(families.values())))

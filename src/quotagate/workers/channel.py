@@ -9,11 +9,14 @@ Worker to parent::
     [SETTLE, key_id, reservation, actual_tokens]                      (no reply)
     [EVENT,  key_id, secret_hash, project_id]                         a key change made in the worker
     [ACK,    seq]                                                     the parent's event ``seq`` is applied
+    [READY]                                                           the worker is about to accept
+    [METRICS, seq, text]                                              its /metrics, as the parent asked
 
 Parent to worker::
 
     [REPLY, ...]                                  the answer to the oldest request still unanswered
     [EVENT, seq, key_id, secret_hash, project_id] a key change: apply it, then ACK
+    [METRICS, seq]                                send your metrics (for the parent's /metrics)
 
 ``key...`` is the five fields the limiter reads (``KEY_FIELDS``). The parent answers requests in the order
 they came (it runs them synchronously on one event loop), so replies need no ids, and a worker's settlement
@@ -27,7 +30,7 @@ from typing import Any
 from quotagate.keys.models import KeyRecord
 from quotagate.limits.interfaces import Admission, Budget, LimitState
 
-REPLY, ADMIT, EXTEND, STATE, SETTLE, EVENT, ACK = range(7)
+REPLY, ADMIT, EXTEND, STATE, SETTLE, EVENT, ACK, READY, METRICS = range(9)
 
 
 def key_fields(key: KeyRecord) -> list[Any]:

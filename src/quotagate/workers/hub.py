@@ -16,21 +16,25 @@ no worker will admit the key again. A change made in a worker comes here and goe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import socket
 import threading
-from typing import cast
+from typing import Any, cast
 
 import orjson
 
 from quotagate.keys.events import KeyChanged, KeyEvents
+from quotagate.keys.models import KeyRecord
 from quotagate.limits.memory import MemoryLimiter
 from quotagate.workers.channel import (
     ACK,
     ADMIT,
     EVENT,
     EXTEND,
+    METRICS,
+    READY,
     SETTLE,
     STATE,
     admission_fields,
@@ -39,6 +43,8 @@ from quotagate.workers.channel import (
 )
 
 log = logging.getLogger(__name__)
+
+_RECORDS = 100_000  # key records kept for reuse (bounded: cleared when full)
 
 
 class _Wait:
@@ -51,12 +57,25 @@ class _Wait:
         self.done = threading.Event()
 
 
+class _Scrape:
+    """The workers' /metrics texts asked for at once, by worker index, as they come."""
+
+    __slots__ = ("complete", "expected", "texts")
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.texts: dict[int, str] = {}
+        self.complete = asyncio.Event()
+
+
 class HubLink(asyncio.Protocol):
     """The parent's end of one worker's channel."""
 
-    def __init__(self, hub: Hub, name: str) -> None:
+    def __init__(self, hub: Hub, index: int, name: str) -> None:
         self.hub = hub
+        self.index = index
         self.name = name
+        self.ready = False  # the worker said it is about to accept connections
         self.transport: asyncio.Transport | None = None
         self._buffer = b""
         self.held: dict[str, str] = {}  # reservation id -> key id, until settled
@@ -77,22 +96,26 @@ class HubLink(asyncio.Protocol):
                     limiter.settle_sync(m[1], m[2], m[3])
             elif op == ADMIT:
                 assert limiter is not None, "a worker asked for the shared limiter, which only the embedded default has"
-                key = key_record(m[1:7])
+                key = self.hub.record(m)
                 adm = limiter.admit_sync(key, m[7], m[8], m[9])
                 if adm.reservation is not None:
                     self.held[adm.reservation] = key.id
                 out.append(orjson.dumps(admission_fields(adm)))
             elif op == EXTEND:
                 assert limiter is not None
-                added = limiter.extend_sync(key_record(m[1:7]), m[7], m[8]) if m[7] in self.held else 0
+                added = limiter.extend_sync(self.hub.record(m), m[7], m[8]) if m[7] in self.held else 0
                 out.append(orjson.dumps([0, added]))
             elif op == STATE:
                 assert limiter is not None
-                out.append(orjson.dumps(state_fields(limiter.state_sync(key_record(m[1:7])))))
+                out.append(orjson.dumps(state_fields(limiter.state_sync(self.hub.record(m)))))
             elif op == ACK:
                 self.hub.acknowledged(self, m[1])
             elif op == EVENT:
                 self.hub.events.publish(KeyChanged(key_id=m[1], secret_hash=m[2], project_id=m[3]))
+            elif op == METRICS:
+                self.hub.metrics_arrived(m[1], self.index, m[2])
+            elif op == READY:
+                self.ready = True
         if out and self.transport is not None:
             out.append(b"")
             self.transport.write(b"\n".join(out))
@@ -123,18 +146,54 @@ class Hub:
         self.ack_timeout = ack_timeout
         self.links: set[HubLink] = set()
         self._waits: dict[int, _Wait] = {}
+        self._records: dict[tuple[Any, ...], KeyRecord] = {}
+        self._scrapes: dict[int, _Scrape] = {}  # metrics asked of the workers, by seq
         self._seq = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         events.subscribe(self._on_change)
 
-    async def attach(self, sock: socket.socket, name: str) -> HubLink:
-        """Serve one worker's channel over ``sock`` (the parent's end of its socketpair)."""
+    def record(self, m: list[Any]) -> KeyRecord:
+        """The key record of a request's key fields, reused while they do not change (built once per key
+        and version of its limits rather than once per request)."""
+        fields = (m[1], m[2], m[3], m[4], m[5], m[6])
+        key = self._records.get(fields)
+        if key is None:
+            if len(self._records) >= _RECORDS:
+                self._records.clear()
+            key = self._records[fields] = key_record(list(fields))
+        return key
+
+    async def attach(self, sock: socket.socket, index: int, name: str) -> HubLink:
+        """Serve worker ``index``'s channel over ``sock`` (the parent's end of its socketpair)."""
         loop = asyncio.get_running_loop()
         self._loop, self._loop_thread = loop, threading.get_ident()
-        _transport, link = await loop.connect_accepted_socket(lambda: HubLink(self, name), sock)
+        _transport, link = await loop.connect_accepted_socket(lambda: HubLink(self, index, name), sock)
         self.links.add(link)
         return link
+
+    async def scrape(self, within: float = 2.0) -> dict[int, str]:
+        """Every live worker's /metrics text, by worker index (those that answer ``within`` seconds)."""
+        seq = next(self._seq)
+        links = [link for link in self.links if link.transport is not None]
+        scrape = self._scrapes[seq] = _Scrape(len(links))
+        for link in links:
+            assert link.transport is not None
+            link.transport.write(orjson.dumps([METRICS, seq]) + b"\n")
+        try:
+            if links:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(scrape.complete.wait(), within)
+        finally:
+            del self._scrapes[seq]
+        return scrape.texts
+
+    def metrics_arrived(self, seq: int, index: int, text: str) -> None:
+        scrape = self._scrapes.get(seq)
+        if scrape is not None:
+            scrape.texts[index] = text
+            if len(scrape.texts) >= scrape.expected:
+                scrape.complete.set()
 
     def detach(self, link: HubLink) -> None:
         self.links.discard(link)

@@ -27,6 +27,7 @@ from quotagate.workers.channel import (
     ADMIT,
     EVENT,
     EXTEND,
+    METRICS,
     SETTLE,
     STATE,
     admission,
@@ -48,9 +49,11 @@ class ParentLink(asyncio.Protocol):
         # Replies come in the order of the requests: (future, key id of an admission, else None).
         self._waiting: deque[tuple[asyncio.Future[list[Any]], str | None]] = deque()
         self._buffer = b""
+        self._out: list[bytes] = []  # lines to send at the end of this turn of the event loop
         self._events: KeyEvents | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._relaying = threading.local()  # set while a change from the parent is being applied here
+        self.metrics: Callable[[], bytes] | None = None  # this process's /metrics text, for the parent's
 
     def listen(self, events: KeyEvents) -> None:
         """Apply the parent's key changes to ``events``, and send it the ones published here."""
@@ -69,13 +72,29 @@ class ParentLink(asyncio.Protocol):
             raise LimiterUnavailable(_GONE)
         future = self._loop.create_future()
         self._waiting.append((future, admitting))
-        transport.write(orjson.dumps(message) + b"\n")
+        self._write(orjson.dumps(message))
         return future
 
     def send(self, message: list[Any]) -> None:
         """Send ``message``, which has no reply (dropped if the parent is gone: it released everything)."""
         if self._transport is not None:
-            self._transport.write(orjson.dumps(message) + b"\n")
+            self._write(orjson.dumps(message))
+
+    def _write(self, line: bytes) -> None:
+        # What the requests of one turn of the event loop send goes out in one write at its end: under
+        # load one system call (and one read and one write in the parent) carries many messages.
+        out = self._out
+        out.append(line)
+        if len(out) == 1:
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        out = self._out
+        if self._transport is not None and out:
+            out.append(b"")
+            self._transport.write(b"\n".join(out))
+        out.clear()
 
     def data_received(self, data: bytes) -> None:
         lines = (self._buffer + data).split(b"\n")
@@ -84,6 +103,8 @@ class ParentLink(asyncio.Protocol):
             m = orjson.loads(line)
             if m[0] == EVENT:
                 self._apply(m)
+            elif m[0] == METRICS:
+                self.send([METRICS, m[1], self.metrics().decode() if self.metrics is not None else ""])
             else:
                 future, admitting = self._waiting.popleft()
                 if not future.done():

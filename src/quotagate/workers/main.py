@@ -14,12 +14,15 @@ import orjson
 from quotagate.app import Runtime
 from quotagate.limits.interfaces import Limiter
 from quotagate.settings import Settings
+from quotagate.workers.channel import READY
 from quotagate.workers.link import ParentLink, SharedLimiter
 
 log = logging.getLogger(__name__)
 
 
 async def serve(rt: Runtime, link: ParentLink, channel: socket.socket, sockets: list[socket.socket]) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
     from quotagate.connlimits import ConnectionMetrics
     from quotagate.gateway.app import build_llm_app
     from quotagate.runner import listener_factory, raise_fd_limit, tune_gc
@@ -28,7 +31,12 @@ async def serve(rt: Runtime, link: ParentLink, channel: socket.socket, sockets: 
     s = rt.settings
     raise_fd_limit()
     llm = build_llm_app(rt)
-    server = listener_factory(s)(llm, s.host, s.llm_port, "llm", startup=llm.start, shutdown=llm.close,
+
+    async def startup() -> None:
+        await llm.start()
+        link.send([READY])
+
+    server = listener_factory(s)(llm, s.host, s.llm_port, "llm", startup=startup, shutdown=llm.close,
                                  sockets=sockets)
 
     def parent_gone() -> None:
@@ -37,8 +45,9 @@ async def serve(rt: Runtime, link: ParentLink, channel: socket.socket, sockets: 
     link.on_lost = parent_gone
     await asyncio.get_running_loop().create_unix_connection(lambda: link, sock=channel)
     registry = rt.extras.get("metrics_registry")
-    if registry is not None:
+    if isinstance(registry, CollectorRegistry):
         registry.register(ConnectionMetrics([server]))
+        link.metrics = lambda: generate_latest(registry)
     await rt.start()
     tune_gc()
     try:

@@ -29,6 +29,8 @@ import orjson
 
 from quotagate.app import Runtime
 from quotagate.limits.memory import MemoryLimiter
+from quotagate.metering import WORKER_METRICS
+from quotagate.upstreams.client import UpstreamClient
 from quotagate.workers.hub import Hub
 
 log = logging.getLogger(__name__)
@@ -69,8 +71,12 @@ class Supervisor:
     def __init__(self, rt: Runtime, count: int) -> None:
         self.rt = rt
         self.count = count
+        # What a worker would find wrong only when it builds the LLM API (an upstream API key that cannot
+        # be sent), found here so that serve refuses to start instead of workers failing over and over.
+        UpstreamClient(rt.config.models, rt.config.gateway)
         limiter = rt.limiter if isinstance(rt.limiter, MemoryLimiter) else None
         self.hub = Hub(limiter, rt.events)
+        rt.extras[WORKER_METRICS] = self.hub.scrape
         self.started = False
         self.restarts = 0
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -113,10 +119,17 @@ class Supervisor:
         """Run worker ``index`` until the parent stops, starting it again whenever it exits."""
         assert self._exit is not None
         quick_deaths = 0
+        served = False
         while not self._exit.is_set():
             started = time.monotonic()
-            code = await self._run_once(index, sockets)
+            code, ready = await self._run_once(index, sockets)
             if self._exit.is_set():
+                return
+            served = served or ready
+            if not served:  # it cannot start at all (its log says why): no use trying again and again
+                log.error("worker %d exited (code %s) before serving; stopping", index, code)
+                self.started = False
+                self._exit.set()
                 return
             quick_deaths = quick_deaths + 1 if time.monotonic() - started < 10.0 else 0
             delay = 0.0 if quick_deaths <= 1 else min(0.5 * 2 ** (quick_deaths - 2), 10.0)
@@ -126,8 +139,9 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._exit.wait(), delay)
 
-    async def _run_once(self, index: int, sockets: list[socket.socket]) -> int:
-        """Start worker ``index`` and wait until it exits (killing it if it outstays a stop); its exit code."""
+    async def _run_once(self, index: int, sockets: list[socket.socket]) -> tuple[int, bool]:
+        """Start worker ``index`` and wait until it exits (killing it if it outstays a stop): its exit code,
+        and whether it got as far as serving."""
         assert self._exit is not None
         parent_end, child_end = socket.socketpair()
         fds = [child_end.fileno(), *(sock.fileno() for sock in sockets)]
@@ -142,12 +156,12 @@ class Supervisor:
             child_end.close()
         self.procs[index] = proc
         try:
-            await self.hub.attach(parent_end, f"worker {index} (pid {proc.pid})")
+            link = await self.hub.attach(parent_end, index, f"worker {index} (pid {proc.pid})")
             assert proc.stdin is not None
             proc.stdin.write(payload + b"\n")
             proc.stdin.close()
             log.info("worker %d started (pid %d)", index, proc.pid)
-            return await self._wait(proc)
+            return await self._wait(proc), link.ready
         finally:
             del self.procs[index]
 
