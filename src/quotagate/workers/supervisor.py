@@ -9,8 +9,9 @@ Each worker is ``python -m quotagate.workers.main``, started with its listening 
 control channel (channel.py) as inherited file descriptors, and the settings on its stdin (they may hold
 passwords: not in argv, which ``ps`` shows). A worker that exits while the parent serves is started
 again, at once the first time and then after a delay that doubles (up to 10 s) while it keeps dying
-within 10 s of starting. When the parent stops it sends SIGTERM to every worker, which finishes its
-answers in flight (up to 10 s) and exits; one still running 15 s later is killed.
+within 10 s of starting. Workers run in process groups of their own (a Ctrl-C reaches only the parent).
+When the parent stops it sends SIGTERM to every worker, which finishes its answers in flight (up to
+10 s) and exits; one still running 15 s later is killed.
 """
 
 from __future__ import annotations
@@ -151,7 +152,11 @@ class Supervisor:
             # Not uvloop's subprocesses: they pass the parent's other descriptors on (found with pass_fds),
             # and a worker holding another worker's channel end would hide that worker's death from us.
             proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; waiting is done with a pidfd
-                [sys.executable, "-m", "quotagate.workers.main"], stdin=subprocess.PIPE, pass_fds=fds)
+                [sys.executable, "-m", "quotagate.workers.main"], stdin=subprocess.PIPE, pass_fds=fds,
+                # A process group of its own, as the shipper's: a Ctrl-C in the terminal reaches only this
+                # process, which stops the workers with SIGTERM (a worker still starting up would
+                # otherwise die of the SIGINT, and this process could take that for a crash).
+                process_group=0)
         finally:
             child_end.close()
         self.procs[index] = proc
