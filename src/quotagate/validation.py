@@ -21,23 +21,37 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return out
 
 
+def _problem(err: Any) -> tuple[str | None, str, str]:
+    """One pydantic problem as (top-level field, full path, message without the path)."""
+    loc = tuple(err["loc"])
+    field = str(loc[0]) if loc else None
+    if err["type"] == "extra_forbidden":
+        return field, _path(loc), "unknown field"
+    if err["type"] == "missing":
+        return field, _path(loc), "is required"
+    return field, _path(loc), err["msg"].removeprefix("Value error, ")
+
+
 def describe(exc: ValidationError) -> InvalidRequest:
     """The first problem of a pydantic error as an InvalidRequest naming its field.
 
     ``field`` is the top-level field of the body (``allowed_models``); the message gives the full path
     (``allowed_models[0]``) when the problem lies inside it."""
     err = exc.errors()[0]
-    loc = tuple(err["loc"])
-    field = str(loc[0]) if loc else None
-    path = _path(loc)
+    field, path, msg = _problem(err)
     if err["type"] == "extra_forbidden":
-        message = f"unknown field {path!r}"
-    elif err["type"] == "missing":
-        message = f"{path}: is required"
-    else:
-        msg = err["msg"].removeprefix("Value error, ")
-        message = f"{path}: {msg}" if path else msg
-    return InvalidRequest(message, field=field)
+        return InvalidRequest(f"unknown field {path!r}", field=field)
+    return InvalidRequest(f"{path}: {msg}" if path else msg, field=field)
+
+
+def problems(exc: ValidationError) -> dict[str, str]:
+    """Every field's problem (its first), by top-level field, with the API's wording but without the
+    field's name in front: for forms, which show each message next to its own field, all at once."""
+    out: dict[str, str] = {}
+    for err in exc.errors():
+        field, _path_text, msg = _problem(err)
+        out.setdefault(field or "form", msg)
+    return out
 
 
 def parse_model(model: type[M], data: Any) -> M:

@@ -1,0 +1,104 @@
+"""Forms as the JSON API's bodies, and the API's validation messages as a form shows them: every field's
+problem at once, next to that field, in words without the API's field names."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import FormData
+
+from quotagate.errors import QuotagateError
+from quotagate.keys.schemas import check_budget_pair
+from quotagate.validation import problems
+
+M = TypeVar("M", bound=BaseModel)
+
+LIMIT_FIELDS = ("rpm", "tpm", "token_limit")
+# The API's field names as the forms label them, for messages that mention another field.
+LABELS = {"token_limit_period": "budget period", "token_limit": "token budget", "rpm": "requests per minute",
+          "tpm": "tokens per minute", "allowed_models": "allowed models", "expires_at": "expiry",
+          "grace_period_seconds": "grace period"}
+_NAMES = re.compile(r"\b(" + "|".join(sorted(LABELS, key=len, reverse=True)) + r")\b")
+_INTEGER = re.compile(r"[+-]?\d+")
+Errors = dict[str, str]
+
+
+def wording(message: str, field: str | None) -> str:
+    """The API's message for a form: without the ``field:`` it starts with, other fields by their labels."""
+    if field and message.startswith(f"{field}:"):
+        message = message[len(field) + 1:].strip()
+    elif ":" in message and message.split(":", 1)[0].split("[")[0] in LABELS:
+        message = message.split(":", 1)[1].strip()
+    message = _NAMES.sub(lambda m: LABELS[m.group(1)], message)
+    return message[:1].upper() + message[1:]
+
+
+def field_error(exc: QuotagateError) -> Errors:
+    """A service's error as the form's: next to the field it names, else above the form."""
+    field = (exc.field or "form").split(".")[0].split("[")[0]
+    return {field: wording(exc.message, exc.field)}
+
+
+def validate(model: type[M], data: dict[str, Any]) -> tuple[M | None, Errors]:
+    """``data`` as ``model`` (the JSON API's validation), or every field's problem at once."""
+    try:
+        return model.model_validate(data), {}
+    except ValidationError as exc:
+        return None, {field: wording(msg, None) for field, msg in problems(exc).items()}
+
+
+def number(raw: str) -> int | str:
+    """A form's number as the JSON API would get it: "1,000" is 1000 and "-5" is -5 (so the API's
+    "greater than 0" is the message, not "not a valid integer"); anything else stays text."""
+    cleaned = raw.strip().replace(",", "").replace("_", "")
+    return int(cleaned) if _INTEGER.fullmatch(cleaned) and len(cleaned) <= 30 else raw.strip()
+
+
+def key_fields(form: FormData, *, partial: bool) -> dict[str, Any]:
+    """A key form as the JSON API's body: numbers as ints, blanks as absent (or null when editing)."""
+    # The name as typed: the API strips it and says what is wrong with a blank one.
+    data: dict[str, Any] = {"name": str(form.get("name", ""))}
+    for field in LIMIT_FIELDS:
+        raw = str(form.get(field, "")).strip()
+        if raw:
+            data[field] = number(raw)
+        elif partial:
+            data[field] = None
+    period = str(form.get("token_limit_period", "")).strip()
+    if period:
+        data["token_limit_period"] = period
+    elif partial:
+        data["token_limit_period"] = None
+    models = [str(m) for m in form.getlist("allowed_models")]
+    if models:
+        data["allowed_models"] = models
+    elif partial:
+        data["allowed_models"] = None
+    expires = str(form.get("expires_at", "")).strip()
+    if expires:
+        # <input type="datetime-local"> has no zone; the form labels it UTC.
+        data["expires_at"] = expires if expires.endswith("Z") or "+" in expires else expires + "Z"
+    elif partial:
+        data["expires_at"] = None
+    return data
+
+
+def budget_pair_error(data: dict[str, Any], errors: Errors) -> Errors:
+    """The budget needs its period and the other way round: checked with the fields' own problems, so
+    that the form shows it with them rather than after they are fixed."""
+    if "token_limit" in errors or "token_limit_period" in errors:
+        return errors
+    try:
+        check_budget_pair(data.get("token_limit"), data.get("token_limit_period"))
+    except QuotagateError as exc:
+        return {**errors, **field_error(exc)}
+    return errors
+
+
+def typed(form: FormData) -> dict[str, Any]:
+    """What the user typed (and ticked), to put back into the form with its errors."""
+    values: dict[str, Any] = {k: str(v) for k, v in form.items() if k not in ("csrf", "allowed_models")}
+    values["allowed_models"] = [str(m) for m in form.getlist("allowed_models")]
+    return values
