@@ -70,7 +70,7 @@ def test_product_page_story(demo_gateway: Gateway, browser: Any, shot: Any) -> N
     dialog.get_by_role("button", name="Copy").click()
     page.wait_for_function("document.querySelector('[data-copied]').textContent.length > 0")
     secret = page.evaluate("navigator.clipboard.readText()")
-    dialog.get_by_role("button", name="Done").click()
+    dialog.get_by_role("link", name="Done").click()
 
     client = openai.OpenAI(base_url=gw.llm_url, api_key=secret, max_retries=0)
     raw = client.chat.completions.with_raw_response.create(

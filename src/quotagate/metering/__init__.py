@@ -117,9 +117,10 @@ def _web_usage(rt: Runtime) -> Any:
         totals, data = api.queries.key_usage(key.id, window)
         series: dict[str, dict[str, Any]] = {}
         for p in data:
-            s = series.setdefault(p["start"], {"start": p["start"], "requests": 0, "total_tokens": 0})
-            s["requests"] += p["requests"]
-            s["total_tokens"] += p["total_tokens"]
+            s = series.setdefault(p["start"], {"start": p["start"], "requests": 0, "prompt_tokens": 0,
+                                               "completion_tokens": 0, "total_tokens": 0})
+            for field in ("requests", "prompt_tokens", "completion_tokens", "total_tokens"):
+                s[field] += p[field]
         limits = limits_json(key, api.live_state(key))
         if not limits["live"]:
             limits["budget"] = None  # no live figure to draw

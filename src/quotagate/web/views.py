@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
-from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -28,16 +27,15 @@ from quotagate.ids import utcnow
 from quotagate.keys.models import PERIODS, InferenceKey
 from quotagate.keys.schemas import KeyCreate, KeyUpdate, RotateRequest
 from quotagate.keys.service import KeyService
-from quotagate.validation import parse_model
-from quotagate.web import charts
+from quotagate.web import charts, forms
+from quotagate.web.handover import Handover, Made
 from quotagate.web.session import COOKIE, SESSION_TOKEN_NAME, csrf_ok, csrf_token
 
 HERE = Path(__file__).parent
 UsageQuery = Callable[[Actor, str, datetime, datetime, str], dict[str, Any]]
 
-RANGES = {"hour": (timedelta(hours=1), "minute"), "day": (timedelta(days=1), "hour"),
-          "month": (timedelta(days=30), "day")}
-LIMIT_FIELDS = ("rpm", "tpm", "token_limit")
+# A range's buckets: the newest (still filling) and the ones before it, so "Last day" is 24 bars of an hour.
+RANGES = {"hour": (60, "minute"), "day": (24, "hour"), "month": (30, "day")}
 
 
 def limits_text(key: InferenceKey) -> list[str]:
@@ -52,28 +50,37 @@ def limits_text(key: InferenceKey) -> list[str]:
     return out or ["unlimited"]
 
 
+def duration_text(span: timedelta) -> str:
+    """14 days → "14 days", 24 hours → "24 hours", 90 s → "90 seconds"."""
+    seconds = int(span.total_seconds())
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0 and not (unit == "day" and seconds < 2 * 86400):
+            n = seconds // size
+            return f"{n} {unit}{'s' if n != 1 else ''}"
+    return f"{seconds} second{'s' if seconds != 1 else ''}"
+
+
 STEP = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1)}
 
 
-def fill_series(points: list[dict[str, Any]], start: datetime, end: datetime,
-                granularity: str) -> list[tuple[datetime, dict[str, Any]]]:
-    """Every bucket from ``start`` to ``end``, with zeros where there was no traffic, so bars line up
-    with time."""
+def buckets(end: datetime, count: int, granularity: str) -> list[datetime]:
+    """The starts of the ``count`` buckets up to the one ``end`` falls in."""
     step = STEP[granularity]
+    epoch = datetime(1970, 1, 1, tzinfo=end.tzinfo)
+    last = epoch + ((end - epoch) // step) * step
+    return [last - step * (count - 1 - i) for i in range(count)]
+
+
+def fill_series(points: list[dict[str, Any]], times: list[datetime]) -> list[dict[str, Any]]:
+    """One point per bucket of ``times``, with zeros where there was no traffic, so bars line up with time."""
     by_start = {}
     for p in points:
         when = p["start"]
         if isinstance(when, str):
             when = datetime.fromisoformat(when.replace("Z", "+00:00"))
         by_start[when] = p
-    epoch = datetime(1970, 1, 1, tzinfo=start.tzinfo)
-    first = epoch + ((start - epoch) // step) * step
-    out = []
-    when = first
-    while when < end:
-        out.append((when, by_start.get(when, {"requests": 0, "total_tokens": 0})))
-        when += step
-    return out
+    empty = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    return [by_start.get(when, empty) for when in times]
 
 
 # Keys shown per page of the web console's key list.
@@ -107,6 +114,7 @@ class WebConsole:
         self.throttle = throttle or SignInThrottle()
         self.gate = gate or HashGate()
         self.origin = origin
+        self.handover = Handover()
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.globals.update(human=charts.human, limits_text=limits_text, periods=PERIODS)
 
@@ -282,12 +290,17 @@ class WebConsole:
         from quotagate.accounts.schemas import ProjectCreate
 
         assert page.actor is not None
-        try:
-            body = parse_model(ProjectCreate, {"name": str(form.get("name", ""))})
-            project = await self.call(self.accounts.create_project, page.actor, body)
-        except (InvalidRequest, Conflict) as exc:
-            return await self.projects(page, exc.status, errors={exc.field or "name": exc.message})
-        return RedirectResponse(f"/projects/{project.id}/keys", status_code=303)
+        name = str(form.get("name", ""))
+        body, errors = forms.validate(ProjectCreate, {"name": name})
+        status = 400
+        if body is not None:
+            try:
+                project = await self.call(self.accounts.create_project, page.actor, body)
+            except (InvalidRequest, Conflict) as exc:
+                errors, status = forms.field_error(exc), exc.status
+            else:
+                return RedirectResponse(f"/projects/{project.id}/keys", status_code=303)
+        return await self.projects(page, status, values={"name": name}, errors=errors)
 
     # -- keys ----------------------------------------------------------------------------------
     async def _keys_page(self, page: Page, project_id: str, status: int = 200, **extra: Any) -> Response:
@@ -308,53 +321,40 @@ class WebConsole:
                            paged=before is not None,
                            can_write=project.role != "viewer", **extra)
 
-    async def keys_list(self, page: Page) -> Response:
-        return await self._keys_page(page, page.request.path_params["projectId"])
+    def _hand_over(self, page: Page, path: str, made: Made) -> RedirectResponse:
+        """Post/Redirect/Get for a form that made a secret: the secret waits for this session's GET of
+        ``path`` (reloading that page then shows the page, and makes and shows nothing again)."""
+        assert page.actor is not None and page.actor.token_id is not None
+        self.handover.put(page.actor.token_id, path, made)
+        return RedirectResponse(path, status_code=303)
 
-    @staticmethod
-    def _key_fields(form: FormData, *, partial: bool) -> dict[str, Any]:
-        """Form fields as the JSON API's body: numbers as ints, blanks as absent (or null when editing)."""
-        data: dict[str, Any] = {}
-        name = str(form.get("name", "")).strip()
-        if name or not partial:
-            data["name"] = name
-        for field in LIMIT_FIELDS:
-            raw = str(form.get(field, "")).strip().replace(",", "").replace("_", "")
-            if raw:
-                data[field] = int(raw) if raw.isdigit() else raw
-            elif partial:
-                data[field] = None
-        period = str(form.get("token_limit_period", "")).strip()
-        if period:
-            data["token_limit_period"] = period
-        elif partial:
-            data["token_limit_period"] = None
-        models = [str(m) for m in form.getlist("allowed_models")]
-        if models:
-            data["allowed_models"] = models
-        elif partial:
-            data["allowed_models"] = None
-        expires = str(form.get("expires_at", "")).strip()
-        if expires:
-            # <input type="datetime-local"> has no zone; the form labels it UTC.
-            data["expires_at"] = expires if expires.endswith("Z") or "+" in expires else expires + "Z"
-        elif partial:
-            data["expires_at"] = None
-        return data
+    def _made(self, page: Page) -> Made | None:
+        """The secret a form just made for this page, if any: taken, so it is shown this once."""
+        assert page.actor is not None and page.actor.token_id is not None
+        return self.handover.take(page.actor.token_id, page.request.url.path)
+
+    async def keys_list(self, page: Page) -> Response:
+        return await self._keys_page(page, page.request.path_params["projectId"], made=self._made(page))
 
     async def create_key(self, page: Page, form: FormData) -> Response:
+        assert page.actor is not None
         project_id = page.request.path_params["projectId"]
-        data = self._key_fields(form, partial=False)
-        try:
-            body = parse_model(KeyCreate, data)
-            key, secret = await self.call(self.keys.mint, page.actor, project_id, body)
-        except InvalidRequest as exc:
-            return await self._keys_page(page, project_id, 400, form_values=data, open_create=True,
-                                         errors={(exc.field or "form").split(".")[0]: exc.message})
-        return await self._keys_page(page, project_id, 201, created=key, secret=secret)
+        data = forms.key_fields(form, partial=False)
+        body, errors = forms.validate(KeyCreate, data)
+        errors = forms.budget_pair_error(data, errors)
+        status = 400
+        if body is not None and not errors:
+            try:
+                key, secret = await self.call(self.keys.mint, page.actor, project_id, body)
+            except (InvalidRequest, Conflict) as exc:
+                errors, status = forms.field_error(exc), exc.status
+            else:
+                return self._hand_over(page, f"/projects/{project_id}/keys",
+                                       Made(key.name, key.prefix, secret, "Your new key"))
+        return await self._keys_page(page, project_id, status, values=forms.typed(form), errors=errors)
 
     async def key_detail(self, page: Page) -> Response:
-        return await self._key_page(page, page.request.path_params["keyId"])
+        return await self._key_page(page, page.request.path_params["keyId"], made=self._made(page))
 
     async def _key_page(self, page: Page, key_id: str, status: int = 200, **extra: Any) -> Response:
         assert page.actor is not None
@@ -365,15 +365,23 @@ class WebConsole:
             rng = "day"
         usage = activity = None
         charts_svg: dict[str, str] = {}
+        table: list[tuple[str, dict[str, Any]]] = []
         if self.usage is not None:
-            span, granularity = RANGES[rng]
+            count, granularity = RANGES[rng]
             end = utcnow()
-            usage = await self.call(self.usage, page.actor, key_id, end - span, end, granularity)
-            series = fill_series(usage.get("series", []), end - span, end, granularity)
+            times = buckets(end, count, granularity)
+            usage = await self.call(self.usage, page.actor, key_id, times[0], end, granularity)
+            points = fill_series(usage.get("series", []), times)
             charts_svg["requests"] = charts.bar_chart(
-                [(when, p["requests"]) for when, p in series], title="Requests over time", unit="requests")
+                times, [charts.Series("requests", "s-requests", [p["requests"] for p in points])],
+                title="Requests per " + granularity, unit="requests", granularity=granularity)
             charts_svg["tokens"] = charts.bar_chart(
-                [(when, p["total_tokens"]) for when, p in series], title="Tokens over time", unit="tokens")
+                times, [charts.Series("prompt", "s-prompt", [p["prompt_tokens"] for p in points]),
+                        charts.Series("completion", "s-completion", [p["completion_tokens"] for p in points])],
+                title="Tokens per " + granularity + ", prompt and completion", unit="tokens",
+                granularity=granularity)
+            table = [(charts.bucket_time(when, granularity), p) for when, p in zip(times, points, strict=True)
+                     if p["requests"] or p["total_tokens"]]
             budget = (usage.get("limits") or {}).get("budget")
             if budget:
                 charts_svg["budget"] = charts.meter_bar(budget["used"], budget["limit"],
@@ -383,29 +391,33 @@ class WebConsole:
         return self.render(page, "key.html", status, key=key, project=project, picker=await self.picker(page, project),
                            now=utcnow(),
                            can_write=project.role != "viewer", usage=usage, activity=activity, charts=charts_svg,
-                           range=rng, models=models, **extra)
+                           table=table, range=rng, granularity=RANGES[rng][1], models=models, **extra)
 
     async def key_action(self, page: Page, form: FormData) -> Response:
+        assert page.actor is not None
         key_id, action = page.request.path_params["keyId"], page.request.path_params["action"]
         if action == "revoke":
             await self.call(self.keys.revoke, page.actor, key_id)
         elif action in ("archive", "unarchive"):
             await self.call(self.keys.set_archived, page.actor, key_id, action == "archive")
         elif action == "edit":
-            data = self._key_fields(form, partial=True)
-            try:
-                await self.call(self.keys.update, page.actor, key_id, parse_model(KeyUpdate, data))
-            except InvalidRequest as exc:
-                return await self._key_page(page, key_id, 400,
-                                            errors={(exc.field or "form").split(".")[0]: exc.message})
+            data = forms.key_fields(form, partial=True)
+            body, errors = forms.validate(KeyUpdate, data)
+            if body is not None:
+                try:
+                    await self.call(self.keys.update, page.actor, key_id, body)
+                except InvalidRequest as exc:
+                    errors = forms.field_error(exc)
+            if errors:
+                return await self._key_page(page, key_id, 400, values=forms.typed(form), errors=errors)
         elif action == "rotate":
-            raw = str(form.get("grace_period_seconds", "0")).strip() or "0"
-            try:
-                body = parse_model(RotateRequest, {"grace_period_seconds": int(raw) if raw.isdigit() else raw})
-                new, secret, _old = await self.call(self.keys.rotate, page.actor, key_id, body)
-            except InvalidRequest as exc:
-                return await self._key_page(page, key_id, 400, errors={"grace_period_seconds": exc.message})
-            return await self._key_page(page, new.id, 201, created=new, secret=secret)
+            rotation, errors = forms.validate(RotateRequest, {
+                "grace_period_seconds": forms.number(str(form.get("grace_period_seconds", "0")) or "0")})
+            if rotation is None:
+                return await self._key_page(page, key_id, 400, errors=errors)
+            new, secret, _old = await self.call(self.keys.rotate, page.actor, key_id, rotation)
+            return self._hand_over(page, f"/keys/{new.id}",
+                                   Made(new.name, new.prefix, secret, "Rotated: the new key"))
         else:
             raise NotFound("no such action")
         nxt = str(form.get("next", ""))
@@ -414,13 +426,21 @@ class WebConsole:
 
     # -- access tokens -------------------------------------------------------------------------
     async def tokens(self, page: Page) -> Response:
-        return await self._tokens_page(page)
+        return await self._tokens_page(page, made=self._made(page))
 
     async def _tokens_page(self, page: Page, status: int = 200, **extra: Any) -> Response:
+        """API tokens in a table; the browsers signed in (web sessions) apart, only those still live: one
+        sign-in after another would otherwise pile up rows of ended "web session"s among the tokens."""
         assert page.actor is not None
         tokens = await self.call(self.accounts.list_tokens, page.actor.user)
-        return self.render(page, "tokens.html", status, tokens=tokens, picker=await self.picker(page), project=None,
-                           current_token=page.actor.token_id, **extra)
+        api_tokens = [t for t in tokens if t.kind != "session"]
+        sessions = [t for t in tokens if t.kind == "session"]
+        live = [t for t in sessions if t.status == "active"]
+        policy = self.accounts.sessions
+        return self.render(page, "tokens.html", status, api_tokens=api_tokens, sessions=live,
+                           ended=len(sessions) - len(live), idle_text=duration_text(policy.idle),
+                           max_age_text=duration_text(policy.max_age), picker=await self.picker(page),
+                           project=None, current_token=page.actor.token_id, **extra)
 
     async def token_action(self, page: Page, form: FormData) -> Response:
         from quotagate.accounts.schemas import TokenCreate
@@ -429,13 +449,18 @@ class WebConsole:
         if page.request.path_params.get("tokenId"):
             await self.call(self.accounts.revoke_token, page.actor.user, page.request.path_params["tokenId"])
             return RedirectResponse("/tokens", status_code=303)
-        try:
-            body: BaseModel = parse_model(TokenCreate, {"name": str(form.get("name", "")).strip() or "console"})
-        except InvalidRequest as exc:
-            return await self._tokens_page(page, 400, errors={"name": exc.message})
-        assert isinstance(body, TokenCreate)
+        name = str(form.get("name", ""))
+        body, errors = forms.validate(TokenCreate, {"name": name if name.strip() else "console"})
+        if body is None:
+            return await self._tokens_page(page, 400, values={"name": name}, errors=errors)
         token, secret = await self.call(self.accounts.create_token, page.actor.user, body.name)
-        return await self._tokens_page(page, 201, created=token, secret=secret)
+        return self._hand_over(page, "/tokens", Made(token.name, token.prefix, secret, "Your new access token"))
+
+    async def favicon(self, _request: Request) -> Response:
+        """Browsers ask for /favicon.ico on every page whatever the page says; a small icon, cached for a
+        day, rather than a 404 in every log."""
+        return FileResponse(HERE / "static" / "favicon.ico", media_type="image/x-icon",
+                            headers={"Cache-Control": "public, max-age=86400"})
 
     # -- routing -------------------------------------------------------------------------------
     def routes(self) -> list[BaseRoute]:
@@ -455,5 +480,6 @@ class WebConsole:
             Route("/tokens", self.page()(self.tokens), methods=["GET"]),
             Route("/tokens", self.page(write=True)(self.token_action), methods=["POST"]),
             Route("/tokens/{tokenId}/revoke", self.page(write=True)(self.token_action), methods=["POST"]),
+            Route("/favicon.ico", self.favicon, methods=["GET", "HEAD"]),
             Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
         ]

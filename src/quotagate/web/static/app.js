@@ -21,7 +21,11 @@ document.addEventListener("click", async (event) => {
 });
 document.addEventListener("change", (event) => {
   const el = event.target;
-  if (el.matches("[data-autosubmit]")) el.form.submit();
+  if (el.matches("[data-autosubmit]")) {
+    // Like submitting the GET form, but without a bare "?" when nothing is ticked.
+    const query = new URLSearchParams(new FormData(el.form)).toString();
+    window.location.href = el.form.action.split("?")[0] + (query ? "?" + query : "");
+  }
   if (el.matches("[data-navigate]")) window.location.href = el.value;
 });
 // The secret dialog is rendered open (so it shows without JavaScript); make it modal, with a backdrop.
