@@ -359,9 +359,15 @@ def test_every_page_fits_a_phone_and_a_wide_screen(gw: Gateway, browser: Any, sh
     pages = {"keys": f"/projects/{project['id']}/keys", "key": f"/keys/{key['id']}", "tokens": "/tokens",
              "projects": "/projects"}
     for label, viewport in (("phone", PHONE), ("desktop", DESKTOP)):
-        context, page = signed_in(browser, gw, email, viewport)
+        context = browser.new_context(viewport=viewport)
+        page = context.new_page()
         missing: list[str] = []
         page.on("response", lambda r: missing.append(r.url) if r.status == 404 else None)  # noqa: B023
+        page.goto(f"{gw.console_url}/login")
+        assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"], label
+        shot(page, f"login-{label}")
+        sign_in(page, gw, email)
+        page.wait_for_url(re.compile(r"/projects/"))
         for name, path in pages.items():
             page.goto(gw.console_url + path)
             width = viewport["width"]
