@@ -334,3 +334,9 @@ def test_keys_list_create_revoke(gateway: Gateway) -> None:
     assert bad.returncode == 2 and "--rpm" in bad.stderr and "greater than 0" in bad.stderr
     missing = gw.cli("keys", "list", "proj_nope", check=False)
     assert missing.returncode == 2 and "proj_nope" in missing.stderr
+
+
+def test_serve_says_where_the_web_console_is_and_how_to_make_the_first_user(gateway: Gateway) -> None:
+    log = gateway.log()
+    assert f"web console: http://127.0.0.1:{gateway.console_port}/" in log
+    assert "quotagate users create you@example.com --admin --password-stdin" in log

@@ -64,6 +64,20 @@ def listener_factory(s: Settings) -> Callable[..., HTTPServer]:
     return listener
 
 
+def _first_steps(rt: Runtime) -> None:
+    """Where the web console is, and, while nobody can sign in to it yet, the command that makes a user."""
+    s = rt.settings
+    host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host  # noqa: S104 - a URL to open, not a bind
+    log.info("web console: http://%s:%d/", host, s.console_port)
+    try:
+        nobody = not rt.accounts.list_users()
+    except Exception:  # the banner must never stop the server
+        return
+    if nobody:
+        log.info("no users yet; make the first one (an instance admin, with a password for the web console): "
+                 "quotagate users create you@example.com --admin --password-stdin")
+
+
 async def run(rt: Runtime) -> None:
     s = rt.settings
     raise_fd_limit()
@@ -108,6 +122,8 @@ async def run(rt: Runtime) -> None:
         registry.register(ConnectionMetrics(listeners))
     log.info("models: %s (from %s)", ", ".join(sorted(rt.config.models)) or "none", rt.config.source)
     await rt.start()
+    if s.role in ("all", "console"):
+        _first_steps(rt)
     tune_gc()
     try:
         await serve_all(servers)
