@@ -71,8 +71,6 @@ Send = Callable[[Message], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
 _JSON = (b"content-type", b"application/json")
-_SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-        (b"x-accel-buffering", b"no")]
 _NOT_ADMITTED = Admission(admitted=True)
 # Refusals that are the caller's fault and come before admission: they count against rpm all the same.
 _CALLERS_FAULT = frozenset({400, 403, 404, 413, 415})
@@ -233,7 +231,7 @@ class LLMApp:
     async def _respond(self, call: Call, send: Send, status: int, body: bytes, *, error_code: str | None = None,
                        prompt: int = 0, completion: int = 0, extra: Headers | None = None) -> None:
         hdrs = [_JSON, (b"content-length", b"%d" % len(body)), (b"x-request-id", call.request_id.encode()),
-                _processing_ms(call), *call.rate_headers]
+                rl.processing_ms(call.t0), *call.rate_headers]
         if extra:
             hdrs.extend(extra)
         await send({"type": "http.response.start", "status": status, "headers": hdrs})
@@ -611,7 +609,7 @@ class LLMApp:
                             send: Send, receive: Receive, prompt_bound: int, granted: int | None,
                             include_usage: bool, n: int, counter: TokenCounter | None, lease: Lease | None,
                             dialect: Dialect) -> None:
-        hdrs = [*_SSE, (b"x-request-id", call.request_id.encode()), _processing_ms(call), *call.rate_headers]
+        hdrs = [*rl.SSE, (b"x-request-id", call.request_id.encode()), rl.processing_ms(call.t0), *call.rate_headers]
         relay = StreamRelay(request_id=call.request_id, response=response, send=send, receive=receive,
                             headers=hdrs, prompt_bound=prompt_bound, granted=granted, include_usage=include_usage,
                             n=n, started_at=call.t0, clock=time.perf_counter, counter=counter, lease=lease,
@@ -681,11 +679,6 @@ class LLMApp:
         if answer is None:
             raise ApiError(502, "upstream_error", "the model server's stream held no answer")
         await self._respond(call, send, 200, orjson.dumps(answer), prompt=prompt, completion=completion)
-
-
-def _processing_ms(call: Call) -> tuple[bytes, bytes]:
-    """OpenAI's ``openai-processing-ms``: the time from the request's arrival to its answer's head."""
-    return b"openai-processing-ms", b"%d" % ((time.perf_counter() - call.t0) * 1000)
 
 
 def _upstream_body(req: EmbeddingsRequest | PairsRequest, spec: ModelSpec) -> bytes:

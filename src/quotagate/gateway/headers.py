@@ -80,6 +80,16 @@ def from_state(state: LimitState) -> Headers:
     return out
 
 
+SSE: Headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no")]
+
+
+def processing_ms(t0: float) -> tuple[bytes, bytes]:
+    """OpenAI's ``openai-processing-ms``: the time from the request's arrival (``perf_counter`` ``t0``) to
+    its answer's head."""
+    return b"openai-processing-ms", b"%d" % ((time.perf_counter() - t0) * 1000)
+
+
 def retry_after(seconds: float) -> Headers:
     """``Retry-After`` in whole seconds (at least 1), and the SDKs' finer ``retry-after-ms``."""
     return [(b"retry-after", b"%d" % max(1, math.ceil(seconds))),

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from quotagate.gateway.errors import ApiError
+from quotagate.gateway.headers import SSE, processing_ms
 from quotagate.gateway.parsing import text_bytes
 from quotagate.gateway.responses.parsing import RESPONSES_LENGTH_FIELDS, parse_responses
 from quotagate.gateway.responses.prompt import responses_prompt
@@ -34,14 +35,8 @@ if TYPE_CHECKING:
     from quotagate.gateway.app import Call, LLMApp, Receive, Scope, Send
 
 
-def processing_ms(call: Call) -> tuple[bytes, bytes]:
-    """OpenAI's ``openai-processing-ms`` of a stream's head (as app.py's)."""
-    return b"openai-processing-ms", b"%d" % ((time.perf_counter() - call.t0) * 1000)
-
 ENDPOINT = "responses"  # the endpoint's name in usage rows, activity and metrics
 
-_SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-        (b"x-accel-buffering", b"no")]
 
 
 async def serve(app: LLMApp, call: Call, key: KeyRecord, scope: Scope, receive: Receive, send: Send) -> None:
@@ -108,7 +103,7 @@ def _lengths(body: dict[str, Any], grant: int, *, cap: bool) -> bool:
 
 async def _relay(app: LLMApp, call: Call, key: KeyRecord, adm: Admission, response: Response, send: Send,
                  receive: Receive, prompt_bound: int, counter: TokenCounter | None, lease: Lease | None) -> None:
-    hdrs = [*_SSE, (b"x-request-id", call.request_id.encode()), processing_ms(call), *call.rate_headers]
+    hdrs = [*SSE, (b"x-request-id", call.request_id.encode()), processing_ms(call.t0), *call.rate_headers]
     relay = ResponsesRelay(request_id=call.request_id, response=response, send=send, receive=receive, headers=hdrs,
                            prompt_bound=prompt_bound,
                            granted=adm.granted, started_at=call.t0, clock=time.perf_counter, counter=counter,
