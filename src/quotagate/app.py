@@ -21,7 +21,7 @@ from quotagate.accounts.passwords import Passwords
 from quotagate.accounts.service import AccountService, SessionPolicy
 from quotagate.accounts.signin import HashGate, SignInThrottle, ThrottlePolicy
 from quotagate.audit import AuditLog
-from quotagate.config import Config, load_config
+from quotagate.config import Config, load_config, with_simulator_port
 from quotagate.console.api import ConsoleAPI
 from quotagate.console.headers import SecurityHeaders
 from quotagate.console.http import JSON, client_disconnect_handler, http_exception_handler
@@ -68,7 +68,7 @@ class Runtime:
         """The runtime of ``settings``. ``limiter`` replaces the one the settings ask for; ``worker``
         builds one of several processes serving the LLM API (workers/): its parent ships the usage journal,
         relays key changes between instances and restores limits, so the worker does none of that."""
-        config = load_config(settings.config)
+        config = with_simulator_port(load_config(settings.config), settings.simulator_port)
         url = settings.effective_database_url
         if run_migrations:
             migrate(url)
