@@ -134,7 +134,8 @@ def build_console_app(runtime: Runtime, extra_routes: list[BaseRoute] | None = N
                                              max_delay=float(s.login_max_delay_seconds)))
     gate = HashGate(s.login_hash_concurrency, s.login_hash_queue)
     web = WebConsole(runtime.accounts, runtime.keys, lambda: runtime.config.model_ids,
-                     usage=runtime.extras.get("web_usage"), throttle=throttle, gate=gate, origin=s.console_origin)
+                     usage=runtime.extras.get("web_usage"), project_usage=runtime.extras.get("web_project_usage"),
+                     throttle=throttle, gate=gate, origin=s.console_origin)
 
     usage_handlers, metering_routes = metering_console_routes(runtime)
     routes: list[BaseRoute] = [Route("/healthz", _healthz), *metering_routes,
