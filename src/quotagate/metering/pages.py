@@ -18,9 +18,10 @@ EXPORT_PAGE = 5000
 
 
 class ProjectUsagePages:
-    def __init__(self, accounts: AccountService, api: Callable[[], UsageAPI]) -> None:
+    def __init__(self, accounts: AccountService, api: Callable[[], UsageAPI], page_size: int = EXPORT_PAGE) -> None:
         self._accounts = accounts
         self._api = api
+        self._page_size = page_size
 
     def usage(self, actor: Actor, project_id: str, start: datetime, end: datetime, granularity: str,
               metadata: dict[str, str]) -> dict[str, Any]:
@@ -36,14 +37,14 @@ class ProjectUsagePages:
 
     def activity(self, actor: Actor, project_id: str, start: datetime, end: datetime,
                  metadata: dict[str, str]) -> Iterator[list[dict[str, Any]]]:
-        """Every request in [start, end), newest first, in pages of ``EXPORT_PAGE`` rows: all of them, for
-        a download (where the API's CSV stops at 100,000 rows and asks to page)."""
+        """Every request in [start, end), newest first, in pages of ``page_size`` rows: all of them, for a
+        download (where the API's CSV stops at 100,000 rows and asks to page)."""
         project = self._accounts.get_project(actor, project_id)
         api = self._api()
         api.catch_up()
         before = None
         while True:
-            rows, more = api.queries.project_activity(project.id, start=start, end=end, limit=EXPORT_PAGE,
+            rows, more = api.queries.project_activity(project.id, start=start, end=end, limit=self._page_size,
                                                       before=before, metadata=metadata)
             if rows:
                 yield rows
