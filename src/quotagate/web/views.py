@@ -403,10 +403,13 @@ class WebConsole:
         span = usage_view.parse_span(params, utcnow())
         errors = dict(span.errors)
         metadata: dict[str, str] = {}
-        try:
-            metadata = metadata_filter([m for m in params.getlist("metadata") if m.strip()])
-        except InvalidRequest as exc:
-            errors["metadata"] = forms.wording(exc.message, "metadata")
+        for entry in (m for m in params.getlist("metadata") if m.strip()):
+            # One at a time: a wrong entry is flagged and the filters before it are kept (their chips and
+            # hidden fields), so fixing it does not lose them.
+            try:
+                metadata = metadata_filter([*(f"{k}={v}" for k, v in metadata.items()), entry])
+            except InvalidRequest as exc:
+                errors["metadata"] = forms.wording(exc.message, "metadata")
         return span, metadata, errors
 
     async def project_usage_page(self, page: Page) -> Response:
