@@ -17,7 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from quotagate.keys.events import KeyEvents
-from quotagate.keys.models import KeyRecord, Period
+from quotagate.keys.models import KeyRecord, Limits, Period
 from quotagate.limits.interfaces import Limiter
 from quotagate.limits.memory import MemoryLimiter
 from quotagate.limits.redis import RedisLimiter
@@ -136,10 +136,17 @@ _serial = itertools.count()
 
 
 def make_key(*, rpm: int | None = None, tpm: int | None = None, token_limit: int | None = None,
-             period: Period | None = None, key_id: str | None = None) -> KeyRecord:
-    """A key record with the given limits (``token_limit`` alone defaults to a daily budget)."""
+             period: Period | None = None, key_id: str | None = None, project_id: str = "proj_test",
+             project: Limits | None = None, models: dict[str, Limits] | None = None) -> KeyRecord:
+    """A key record with the given limits (``token_limit`` alone defaults to a daily budget), its project's
+    limits (``project``) and its per-model limits (``models``)."""
     if token_limit is not None and period is None:
         period = "day"
-    return KeyRecord(id=key_id or f"key_t{next(_serial)}{uuid.uuid4().hex[:12]}", project_id="proj_test",
+    return KeyRecord(id=key_id or f"key_t{next(_serial)}{uuid.uuid4().hex[:12]}", project_id=project_id,
                      secret_hash="0" * 64, rpm=rpm, tpm=tpm, token_limit=token_limit, token_limit_period=period,
-                     models=None, expires_at=None, revoked=False, version=1)
+                     models=None, expires_at=None, revoked=False, version=1, project_limits=project,
+                     model_limits=models)
+
+
+def new_project_id() -> str:
+    return f"proj_t{next(_serial)}{uuid.uuid4().hex[:12]}"

@@ -389,7 +389,7 @@ async def test_a_cancelled_admission_still_queued_in_redis_refuses_itself(shared
     admit = shared.client.register_script(scripts.ADMIT)
     assert await settle(keys=[k + "rpm", k + "pend", k + "tpm", k + "tpmh", k + "b:day"], args=["r1", -1]) == 0
     reply = await admit(keys=[k + "revoked", k + "rpm", k + "tpm", k + "tpmh", k + "pend", k + "b:day"],
-                        args=[10, 10, 1, 5, 0, 1000, "day", "r1", "", 0])
+                        args=[10, 10, 1, "r1", "", 1, 5, 0, 1000, "day", 0])
     assert (reply[0], reply[1]) == (0, 4)
     state = await shared.state(key)
     assert state.requests_in_window == 0 and state.budget is not None and state.budget.reserved == 0

@@ -9,7 +9,12 @@ Definitions (CONTRACT §4), for one inference key:
 - ``token_limit`` per ``token_limit_period``: a hard budget over calendar periods in UTC (minute, hour,
   day, week starting Monday, month). ``used`` (settled) + ``reserved`` (in flight) never exceeds the limit.
 
-``admit`` is atomic per key: two concurrent admissions can never both take the last slot or tokens.
+The same limits may also be set on a key for one model, and on a project (shared by all of its keys):
+each set is a *scope* (``keys.models.Scope``), and an admission checks and reserves in every scope that
+applies to it (the key's, the key's for the request's model, the project's) at once: the tightest wins,
+and the refusal names the scope that bound it (``Admission.scope``).
+
+``admit`` is atomic over its scopes: two concurrent admissions can never both take the last slot or tokens.
 It reserves ``prompt_tokens + granted`` tokens, where ``granted`` (the completion allowance) is
 ``max_completion`` lowered to what tpm and the budget still allow; if that is below ``min_completion``
 the request is refused and nothing is reserved or counted. Refused requests are never charged.
@@ -32,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from quotagate.keys.models import KeyRecord
+from quotagate.keys.models import KeyRecord, ScopeKind
 
 # ``key_revoked``: the key was revoked (its record says so, or, with Redis, another instance marked it);
 # the LLM API answers it with 401 ``key_revoked``, the other two with 429.
@@ -72,23 +77,30 @@ class Admission:
     remaining_tokens: int | None = None
     reset_tokens: float | None = None     # seconds until tokens free up
     budget: Budget | None = None
+    # The scope whose limit refused the request (of a refusal): "key", "model" (the key's limits for the
+    # request's model) or "project" (the project's, shared by its keys).
+    scope: ScopeKind | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class LimitState:
-    """A key's live limit state, for the usage API (nothing is reserved by reading it)."""
+    """A key's live limit state, for the usage API (nothing is reserved by reading it): its own limits'
+    figures, and those of its project's limits and of its per-model limits where it has them."""
 
     rpm: int | None
     requests_in_window: int
     tpm: int | None
     tokens_in_window: int
     budget: Budget | None
+    project: LimitState | None = None
+    models: dict[str, LimitState] | None = None
 
 
 class Limiter(Protocol):
     async def admit(self, key: KeyRecord, prompt_tokens: int, max_completion: int,
-                    min_completion: int = 1) -> Admission:
-        """Check every limit of ``key`` and, if all allow, count the request and reserve its tokens."""
+                    min_completion: int = 1, model: str | None = None) -> Admission:
+        """Check every limit of ``key`` (``key.scopes(model)``: its own, its limits for ``model``, its
+        project's) and, if all allow, count the request and reserve its tokens in each, atomically."""
 
     async def extend(self, key: KeyRecord, admission: Admission, tokens: int) -> int:
         """Add up to ``tokens`` to the admission's reservation, as far as ``key``'s tpm (if the admission is

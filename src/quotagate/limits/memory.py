@@ -1,8 +1,9 @@
-"""The in-memory limiter: exact sliding logs per key, for a single process.
+"""The in-memory limiter: exact sliding logs per scope (a key, a key's model, a project), for one process.
 
-``admit`` never awaits between checking and reserving, so on one event loop it is atomic per key.
-State is kept only for keys with limits, and a key's state is dropped once nothing in it can matter
-any more (empty windows, no budget in use in the current period, no reservation outstanding).
+``admit`` never awaits between checking and reserving, so on one event loop it is atomic over all the
+scopes of a request. State is kept only for scopes with limits, and a scope's state is dropped once
+nothing in it can matter any more (empty windows, no budget in use in the current period, no reservation
+outstanding). "Key" below is any scope: the state of each is the same.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import itertools
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
-from quotagate.keys.models import KeyRecord, Period
+from quotagate.keys.models import KeyRecord, Period, Scope
 from quotagate.limits.interfaces import Admission, Budget, LimitState, Refusal
 from quotagate.limits.periods import period_bounds
 
@@ -132,93 +134,122 @@ class MemoryLimiter:
         return key_id in self._keys
 
     async def admit(self, key: KeyRecord, prompt_tokens: int, max_completion: int,
-                    min_completion: int = 1) -> Admission:
-        return self.admit_sync(key, prompt_tokens, max_completion, min_completion)
+                    min_completion: int = 1, model: str | None = None) -> Admission:
+        return self.admit_sync(key, prompt_tokens, max_completion, min_completion, model)
 
     def admit_sync(self, key: KeyRecord, prompt_tokens: int, max_completion: int,
-                   min_completion: int = 1) -> Admission:
+                   min_completion: int = 1, model: str | None = None) -> Admission:
         """``admit`` without the coroutine: check and reserve in one go, nothing awaited in between."""
         if key.revoked:
             return Admission(admitted=False, refusal="key_revoked")
-        rpm, tpm, limit, period = key.rpm, key.tpm, key.token_limit, key.token_limit_period
-        budgeted = limit is not None and period is not None
-        if rpm is None and tpm is None and not budgeted:
+        scopes = key.scopes(model)
+        if not scopes:
             return Admission(admitted=True)
         now = self._now()
-        st = self._touch(key.id, now)
-        st.prune(now)
         max_completion = max(0, max_completion)
         min_completion = max(0, min(min_completion, max_completion))
         refusal: Refusal | None = None
         retry = 0.0
-        requests = st.requests
-        if rpm is not None and len(requests) >= rpm:
-            refusal = "rate_limit_exceeded"
-            retry = requests[len(requests) - rpm] + WINDOW - now
+        bound: Scope | None = None
         granted = max_completion
-        if tpm is not None:
-            room = tpm - st.tokens_sum - prompt_tokens
-            if room < min_completion:
-                refusal = "rate_limit_exceeded"
-                retry = max(retry, st.tokens_retry(tpm, prompt_tokens + min_completion, now))
-            granted = min(granted, room)
-        counter: _Counter | None = None
-        end = 0
-        if budgeted:
-            assert limit is not None and period is not None
-            counter, end = st.counter(period, now)
-            room = limit - counter.used - counter.reserved - prompt_tokens
-            if room < min_completion:
-                refusal = "token_limit_exceeded"
-                retry = max(retry, end - now)
-            granted = min(granted, room)
+        states: list[_KeyState] = []
+        counters: list[tuple[_Counter | None, int]] = []
+        for scope in scopes:
+            st = self._touch(scope.id, now)
+            st.prune(now)
+            states.append(st)
+            code: Refusal | None = None
+            wait = 0.0
+            requests = st.requests
+            rpm, tpm, limit = scope.rpm, scope.tpm, scope.limit
+            if rpm is not None and len(requests) >= rpm:
+                code = "rate_limit_exceeded"
+                wait = requests[len(requests) - rpm] + WINDOW - now
+            if tpm is not None:
+                room = tpm - st.tokens_sum - prompt_tokens
+                if room < min_completion:
+                    code = "rate_limit_exceeded"
+                    wait = max(wait, st.tokens_retry(tpm, prompt_tokens + min_completion, now))
+                granted = min(granted, room)
+            counter: _Counter | None = None
+            end = 0
+            if limit is not None:
+                assert scope.period is not None
+                counter, end = st.counter(scope.period, now)
+                room = limit - counter.used - counter.reserved - prompt_tokens
+                if room < min_completion:
+                    code = "token_limit_exceeded"
+                    wait = max(wait, end - now)
+                granted = min(granted, room)
+            counters.append((counter, end))
+            # The scope that holds the request longest is the one a retry has to wait for.
+            if code is not None and (refusal is None or wait > retry):
+                refusal, retry, bound = code, wait, scope
         if refusal is not None:
-            return self._admission(key, st, now, counter, end, refusal=refusal, retry_after=retry)
-        if rpm is not None:
-            requests.append(now)
-        if tpm is None and counter is None:
-            return self._admission(key, st, now, None, 0)
+            return self._admission(scopes, states, counters, now, refusal=refusal, retry_after=retry, bound=bound)
         reserved = prompt_tokens + granted
-        entry: _Entry | None = None
-        if tpm is not None:
-            entry = _Entry(now, reserved)
-            st.entries.append(entry)
-            st.tokens_sum += reserved
-        if counter is not None:
-            counter.reserved += reserved
+        tracked: list[str] = []
         rid = str(next(self._ids))
-        st.reservations[rid] = _Reservation(reserved, entry, counter)
-        if len(st.reservations) > st.reservations_mark:
-            st.collect(now)
-        return self._admission(key, st, now, counter, end, reservation=rid, reserved=reserved, granted=granted)
+        for scope, st, (counter, _) in zip(scopes, states, counters, strict=True):
+            if scope.rpm is not None:
+                st.requests.append(now)
+            if scope.tpm is None and counter is None:
+                continue
+            entry: _Entry | None = None
+            if scope.tpm is not None:
+                entry = _Entry(now, reserved)
+                st.entries.append(entry)
+                st.tokens_sum += reserved
+            if counter is not None:
+                counter.reserved += reserved
+            st.reservations[rid] = _Reservation(reserved, entry, counter)
+            if len(st.reservations) > st.reservations_mark:
+                st.collect(now)
+            tracked.append(scope.id)
+        if not tracked:
+            return self._admission(scopes, states, counters, now)
+        if tracked != [key.id]:
+            # The reservation names the scopes it holds tokens in (settle and extend find them there).
+            rid = _SEP.join((rid, *tracked))
+        return self._admission(scopes, states, counters, now, reservation=rid, reserved=reserved, granted=granted)
 
     async def extend(self, key: KeyRecord, admission: Admission, tokens: int) -> int:
         return self.extend_sync(key, admission.reservation, tokens)
 
     def extend_sync(self, key: KeyRecord, rid: str | None, tokens: int) -> int:
         """``extend`` without the coroutine, by reservation id."""
-        st = self._keys.get(key.id) if rid is not None else None
-        res = st.reservations.get(rid) if st is not None and rid is not None else None
-        if st is None or res is None or tokens <= 0 or key.revoked:
+        if rid is None or tokens <= 0 or key.revoked:
             return 0
+        rid, scope_ids = _parse(rid, key.id)
+        held: list[tuple[_KeyState, _Reservation, Scope | None]] = []
+        limits = {s.id: s for s in key.all_scopes()}
+        for scope_id in scope_ids:
+            st = self._keys.get(scope_id)
+            res = st.reservations.get(rid) if st is not None else None
+            if st is None or res is None:
+                return 0
+            held.append((st, res, limits.get(scope_id)))
         now = self._now()
-        st.prune(now)
         room = tokens
-        entry = res.entry
-        if key.tpm is not None and entry is not None and entry.live:
-            room = min(room, key.tpm - st.tokens_sum)
-        counter = res.counter
-        if counter is not None and key.token_limit is not None:
-            room = min(room, key.token_limit - counter.used - counter.reserved)
+        for st, res, scope in held:
+            st.prune(now)
+            entry, counter = res.entry, res.counter
+            # Limits removed since the admission no longer bound it; ones added later did not count it.
+            if scope is not None and scope.tpm is not None and entry is not None and entry.live:
+                room = min(room, scope.tpm - st.tokens_sum)
+            if scope is not None and counter is not None and scope.limit is not None:
+                room = min(room, scope.limit - counter.used - counter.reserved)
         if room <= 0:
             return 0
-        res.tokens += room
-        if entry is not None:
-            entry.tokens += room
-            if entry.live:
-                st.tokens_sum += room
-        if counter is not None:
-            counter.reserved += room
+        for st, res, _ in held:
+            res.tokens += room
+            entry, counter = res.entry, res.counter
+            if entry is not None:
+                entry.tokens += room
+                if entry.live:
+                    st.tokens_sum += room
+            if counter is not None:
+                counter.reserved += room
         return room
 
     async def settle(self, key: KeyRecord, admission: Admission, actual_tokens: int) -> None:
@@ -228,22 +259,24 @@ class MemoryLimiter:
         """``settle`` without the coroutine, by key id and reservation id."""
         if rid is None:
             return
-        st = self._keys.get(key_id)
-        if st is None:
-            return
-        res = st.reservations.pop(rid, None)
-        if res is None:
-            return
+        rid, scope_ids = _parse(rid, key_id)
         actual = max(0, actual_tokens)
-        entry = res.entry
-        if entry is not None:
-            if entry.live:
-                st.tokens_sum += actual - entry.tokens
-            entry.tokens = actual
-        # A counter of an ended period may be updated here harmlessly: nothing reads it any more.
-        if res.counter is not None:
-            res.counter.reserved -= res.tokens
-            res.counter.used += actual
+        for scope_id in scope_ids:
+            st = self._keys.get(scope_id)
+            if st is None:
+                continue
+            res = st.reservations.pop(rid, None)
+            if res is None:
+                continue
+            entry = res.entry
+            if entry is not None:
+                if entry.live:
+                    st.tokens_sum += actual - entry.tokens
+                entry.tokens = actual
+            # A counter of an ended period may be updated here harmlessly: nothing reads it any more.
+            if res.counter is not None:
+                res.counter.reserved -= res.tokens
+                res.counter.used += actual
 
     async def state(self, key: KeyRecord) -> LimitState:
         return self.state_sync(key)
@@ -251,19 +284,35 @@ class MemoryLimiter:
     def state_sync(self, key: KeyRecord) -> LimitState:
         """``state`` without the coroutine."""
         now = self._now()
-        st = self._keys.get(key.id)
+        own = self._scope_state(key.id, key.rpm, key.tpm, key.token_limit, key.token_limit_period, now)
+        project = models = None
+        for scope in key.all_scopes():
+            if scope.kind == "project":
+                project = self._scope_state(scope.id, scope.rpm, scope.tpm, scope.limit, scope.period, now)
+            elif scope.kind == "model":
+                assert scope.model is not None
+                if models is None:
+                    models = {}
+                models[scope.model] = self._scope_state(scope.id, scope.rpm, scope.tpm, scope.limit, scope.period,
+                                                        now)
+        if project is None and models is None:
+            return own
+        return replace(own, project=project, models=models)
+
+    def _scope_state(self, scope_id: str, rpm: int | None, tpm: int | None, limit: int | None,
+                     period: Period | None, now: float) -> LimitState:
+        st = self._keys.get(scope_id)
         if st is not None:
             st.prune(now)
         budget: Budget | None = None
-        if key.token_limit is not None and key.token_limit_period is not None:
-            start, end = period_bounds(key.token_limit_period, now)
-            counter = st.budgets.get((key.token_limit_period, start)) if st is not None else None
-            budget = Budget(key.token_limit, key.token_limit_period, counter.used if counter else 0,
-                            counter.reserved if counter else 0, float(end))
+        if limit is not None and period is not None:
+            start, end = period_bounds(period, now)
+            counter = st.budgets.get((period, start)) if st is not None else None
+            budget = Budget(limit, period, counter.used if counter else 0, counter.reserved if counter else 0,
+                            float(end))
         return LimitState(
-            rpm=key.rpm, requests_in_window=len(st.requests) if st is not None and key.rpm is not None else 0,
-            tpm=key.tpm, tokens_in_window=st.tokens_sum if st is not None and key.tpm is not None else 0,
-            budget=budget)
+            rpm=rpm, requests_in_window=len(st.requests) if st is not None and rpm is not None else 0,
+            tpm=tpm, tokens_in_window=st.tokens_sum if st is not None and tpm is not None else 0, budget=budget)
 
     async def close(self) -> None:
         self._keys.clear()
@@ -314,31 +363,55 @@ class MemoryLimiter:
         return st
 
     @staticmethod
-    def _admission(key: KeyRecord, st: _KeyState, now: float, counter: _Counter | None, end: int, *,
-                   refusal: Refusal | None = None, retry_after: float = 0.0, reservation: str | None = None,
-                   reserved: int = 0, granted: int | None = None) -> Admission:
+    def _admission(scopes: tuple[Scope, ...], states: list[_KeyState], counters: list[tuple[_Counter | None, int]],
+                   now: float, *, refusal: Refusal | None = None, retry_after: float = 0.0,
+                   bound: Scope | None = None, reservation: str | None = None, reserved: int = 0,
+                   granted: int | None = None) -> Admission:
+        """The admission's figures for the headers: of each kind, the scope with the least left (the one
+        that binds); the budget of the scope that refused, else the tightest."""
         budget: Budget | None = None
-        if counter is not None:
-            assert key.token_limit is not None and key.token_limit_period is not None
-            budget = Budget(key.token_limit, key.token_limit_period, counter.used, counter.reserved, float(end))
         limit_requests = remaining_requests = None
         reset_requests: float | None = None
-        if key.rpm is not None:
-            limit_requests = key.rpm
-            remaining_requests = max(0, key.rpm - len(st.requests))
-            reset_requests = st.requests[0] + WINDOW - now if st.requests else 0.0
         limit_tokens = remaining_tokens = None
         reset_tokens: float | None = None
-        if key.tpm is not None:
-            limit_tokens = key.tpm
-            remaining_tokens = max(0, key.tpm - st.tokens_sum)
-            reset_tokens = st.entries[0].at + WINDOW - now if st.entries else 0.0
-        elif budget is not None:
-            limit_tokens = budget.limit
-            remaining_tokens = budget.remaining
-            reset_tokens = budget.resets_at - now
+        for scope, st, (counter, end) in zip(scopes, states, counters, strict=True):
+            b: Budget | None = None
+            if counter is not None:
+                assert scope.limit is not None and scope.period is not None
+                b = Budget(scope.limit, scope.period, counter.used, counter.reserved, float(end))
+                if refusal == "token_limit_exceeded" and bound is not None:
+                    if scope is bound:
+                        budget = b
+                elif budget is None or b.remaining < budget.remaining:
+                    budget = b
+            if scope.rpm is not None:
+                left = max(0, scope.rpm - len(st.requests))
+                if remaining_requests is None or left < remaining_requests:
+                    limit_requests, remaining_requests = scope.rpm, left
+                    reset_requests = st.requests[0] + WINDOW - now if st.requests else 0.0
+            if scope.tpm is not None:
+                left = max(0, scope.tpm - st.tokens_sum)
+                if remaining_tokens is None or left < remaining_tokens:
+                    limit_tokens, remaining_tokens = scope.tpm, left
+                    reset_tokens = st.entries[0].at + WINDOW - now if st.entries else 0.0
+            elif b is not None and (remaining_tokens is None or b.remaining < remaining_tokens):
+                limit_tokens, remaining_tokens, reset_tokens = b.limit, b.remaining, b.resets_at - now
         return Admission(
             admitted=refusal is None, reservation=reservation, reserved_tokens=reserved, granted=granted,
             refusal=refusal, retry_after=retry_after, limit_requests=limit_requests,
             remaining_requests=remaining_requests, reset_requests=reset_requests, limit_tokens=limit_tokens,
-            remaining_tokens=remaining_tokens, reset_tokens=reset_tokens, budget=budget)
+            remaining_tokens=remaining_tokens, reset_tokens=reset_tokens, budget=budget,
+            scope=bound.kind if bound is not None else None)
+
+
+# A reservation held in several scopes (or in one that is not the key's own) is written
+# "<id>\x1e<scope id>\x1e<scope id>...": settling and extending need no other record of where it is.
+_SEP = "\x1e"
+
+
+def _parse(rid: str, key_id: str) -> tuple[str, list[str]]:
+    """The reservation's own id and the scopes it holds tokens in."""
+    if _SEP not in rid:
+        return rid, [key_id]
+    first, *scope_ids = rid.split(_SEP)
+    return first, scope_ids

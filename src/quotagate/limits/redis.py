@@ -24,6 +24,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Literal, get_args
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -33,7 +34,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from quotagate.keys.models import KeyRecord
+from quotagate.keys.models import KeyRecord, Scope
 from quotagate.limits import scripts
 from quotagate.limits.errors import LimiterUnavailable
 from quotagate.limits.interfaces import Admission, Budget, LimitState, Refusal
@@ -51,7 +52,11 @@ _REFUSALS: dict[int, Refusal] = {1: "rate_limit_exceeded", 2: "token_limit_excee
 _CANCELLED = 4  # the admission's id was cancelled before the script ran (see scripts.SETTLE_LUA)
 _CANCEL = -1  # "actual tokens" of a settlement that cancels its admission
 _Settle = tuple[str, str, int]  # reservation id, budget period kind of the admission ('' none), actual tokens
-_Pending = dict[str, list[_Settle]]  # by key id, in order
+_Pending = dict[str, list[_Settle]]  # by scope (its Redis prefix), in order
+# A reservation in several scopes (or in one that is not the key's own) is written
+# "<id>\x1e<prefix>\x1f<period>\x1e...", one part per scope; a key's own alone "<id>|<period>".
+_SCOPES = "\x1e"
+_PERIOD = "\x1f"
 
 
 class RedisLimiter:
@@ -108,26 +113,43 @@ class RedisLimiter:
         return self._prefix
 
     def key_prefix(self, key_id: str) -> str:
-        """The prefix of every Redis key kept for ``key_id``: one hash tag per inference key."""
+        """The prefix of every Redis key kept for ``key_id``: one hash tag per inference key (a project's
+        limits are kept under ``key_prefix(project_id)``)."""
         return f"{self._prefix}:{{{key_id}}}:"
+
+    def scope_prefix(self, scope: Scope) -> str:
+        """The prefix of a scope's Redis keys: its tag's, and for a key's limits on one model, below it."""
+        if scope.model is None:
+            return f"{self._prefix}:{{{scope.tag}}}:"
+        return f"{self._prefix}:{{{scope.tag}}}:m:{scope.model}:"
 
     # --- the Limiter contract ----------------------------------------------------------------
 
     async def admit(self, key: KeyRecord, prompt_tokens: int, max_completion: int,
-                    min_completion: int = 1) -> Admission:
+                    min_completion: int = 1, model: str | None = None) -> Admission:
         if key.revoked:
             return Admission(admitted=False, refusal="key_revoked")
-        rpm, tpm, limit, period = key.rpm, key.tpm, key.token_limit, key.token_limit_period
-        if limit is None or period is None:
-            limit, period = None, None
+        scopes = key.scopes(model)
         max_completion = max(0, max_completion)
         min_completion = max(0, min(min_completion, max_completion))
-        k = self.key_prefix(key.id)
         rid = f"{self._id_prefix}{next(self._ids)}"
-        keys = [k + "revoked", k + "rpm", k + "tpm", k + "tpmh", k + "pend", k + "b:" + (period or "-")]
-        args: list[str | int] = [prompt_tokens, max_completion, min_completion, rpm or 0, tpm or 0, limit or 0,
-                                 period or "", rid, self._override(), 0]
-        carried = self._carry(key.id, period or "", args)
+        prefixes = [self.scope_prefix(scope) for scope in scopes]
+        keys = [self.key_prefix(key.id) + "revoked"]
+        args: list[str | int] = [prompt_tokens, max_completion, min_completion, rid, self._override(), len(scopes)]
+        carried: _Pending = {}
+        for scope, p in zip(scopes, prefixes, strict=True):
+            period = scope.period or ""
+            keys += [p + "rpm", p + "tpm", p + "tpmh", p + "pend", p + "b:" + (period or "-")]
+            args += [scope.rpm or 0, scope.tpm or 0, scope.limit or 0, period]
+            items = self._carry(p, period)
+            args.append(len(items))
+            for settled_id, _, actual in items:
+                args += [settled_id, actual]
+            if items:
+                carried[p] = items
+        if carried:
+            self._inflight += 1
+            self._drained.clear()
         ok = False
         try:
             reply = await self._eval(scripts.ADMIT_SHA, keys, args)
@@ -135,48 +157,85 @@ class RedisLimiter:
         except UNAVAILABLE as exc:
             # The script may have run with its reply lost: cancel the admission (idempotent, and a
             # no-op if it never ran), or it would hold its slot and tokens though the request is refused.
-            if rpm or tpm or limit:
-                self._queue(key.id, (rid, period or "", _CANCEL))
-            return self._unavailable(key, exc)
+            for scope, p in zip(scopes, prefixes, strict=True):
+                self._queue(p, (rid, scope.period or "", _CANCEL))
+            return self._unavailable(scopes, exc)
         finally:
             if carried:
-                self._done({key.id: carried}, ok)
+                self._done(carried, ok)
         self._up()
-        (admitted, code, retry_us, granted, reserved, nreq, rreset, tsum, treset, bused, bres, bend,
-         now_us) = (int(x) for x in reply)
+        admitted, code, bound, retry_us, granted, reserved, now_us = (int(x) for x in reply[:7])
         if code == 3:
             return Admission(admitted=False, refusal="key_revoked")
         if code == _CANCELLED:
             raise LimiterUnavailable()
         now = now_us / 1e6
-        budget = Budget(limit, period, bused, bres, float(bend)) if limit is not None and period is not None else None
-        limit_tokens = remaining_tokens = None
+        refusal = _REFUSALS.get(code)
+        budget: Budget | None = None
+        limit_requests = remaining_requests = limit_tokens = remaining_tokens = None
+        reset_requests: float | None = None
         reset_tokens: float | None = None
-        if tpm is not None:
-            limit_tokens, remaining_tokens, reset_tokens = tpm, max(0, tpm - tsum), treset / 1e6
-        elif budget is not None:
-            limit_tokens, remaining_tokens, reset_tokens = budget.limit, budget.remaining, budget.resets_at - now
-        tracked = admitted and (tpm is not None or budget is not None)
+        tracked: list[str] = []
+        # Of each kind of figure, the scope with the least left binds (see memory.MemoryLimiter._admission).
+        for i, scope in enumerate(scopes):
+            nreq, rreset, tsum, treset, bused, bres, bend = (int(x) for x in reply[7 + 7 * i:14 + 7 * i])
+            if scope.tpm is not None or scope.limit is not None:
+                tracked.append(f"{prefixes[i]}{_PERIOD}{scope.period or ''}")
+            b: Budget | None = None
+            if scope.limit is not None and scope.period is not None:
+                b = Budget(scope.limit, scope.period, bused, bres, float(bend))
+                if refusal == "token_limit_exceeded" and bound:
+                    if bound == i + 1:
+                        budget = b
+                elif budget is None or b.remaining < budget.remaining:
+                    budget = b
+            if scope.rpm is not None:
+                left = max(0, scope.rpm - nreq)
+                if remaining_requests is None or left < remaining_requests:
+                    limit_requests, remaining_requests, reset_requests = scope.rpm, left, rreset / 1e6
+            if scope.tpm is not None:
+                left = max(0, scope.tpm - tsum)
+                if remaining_tokens is None or left < remaining_tokens:
+                    limit_tokens, remaining_tokens, reset_tokens = scope.tpm, left, treset / 1e6
+            elif b is not None and (remaining_tokens is None or b.remaining < remaining_tokens):
+                limit_tokens, remaining_tokens, reset_tokens = b.limit, b.remaining, b.resets_at - now
+        reservation = None
+        if admitted and tracked:
+            if len(scopes) == 1 and scopes[0].id == key.id:
+                reservation = f"{rid}|{scopes[0].period or ''}"
+            else:
+                reservation = _SCOPES.join((rid, *tracked))
         return Admission(
-            admitted=bool(admitted),
-            reservation=f"{rid}|{period or ''}" if tracked else None,
+            admitted=bool(admitted), reservation=reservation,
             reserved_tokens=reserved, granted=granted if granted >= 0 else None,
-            refusal=_REFUSALS.get(code), retry_after=retry_us / 1e6,
-            limit_requests=rpm, remaining_requests=max(0, rpm - nreq) if rpm is not None else None,
-            reset_requests=rreset / 1e6 if rpm is not None else None,
+            refusal=refusal, retry_after=retry_us / 1e6,
+            limit_requests=limit_requests, remaining_requests=remaining_requests, reset_requests=reset_requests,
             limit_tokens=limit_tokens, remaining_tokens=remaining_tokens, reset_tokens=reset_tokens,
-            budget=budget)
+            budget=budget, scope=scopes[bound - 1].kind if bound else None)
+
+    def _held(self, key: KeyRecord, reservation: str) -> tuple[str, list[tuple[str, str]]]:
+        """A reservation's id, and the (prefix, budget period kind) of each scope it holds tokens in."""
+        if _SCOPES not in reservation:
+            rid, _, period = reservation.partition("|")
+            return rid, [(self.key_prefix(key.id), period)]
+        rid, *held = reservation.split(_SCOPES)
+        return rid, [(p, period) for p, _, period in (h.partition(_PERIOD) for h in held)]
 
     async def extend(self, key: KeyRecord, admission: Admission, tokens: int) -> int:
         if admission.reservation is None or tokens <= 0 or key.revoked:
             return 0
-        rid, _, period = admission.reservation.partition("|")
-        k = self.key_prefix(key.id)
-        limit = key.token_limit if period and key.token_limit_period == period else None
-        keys = [k + "tpm", k + "tpmh", k + "pend", k + "b:" + (period or "-")]
+        rid, held = self._held(key, admission.reservation)
+        limits = {self.scope_prefix(scope): scope for scope in key.all_scopes()}
+        keys: list[str] = []
+        args: list[str | int] = [rid, tokens, self._override()]
+        for p, period in held:
+            # Limits removed since the admission no longer bind it; a budget of another period kind is not its.
+            scope = limits.get(p)
+            keys += [p + "tpm", p + "tpmh", p + "pend", p + "b:" + (period or "-")]
+            limit = scope.limit if scope is not None and period and scope.period == period else None
+            args += [(scope.tpm if scope is not None else None) or 0, limit or 0]
         try:
-            added = await self._eval(scripts.EXTEND_SHA, keys,
-                                     [rid, tokens, key.tpm or 0, limit or 0, self._override()])
+            added = await self._eval(scripts.EXTEND_SHA, keys, args)
         except UNAVAILABLE as exc:
             # Nothing more can be reserved: the request ends at what it has (its stream is cut there).
             self._note_down(exc)
@@ -187,31 +246,47 @@ class RedisLimiter:
     async def settle(self, key: KeyRecord, admission: Admission, actual_tokens: int) -> None:
         if admission.reservation is None:
             return
-        rid, _, period = admission.reservation.partition("|")
-        self._queue(key.id, (rid, period, max(0, actual_tokens)))
+        rid, held = self._held(key, admission.reservation)
+        for p, period in held:
+            self._queue(p, (rid, period, max(0, actual_tokens)))
 
-    def _queue(self, key_id: str, settlement: _Settle) -> None:
-        self._pending.setdefault(key_id, []).append(settlement)
+    def _queue(self, prefix: str, settlement: _Settle) -> None:
+        self._pending.setdefault(prefix, []).append(settlement)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(), name="limiter-settle")
         self._wake.set()
 
     async def state(self, key: KeyRecord) -> LimitState:
-        k = self.key_prefix(key.id)
-        period = key.token_limit_period if key.token_limit is not None else None
-        keys = [k + "rpm", k + "tpm", k + "tpmh", k + "b:" + (period or "-")]
+        own = Scope(key.id, "key", key.id, key.rpm, key.tpm, key.token_limit,
+                    key.token_limit_period if key.token_limit is not None else None)
+        scopes = [own, *(scope for scope in key.all_scopes() if scope.kind != "key")]
+        keys: list[str] = []
+        args: list[str | int] = [self._override()]
+        for scope in scopes:
+            p = self.scope_prefix(scope)
+            keys += [p + "rpm", p + "tpm", p + "tpmh", p + "b:" + (scope.period or "-")]
+            args.append(scope.period or "")
         try:
             if self._pending or self._inflight:
                 await self.flush()  # read this instance's own settlements
-            reply = await self._state_script(keys=keys, args=[period or "", self._override()])
+            reply = await self._state_script(keys=keys, args=args)
         except UNAVAILABLE as exc:
             raise LimiterUnavailable() from exc
-        nreq, tsum, bused, bres, bend = (int(x) for x in reply)
-        budget = None
-        if key.token_limit is not None and period is not None:
-            budget = Budget(key.token_limit, period, bused, bres, float(bend))
-        return LimitState(rpm=key.rpm, requests_in_window=nreq if key.rpm is not None else 0,
-                          tpm=key.tpm, tokens_in_window=tsum if key.tpm is not None else 0, budget=budget)
+        states: list[LimitState] = []
+        for i, scope in enumerate(scopes):
+            nreq, tsum, bused, bres, bend = (int(x) for x in reply[5 * i:5 * i + 5])
+            budget = None
+            if scope.limit is not None and scope.period is not None:
+                budget = Budget(scope.limit, scope.period, bused, bres, float(bend))
+            states.append(LimitState(rpm=scope.rpm, requests_in_window=nreq if scope.rpm is not None else 0,
+                                     tpm=scope.tpm, tokens_in_window=tsum if scope.tpm is not None else 0,
+                                     budget=budget))
+        project = next((st for scope, st in zip(scopes, states, strict=True) if scope.kind == "project"), None)
+        models = {scope.model: st for scope, st in zip(scopes, states, strict=True)
+                  if scope.kind == "model" and scope.model is not None}
+        if project is None and not models:
+            return states[0]
+        return replace(states[0], project=project, models=models or None)
 
     async def close(self) -> None:
         """Flush queued settlements (trying for a few seconds if Redis is down), then disconnect.
@@ -296,22 +371,16 @@ class RedisLimiter:
     def _override(self) -> str | int:
         return "" if self._now is None else round(self._now() * 1e6)
 
-    def _carry(self, key_id: str, period: str, args: list[str | int]) -> list[_Settle]:
-        """Move the key's queued settlements that its admission script can apply into ``args``."""
-        queued = self._pending.pop(key_id, None)
+    def _carry(self, prefix: str, period: str) -> list[_Settle]:
+        """Take the scope's queued settlements that its admission script can apply (the caller sends them)."""
+        queued = self._pending.pop(prefix, None)
         if not queued:
             return []
-        # The script holds the budget key of the key's current period kind only.
+        # The script holds the budget key of the scope's current period kind only.
         carried = [s for s in queued if s[1] in ("", period)]
         rest = [s for s in queued if s[1] not in ("", period)]
         if rest:
-            self._pending[key_id] = rest
-        if carried:
-            args[9] = len(carried)
-            for rid, _, actual in carried:
-                args += [rid, actual]
-            self._inflight += 1
-            self._drained.clear()
+            self._pending[prefix] = rest
         return carried
 
     def _done(self, batch: _Pending, ok: bool) -> None:
@@ -325,8 +394,7 @@ class RedisLimiter:
     async def _write(self, batch: _Pending) -> None:
         """Settle a batch: one pipeline, one script call per settlement."""
         calls: list[tuple[list[str], list[str | int]]] = []
-        for key_id, items in batch.items():
-            k = self.key_prefix(key_id)
+        for k, items in batch.items():
             for rid, period, actual in items:
                 keys = [k + "rpm", k + "pend", k + "tpm", k + "tpmh", k + "b:" + (period or "-")]
                 calls.append((keys, [rid, actual]))
@@ -366,10 +434,10 @@ class RedisLimiter:
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
 
-    def _unavailable(self, key: KeyRecord, exc: BaseException) -> Admission:
+    def _unavailable(self, scopes: tuple[Scope, ...], exc: BaseException) -> Admission:
         self.unavailable_total += 1
         self._note_down(exc)
-        budgeted = key.token_limit is not None and key.token_limit_period is not None
+        budgeted = any(scope.limit is not None for scope in scopes)
         if self._policy == "open" or (self._policy == "open-rates" and not budgeted):
             return Admission(admitted=True)
         raise LimiterUnavailable() from exc

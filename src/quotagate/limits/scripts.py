@@ -1,7 +1,9 @@
 """The Redis limiter's Lua scripts: each runs atomically inside Redis, on Redis's own clock.
 
-Keys of one inference key share the hash tag ``{<key id>}``, so every script touches one slot (Redis
-Cluster). Layout, for key ``K`` (all with a TTL but the revocation marker, see docs/limits.md):
+Keys of one inference key share the hash tag ``{<key id>}``, so a script for a key with only its own
+limits (and per-model ones) touches one slot (Redis Cluster); a project's limits live under the project's
+tag ``{<project id>}``, so an admission that includes them touches two (fine on one Redis server, not on a
+Cluster). Layout, for a key or project ``K`` (all with a TTL but the revocation marker, see docs/limits.md):
 
     qg:{K}:revoked   string  set when the key is revoked, checked by every admission
     qg:{K}:rpm       zset    admission id -> admission time (µs)
@@ -9,6 +11,7 @@ Cluster). Layout, for key ``K`` (all with a TTL but the revocation marker, see d
     qg:{K}:tpmh      hash    reservation id -> tokens (reserved, then actual); "_s" -> their sum
     qg:{K}:pend      hash    reservation id -> "<reserved>:<budget period start or 0>" until settled
     qg:{K}:b:<p>     hash    budget of period kind <p>: "s" period start, "u" used, "r" reserved
+    qg:{K}:m:<model>:...     the same five for a key's limits on one model (rpm, tpm, tpmh, pend, b:<p>)
 
 Times are microseconds (Lua numbers are doubles: exact up to 2^53 µs, beyond the year 2255).
 """
@@ -146,177 +149,232 @@ SETTLE = SETTLE_LUA + r"""
 return settle_one(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], tonumber(ARGV[2]))
 """
 
-# KEYS: revoked, rpm, tpm, tpmh, pend, budget
-# ARGV: prompt, max_completion, min_completion, rpm, tpm, limit (0 = none), period, id, now override (''),
-#       n, then n pairs (reservation id, actual tokens): this key's queued settlements, applied first
+# Admission over one or more scopes (a key's own limits, its limits for the request's model, its
+# project's): every check of every scope, then every reservation, in one atomic run.
+# KEYS: revoked, then per scope: rpm, tpm, tpmh, pend, budget
+# ARGV: prompt, max_completion, min_completion, id, now override (''), number of scopes, then per scope:
+#       rpm, tpm, limit (0 = none), period, n, then n pairs (reservation id, actual tokens): the scope's queued
+#       settlements, applied first
 # An admission is idempotent per id (redis-py re-sends a command whose reply timed out): a second run
 # answers as the first did without counting again, and one already cancelled refuses itself.
-# Returns {admitted, refusal (0 none, 1 rate, 2 budget, 3 revoked, 4 cancelled), retry µs, granted (-1: none),
-#          reserved, requests in window, requests reset µs, tokens in window, tokens reset µs,
-#          budget used, budget reserved, budget end (s), now µs}
+# Returns {admitted, refusal (0 none, 1 rate, 2 budget, 3 revoked, 4 cancelled), scope that refused (1-based,
+#          0 none), retry µs, granted (-1: none), reserved, now µs, then per scope: requests in window,
+#          requests reset µs, tokens in window, tokens reset µs, budget used, budget reserved, budget end (s)}
 ADMIT = PERIODS_LUA + SETTLE_LUA + r"""
 local W = 60000000
-local now = clock(ARGV[9])
-for i = 1, tonumber(ARGV[10] or '0') do
-  settle_one(KEYS[2], KEYS[5], KEYS[3], KEYS[4], KEYS[6], ARGV[9 + 2 * i], tonumber(ARGV[10 + 2 * i]))
+local now = clock(ARGV[5])
+local prompt, maxc, minc, id = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local S = {}
+local a = 7
+for i = 1, tonumber(ARGV[6]) do
+  local k = 1 + (i - 1) * 5
+  local s = {rz = KEYS[k + 1], tz = KEYS[k + 2], th = KEYS[k + 3], pend = KEYS[k + 4], bk = KEYS[k + 5],
+             rpm = tonumber(ARGV[a]), tpm = tonumber(ARGV[a + 1]), limit = tonumber(ARGV[a + 2]),
+             period = ARGV[a + 3], nreq = 0, rr = 0, tsum = 0, tr = 0, bstart = 0, bend = 0, bused = 0, bres = 0}
+  local n = tonumber(ARGV[a + 4])
+  a = a + 5
+  for _ = 1, n do
+    settle_one(s.rz, s.pend, s.tz, s.th, s.bk, ARGV[a], tonumber(ARGV[a + 1]))
+    a = a + 2
+  end
+  S[i] = s
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then return {0, 3, 0, -1, 0, 0, 0, 0, 0, 0, 0, 0, now} end
-local prompt, maxc, minc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local rpm, tpm, limit, period, id = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
-if rpm == 0 and tpm == 0 and limit == 0 then return {1, 0, 0, -1, 0, 0, 0, 0, 0, 0, 0, 0, now} end
-local prev = redis.call('HGET', KEYS[5], id)
-if prev == 'c' then return {0, 4, 0, -1, 0, 0, 0, 0, 0, 0, 0, 0, now} end
-if prev or (rpm > 0 and redis.call('ZSCORE', KEYS[2], id)) then
+
+local function reply(admitted, refusal, bound, retry, granted, reserved)
+  local r = {admitted, refusal, bound, retry, granted, reserved, now}
+  for _, s in ipairs(S) do
+    for _, v in ipairs({s.nreq, s.rr, s.tsum, s.tr, s.bused, s.bres, s.bend}) do r[#r + 1] = v end
+  end
+  return r
+end
+
+if redis.call('EXISTS', KEYS[1]) == 1 then return reply(0, 3, 0, 0, -1, 0) end
+local seen, held = false, nil
+for _, s in ipairs(S) do
+  local prev = redis.call('HGET', s.pend, id)
+  if prev == 'c' then return reply(0, 4, 0, 0, -1, 0) end
+  if prev then held = held or prev; seen = true end
+  if s.rpm > 0 and redis.call('ZSCORE', s.rz, id) then seen = true end
+end
+if seen then
   local reserved, granted = 0, -1
-  if prev then
-    reserved = tonumber(string.sub(prev, 1, string.find(prev, ':', 1, true) - 1))
+  if held then
+    reserved = tonumber(string.sub(held, 1, string.find(held, ':', 1, true) - 1))
     granted = reserved - prompt
   end
-  local pb, pe, pu, pr = 0, 0, 0, 0
-  if limit > 0 then pb, pe, pu, pr = budget(KEYS[6], period, now) end
-  return {1, 0, 0, granted, reserved, redis.call('ZCARD', KEYS[2]), 0,
-          tonumber(redis.call('HGET', KEYS[4], '_s') or '0'), 0, pu, pr, pe, now}
+  for _, s in ipairs(S) do
+    s.nreq = redis.call('ZCARD', s.rz)
+    s.tsum = tonumber(redis.call('HGET', s.th, '_s') or '0')
+    if s.limit > 0 then s.bstart, s.bend, s.bused, s.bres = budget(s.bk, s.period, now) end
+  end
+  return reply(1, 0, 0, 0, granted, reserved)
 end
+
 local cutoff = now - W
-local refusal, retry, granted = 0, 0, maxc
-local nreq, tsum, bstart, bend, bused, bres = 0, 0, 0, 0, 0, 0
-
-if rpm > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff)
-  nreq = redis.call('ZCARD', KEYS[2])
-  if nreq >= rpm then
-    local e = redis.call('ZRANGE', KEYS[2], nreq - rpm, nreq - rpm, 'WITHSCORES')
-    refusal, retry = 1, tonumber(e[2]) + W - now
-  end
-end
-
-if tpm > 0 then
-  tsum = prune_tokens(KEYS[3], KEYS[4], cutoff)
-  local room = tpm - tsum - prompt
-  if room < minc then
-    refusal = 1
-    local need = prompt + minc
-    local wait = W
-    if need <= tpm then
-      -- walk the window from its oldest entry until enough tokens would have left it
-      local excess, freed, i = tsum + need - tpm, 0, 0
-      while wait == W do
-        local es = redis.call('ZRANGE', KEYS[3], i, i + 99, 'WITHSCORES')
-        if #es == 0 then break end
-        local ids = {}
-        for j = 1, #es, 2 do ids[#ids + 1] = es[j] end
-        local toks = redis.call('HMGET', KEYS[4], unpack(ids))
-        for j = 1, #ids do
-          freed = freed + (tonumber(toks[j]) or 0)
-          if freed >= excess then wait = tonumber(es[2 * j]) + W - now; break end
-        end
-        i = i + 100
-      end
+local refusal, bound, retry, granted = 0, 0, 0, maxc
+for i, s in ipairs(S) do
+  local code, wait = 0, 0
+  if s.rpm > 0 then
+    redis.call('ZREMRANGEBYSCORE', s.rz, '-inf', cutoff)
+    s.nreq = redis.call('ZCARD', s.rz)
+    if s.nreq >= s.rpm then
+      local e = redis.call('ZRANGE', s.rz, s.nreq - s.rpm, s.nreq - s.rpm, 'WITHSCORES')
+      code, wait = 1, tonumber(e[2]) + W - now
     end
-    if wait > retry then retry = wait end
   end
-  if room < granted then granted = room end
-end
-
-if limit > 0 then
-  bstart, bend, bused, bres = budget(KEYS[6], period, now)
-  local room = limit - bused - bres - prompt
-  if room < minc then
-    refusal = 2
-    local wait = bend * 1000000 - now
-    if wait > retry then retry = wait end
+  if s.tpm > 0 then
+    s.tsum = prune_tokens(s.tz, s.th, cutoff)
+    local room = s.tpm - s.tsum - prompt
+    if room < minc then
+      code = 1
+      local need = prompt + minc
+      local twait = W
+      if need <= s.tpm then
+        -- walk the window from its oldest entry until enough tokens would have left it
+        local excess, freed, j0 = s.tsum + need - s.tpm, 0, 0
+        while twait == W do
+          local es = redis.call('ZRANGE', s.tz, j0, j0 + 99, 'WITHSCORES')
+          if #es == 0 then break end
+          local ids = {}
+          for j = 1, #es, 2 do ids[#ids + 1] = es[j] end
+          local toks = redis.call('HMGET', s.th, unpack(ids))
+          for j = 1, #ids do
+            freed = freed + (tonumber(toks[j]) or 0)
+            if freed >= excess then twait = tonumber(es[2 * j]) + W - now; break end
+          end
+          j0 = j0 + 100
+        end
+      end
+      if twait > wait then wait = twait end
+    end
+    if room < granted then granted = room end
   end
-  if room < granted then granted = room end
+  if s.limit > 0 then
+    s.bstart, s.bend, s.bused, s.bres = budget(s.bk, s.period, now)
+    local room = s.limit - s.bused - s.bres - prompt
+    if room < minc then
+      code = 2
+      local bwait = s.bend * 1000000 - now
+      if bwait > wait then wait = bwait end
+    end
+    if room < granted then granted = room end
+  end
+  -- The scope that holds the request longest is the one a retry has to wait for.
+  if code ~= 0 and (refusal == 0 or wait > retry) then refusal, bound, retry = code, i, wait end
 end
 
 if refusal ~= 0 then
-  local rr, tr = 0, 0
-  if rpm > 0 then rr = oldest(KEYS[2], now) end
-  if tpm > 0 then tr = oldest(KEYS[3], now) end
-  return {0, refusal, retry, -1, 0, nreq, rr, tsum, tr, bused, bres, bend, now}
+  for _, s in ipairs(S) do
+    if s.rpm > 0 then s.rr = oldest(s.rz, now) end
+    if s.tpm > 0 then s.tr = oldest(s.tz, now) end
+  end
+  return reply(0, refusal, bound, retry, -1, 0)
 end
-
-local rr, tr = 0, 0
-if rpm > 0 then
-  redis.call('ZADD', KEYS[2], now, id)
-  redis.call('PEXPIRE', KEYS[2], 61000)
-  nreq = nreq + 1
-  rr = oldest(KEYS[2], now)
-end
-if tpm == 0 and limit == 0 then return {1, 0, 0, -1, 0, nreq, rr, 0, 0, 0, 0, 0, now} end
 
 local reserved = prompt + granted
-local keep = 61000
-if tpm > 0 then
-  tsum = tsum + reserved
-  redis.call('ZADD', KEYS[3], now, id)
-  redis.call('HSET', KEYS[4], id, reserved, '_s', tsum)
-  redis.call('PEXPIRE', KEYS[3], 61000)
-  redis.call('PEXPIRE', KEYS[4], 61000)
-  tr = oldest(KEYS[3], now)
+local tracked = false
+for _, s in ipairs(S) do
+  if s.rpm > 0 then
+    redis.call('ZADD', s.rz, now, id)
+    redis.call('PEXPIRE', s.rz, 61000)
+    s.nreq = s.nreq + 1
+    s.rr = oldest(s.rz, now)
+  end
+  if s.tpm > 0 or s.limit > 0 then
+    tracked = true
+    local keep = 61000
+    if s.tpm > 0 then
+      s.tsum = s.tsum + reserved
+      redis.call('ZADD', s.tz, now, id)
+      redis.call('HSET', s.th, id, reserved, '_s', s.tsum)
+      redis.call('PEXPIRE', s.tz, 61000)
+      redis.call('PEXPIRE', s.th, 61000)
+      s.tr = oldest(s.tz, now)
+    end
+    if s.limit > 0 then
+      s.bres = s.bres + reserved
+      redis.call('HSET', s.bk, 's', s.bstart, 'u', s.bused, 'r', s.bres)
+      -- The counter lives a minute past its period (a settle just after the end still finds it). TTLs
+      -- are relative to the script's clock, which is Redis's own except in tests.
+      keep = (s.bend + 60) * 1000 - fdiv(now, 1000)
+      redis.call('PEXPIRE', s.bk, keep)
+    end
+    redis.call('HSET', s.pend, id, reserved .. ':' .. s.bstart)
+    if redis.call('PTTL', s.pend) < keep then redis.call('PEXPIRE', s.pend, keep) end
+  end
 end
-if limit > 0 then
-  bres = bres + reserved
-  redis.call('HSET', KEYS[6], 's', bstart, 'u', bused, 'r', bres)
-  -- The counter lives a minute past its period (a settle just after the end still finds it). TTLs
-  -- are relative to the script's clock, which is Redis's own except in tests.
-  keep = (bend + 60) * 1000 - fdiv(now, 1000)
-  redis.call('PEXPIRE', KEYS[6], keep)
-end
-redis.call('HSET', KEYS[5], id, reserved .. ':' .. bstart)
-if redis.call('PTTL', KEYS[5]) < keep then redis.call('PEXPIRE', KEYS[5], keep) end
-return {1, 0, 0, granted, reserved, nreq, rr, tsum, tr, bused, bres, bend, now}
+if not tracked then return reply(1, 0, 0, 0, -1, 0) end
+return reply(1, 0, 0, 0, granted, reserved)
 """
 
-# Extending a reservation while its request runs (a stream's completion, block by block).
-# KEYS: tpm, tpmh, pend, budget (of the reservation's period kind)
-# ARGV: reservation id, tokens wanted, tpm (0 = none), limit (0 = none), now override ('')
+# Extending a reservation while its request runs (a stream's completion, block by block), in every scope
+# it holds tokens in; it takes only what each scope's tpm (while the reservation is in its window) and
+# budget still allow.
+# KEYS: per scope: tpm, tpmh, pend, budget (of the reservation's period kind in that scope)
+# ARGV: reservation id, tokens wanted, now override (''), then per scope: tpm (0 = none), limit (0 = none)
 # Returns the tokens added (0: nothing left, or the reservation is settled or unknown). Not idempotent: a
 # reply lost and the command sent again reserves twice, which only holds back tokens until the settle.
 EXTEND = PERIODS_LUA + r"""
-local v = redis.call('HGET', KEYS[3], ARGV[1])
-if not v or v == 'c' then return 0 end
-local sep = string.find(v, ':', 1, true)
-local reserved, bstart = tonumber(string.sub(v, 1, sep - 1)), tonumber(string.sub(v, sep + 1))
-local room, tpm, limit = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local windowed = false
-if tpm > 0 and redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  local tsum = prune_tokens(KEYS[1], KEYS[2], clock(ARGV[5]) - 60000000)
-  -- Still in the window after pruning: its tokens count at its admission time, so the window's limit holds.
-  if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-    windowed = true
-    if tpm - tsum < room then room = tpm - tsum end
+local room = tonumber(ARGV[2])
+local S = {}
+local now = nil
+for i = 1, #KEYS / 4 do
+  local k = (i - 1) * 4
+  local s = {tz = KEYS[k + 1], th = KEYS[k + 2], pend = KEYS[k + 3], bk = KEYS[k + 4],
+             tpm = tonumber(ARGV[2 + 2 * i]), limit = tonumber(ARGV[3 + 2 * i])}
+  local v = redis.call('HGET', s.pend, ARGV[1])
+  if not v or v == 'c' then return 0 end
+  local sep = string.find(v, ':', 1, true)
+  s.reserved, s.bstart = tonumber(string.sub(v, 1, sep - 1)), tonumber(string.sub(v, sep + 1))
+  s.windowed = false
+  if s.tpm > 0 and redis.call('ZSCORE', s.tz, ARGV[1]) then
+    now = now or clock(ARGV[3])
+    local tsum = prune_tokens(s.tz, s.th, now - 60000000)
+    -- Still in the window after pruning: its tokens count at its admission time, so the window's limit holds.
+    if redis.call('ZSCORE', s.tz, ARGV[1]) then
+      s.windowed = true
+      if s.tpm - tsum < room then room = s.tpm - tsum end
+    end
   end
-end
-local budgeted = limit > 0 and bstart > 0 and tonumber(redis.call('HGET', KEYS[4], 's')) == bstart
-if budgeted then
-  local b = redis.call('HMGET', KEYS[4], 'u', 'r')
-  local left = limit - (tonumber(b[1]) or 0) - (tonumber(b[2]) or 0)
-  if left < room then room = left end
+  s.budgeted = s.limit > 0 and s.bstart > 0 and tonumber(redis.call('HGET', s.bk, 's')) == s.bstart
+  if s.budgeted then
+    local b = redis.call('HMGET', s.bk, 'u', 'r')
+    local left = s.limit - (tonumber(b[1]) or 0) - (tonumber(b[2]) or 0)
+    if left < room then room = left end
+  end
+  S[i] = s
 end
 if room <= 0 then return 0 end
-redis.call('HSET', KEYS[3], ARGV[1], (reserved + room) .. ':' .. bstart)
-if windowed then
-  redis.call('HINCRBY', KEYS[2], ARGV[1], room)
-  redis.call('HINCRBY', KEYS[2], '_s', room)
+for _, s in ipairs(S) do
+  redis.call('HSET', s.pend, ARGV[1], (s.reserved + room) .. ':' .. s.bstart)
+  if s.windowed then
+    redis.call('HINCRBY', s.th, ARGV[1], room)
+    redis.call('HINCRBY', s.th, '_s', room)
+  end
+  if s.budgeted then redis.call('HINCRBY', s.bk, 'r', room) end
 end
-if budgeted then redis.call('HINCRBY', KEYS[4], 'r', room) end
 return room
 """
 
-# KEYS: rpm, tpm, tpmh, budget.  ARGV: period ('' = no budget), now override ('').
-# Returns {requests in window, tokens in window, budget used, budget reserved, budget end (s)}.
+# KEYS: per scope: rpm, tpm, tpmh, budget.  ARGV: now override (''), then per scope its period ('' = no budget).
+# Returns per scope {requests in window, tokens in window, budget used, budget reserved, budget end (s)}.
 STATE = PERIODS_LUA + r"""
-local now = clock(ARGV[2])
+local now = clock(ARGV[1])
 local cutoff = now - 60000000
-local nreq = redis.call('ZCOUNT', KEYS[1], '(' .. cutoff, '+inf')
-local tsum = prune_tokens(KEYS[2], KEYS[3], cutoff)
-local bused, bres, bend = 0, 0, 0
-if ARGV[1] ~= '' then
-  local _
-  _, bend, bused, bres = budget(KEYS[4], ARGV[1], now)
+local r = {}
+for i = 1, #KEYS / 4 do
+  local k = (i - 1) * 4
+  local nreq = redis.call('ZCOUNT', KEYS[k + 1], '(' .. cutoff, '+inf')
+  local tsum = prune_tokens(KEYS[k + 2], KEYS[k + 3], cutoff)
+  local bused, bres, bend = 0, 0, 0
+  local period = ARGV[1 + i]
+  if period ~= '' then
+    local _
+    _, bend, bused, bres = budget(KEYS[k + 4], period, now)
+  end
+  for _, v in ipairs({nreq, tsum, bused, bres, bend}) do r[#r + 1] = v end
 end
-return {nreq, tsum, bused, bres, bend}
+return r
 """
 
 # Test aid: the script's own period arithmetic.  ARGV: period, Unix seconds.

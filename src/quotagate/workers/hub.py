@@ -39,6 +39,7 @@ from quotagate.workers.channel import (
     STATE,
     admission_fields,
     key_record,
+    record_fields,
     state_fields,
 )
 
@@ -97,13 +98,13 @@ class HubLink(asyncio.Protocol):
             elif op == ADMIT:
                 assert limiter is not None, "a worker asked for the shared limiter, which only the embedded default has"
                 key = self.hub.record(m)
-                adm = limiter.admit_sync(key, m[7], m[8], m[9])
+                adm = limiter.admit_sync(key, m[10], m[11], m[12], m[13])
                 if adm.reservation is not None:
                     self.held[adm.reservation] = key.id
                 out.append(orjson.dumps(admission_fields(adm)))
             elif op == EXTEND:
                 assert limiter is not None
-                added = limiter.extend_sync(self.hub.record(m), m[7], m[8]) if m[7] in self.held else 0
+                added = limiter.extend_sync(self.hub.record(m), m[10], m[11]) if m[10] in self.held else 0
                 out.append(orjson.dumps([0, added]))
             elif op == STATE:
                 assert limiter is not None
@@ -156,12 +157,12 @@ class Hub:
     def record(self, m: list[Any]) -> KeyRecord:
         """The key record of a request's key fields, reused while they do not change (built once per key
         and version of its limits rather than once per request)."""
-        fields = (m[1], m[2], m[3], m[4], m[5], m[6])
+        fields = record_fields(m)
         key = self._records.get(fields)
         if key is None:
             if len(self._records) >= _RECORDS:
                 self._records.clear()
-            key = self._records[fields] = key_record(list(fields))
+            key = self._records[fields] = key_record(fields)
         return key
 
     async def attach(self, sock: socket.socket, index: int, name: str) -> HubLink:

@@ -138,10 +138,6 @@ class ParentLink(asyncio.Protocol):
         self.on_lost()
 
 
-def _unlimited(key: KeyRecord) -> bool:
-    return key.rpm is None and key.tpm is None and (key.token_limit is None or key.token_limit_period is None)
-
-
 class SharedLimiter:
     """The ``Limiter`` of a worker: the parent's ``MemoryLimiter``, over ``link`` (see hub.py)."""
 
@@ -149,13 +145,13 @@ class SharedLimiter:
         self._link = link
 
     async def admit(self, key: KeyRecord, prompt_tokens: int, max_completion: int,
-                    min_completion: int = 1) -> Admission:
+                    min_completion: int = 1, model: str | None = None) -> Admission:
         if key.revoked:
             return Admission(admitted=False, refusal="key_revoked")
-        if _unlimited(key):
+        if not key.scopes(model):
             return Admission(admitted=True)
         return admission(await self._link.request([ADMIT, *key_fields(key), prompt_tokens, max_completion,
-                                                   min_completion], key.id))
+                                                   min_completion, model], key.id))
 
     async def extend(self, key: KeyRecord, admission: Admission, tokens: int) -> int:
         if admission.reservation is None or tokens <= 0 or key.revoked:
