@@ -48,10 +48,17 @@ class Project:
     created_at: datetime
     updated_at: datetime
     role: Role  # the caller's role in it (admins see "owner")
+    # The project's own limits, shared by all of its keys (None: that limit is not set).
+    rpm: int | None = None
+    tpm: int | None = None
+    token_limit: int | None = None
+    token_limit_period: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "object": "project", "name": self.name,
                 "models": list(self.models) if self.models is not None else None,
+                "rpm": self.rpm, "tpm": self.tpm, "token_limit": self.token_limit,
+                "token_limit_period": self.token_limit_period,
                 "role": self.role, "created_at": isoformat(self.created_at),
                 "updated_at": isoformat(self.updated_at)}
 

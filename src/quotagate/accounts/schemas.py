@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 from quotagate.accounts.models import Role
+from quotagate.keys.models import Period
+from quotagate.keys.schemas import Limit
 from quotagate.validation import clean_name
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
@@ -22,9 +24,16 @@ class ProjectCreate(BaseModel):
 
 
 class ProjectUpdate(BaseModel):
+    """Only the fields present change; ``null`` clears a limit (the project's keys are then bound by their
+    own limits only)."""
+
     model_config = _STRICT
     name: StrictStr | None = Field(default=None, min_length=1, max_length=200)
     models: list[StrictStr] | None = Field(default=None, min_length=1, max_length=1000)
+    rpm: Limit | None = None
+    tpm: Limit | None = None
+    token_limit: Limit | None = None
+    token_limit_period: Period | None = None
 
     @field_validator("name")
     @classmethod

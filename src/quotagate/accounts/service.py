@@ -34,10 +34,12 @@ from quotagate.audit import record
 from quotagate.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthenticated
 from quotagate.ids import new_id, utcnow
 from quotagate.keys import secrets
+from quotagate.keys.schemas import check_budget_pair
 from quotagate.store.tables import access_tokens, memberships, pending_memberships, projects, users
 from quotagate.validation import clean_name
 
 NAME_MAX = 200
+PROJECT_LIMITS = ("rpm", "tpm", "token_limit", "token_limit_period")
 
 # last_used_at of an access token is written at most this often, so reads stay reads.
 TOKEN_TOUCH_INTERVAL = timedelta(seconds=60)
@@ -86,7 +88,8 @@ def _user(row: Row[Any]) -> User:
 
 def _project(row: Row[Any], role: Role) -> Project:
     return Project(id=row.id, name=row.name, models=tuple(row.models) if row.models is not None else None,
-                   created_at=row.created_at, updated_at=row.updated_at, role=role)
+                   created_at=row.created_at, updated_at=row.updated_at, role=role, rpm=row.rpm, tpm=row.tpm,
+                   token_limit=row.token_limit, token_limit_period=row.token_limit_period)
 
 
 def _token(row: Row[Any], sessions: SessionPolicy) -> AccessToken:
@@ -100,8 +103,9 @@ class AccountService:
     def __init__(self, engine: Engine, passwords: Passwords, model_ids: Callable[[], frozenset[str]],
                  on_project_models_changed: Callable[[Connection, str], Callable[[], None]], *,
                  sessions: SessionPolicy | None = None, max_projects_per_user: int = 100) -> None:
-        """``on_project_models_changed(conn, project_id)`` runs inside the transaction and returns a
-        callback to run after commit (the key service uses it to invalidate the project's keys)."""
+        """``on_project_models_changed(conn, project_id)`` runs inside the transaction of a change of a
+        project's models or limits and returns a callback to run after commit (the key service uses it to
+        invalidate the project's keys, whose records carry both)."""
         self.sessions = sessions or SessionPolicy()
         self.max_projects_per_user = max_projects_per_user
         self._engine = engine
@@ -356,11 +360,15 @@ class AccountService:
             return self._project(conn, project_id, self.role_in(conn, actor, project_id))
 
     def update_project(self, actor: Actor, project_id: str, body: ProjectUpdate) -> Project:
-        fields = body.model_fields_set
+        """Change the fields present in ``body`` (owners only); ``None`` clears a limit, and clearing
+        ``token_limit`` clears its period too. A change of models or limits reaches every key of the project
+        (their cached records are reloaded, on every instance)."""
+        fields = set(body.model_fields_set)
         if not fields:
-            raise InvalidRequest("nothing to change: give name and/or models")
+            raise InvalidRequest("nothing to change: give at least one of name, models, " + ", ".join(PROJECT_LIMITS))
         if "name" in fields and body.name is None:
             raise InvalidRequest("name: must not be null", field="name")
+        changes = body.model_dump(include=fields)
         after_commit: Callable[[], None] | None = None
         with self._engine.begin() as conn:
             role = self.require(conn, actor, project_id, "owner", lock=True)
@@ -370,10 +378,22 @@ class AccountService:
             if "models" in fields:
                 models = self._check_models(body.models)
                 values["models"] = list(models) if models is not None else None
+            limits = {f: changes[f] for f in PROJECT_LIMITS if f in fields}
+            before: dict[str, Any] = {}
+            if limits:
+                row = conn.execute(select(projects).where(projects.c.id == project_id)).one()
+                if "token_limit" in limits and limits["token_limit"] is None and "token_limit_period" not in limits:
+                    limits["token_limit_period"] = None  # clearing the budget clears its period too
+                check_budget_pair(limits.get("token_limit", row.token_limit),
+                                  limits.get("token_limit_period", row.token_limit_period))
+                before = {f: getattr(row, f) for f in sorted(limits)}
+                values.update(limits)
             conn.execute(update(projects).where(projects.c.id == project_id).values(**values))
-            record(conn, actor, project_id, "project.edited", "project", project_id,
-                   {k: body.model_dump()[k] for k in sorted(fields)})
-            if "models" in fields:
+            details: dict[str, Any] = {k: changes[k] for k in sorted(fields) if k not in PROJECT_LIMITS}
+            if limits:
+                details["limits"] = {"before": before, "after": {f: limits[f] for f in sorted(limits)}}
+            record(conn, actor, project_id, "project.edited", "project", project_id, details)
+            if "models" in fields or limits:
                 after_commit = self._on_models_changed(conn, project_id)
             project = self._project(conn, project_id, role)
         if after_commit is not None:

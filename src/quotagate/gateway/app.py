@@ -246,7 +246,7 @@ class LLMApp:
             extra.append((b"x-should-retry", b"true" if retry else b"false"))
         if exc.status != 503 and call.key is not None and not call.rate_headers and self._rt.limiter is not None:
             with contextlib.suppress(Exception):
-                call.rate_headers = rl.from_state(await self._rt.limiter.state(call.key))
+                call.rate_headers = rl.from_state(await self._rt.limiter.state(call.key), call.model)
         await self._respond(call, send, exc.status, exc.body(), error_code=exc.code, extra=extra)
 
     def _record(self, call: Call, status: int, error_code: str | None, prompt: int, completion: int,
@@ -371,14 +371,14 @@ class LLMApp:
         limiter = self._rt.limiter
         if limiter is None:
             return _NOT_ADMITTED
-        adm = await limiter.admit(key, prompt, max_completion, min_completion)
+        adm = await limiter.admit(key, prompt, max_completion, min_completion, call.model)
         call.rate_headers = rl.from_admission(adm)
         if not adm.admitted:
             if adm.refusal == "key_revoked":
                 # Revoked elsewhere (with Redis: another instance's marker) before this cache heard of it.
                 self._keys.revoked(key.secret_hash)
                 raise ApiError(401, "key_revoked", "This API key has been revoked.")
-            raise refusal_error(key, adm, prompt + min_completion)
+            raise refusal_error(key, adm, prompt + min_completion, call.model)
         call.admission = adm
         return adm
 
@@ -387,7 +387,7 @@ class LLMApp:
         still counts against the key's rpm: otherwise a key with rpm=1 sent 3,000 such requests in 0.9 s.
         Nothing is reserved; once the window is full, the answer is the rpm's 429 instead."""
         limiter = self._rt.limiter
-        if limiter is None or key.rpm is None:
+        if limiter is None or not key.limits_requests():
             return exc
         try:
             adm = await limiter.admit(key, 0, 0, 0)
@@ -398,7 +398,7 @@ class LLMApp:
             await self._settle(key, adm, 0)
             return exc
         if adm.refusal == "rate_limit_exceeded":
-            return refusal_error(key, adm, 0)
+            return refusal_error(key, adm, 0, None)
         return exc
 
     async def _settle(self, key: KeyRecord, adm: Admission, tokens: int) -> None:
@@ -467,7 +467,7 @@ class LLMApp:
         # be given a length it did not ask for): it is forwarded as a stream too, and answered in one piece.
         # So is one of several choices without a tokenizer to count them: servers have reported one choice's
         # tokens for all (llama-server), and a stream's deltas are counted choice by choice.
-        limited = self._rt.limiter is not None and (key.tpm is not None or key.token_limit is not None)
+        limited = self._rt.limiter is not None and key.limits_tokens(req.model)
         collect = limited and not req.stream and req.streamable and (
             req.max_tokens is None or (req.n > 1 and counter is None))
         leasing = limited and (req.stream or collect)

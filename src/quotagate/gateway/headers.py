@@ -52,31 +52,47 @@ def _budget(out: Headers, budget: Budget) -> None:
     out.append((b"x-ratelimit-reset-budget", duration(max(0.0, budget.resets_at - time.time()))))
 
 
-def from_state(state: LimitState) -> Headers:
+def from_state(state: LimitState, model: str | None = None) -> Headers:
     """Headers for an authenticated response that was not admitted (400/403/404, /v1/models).
 
     The state has no per-entry times, so a reset is given as the longest it can be: a full window
-    while anything is in it, the period's end for an exhausted budget.
+    while anything is in it, the period's end for an exhausted budget. Of the key's own limits, its
+    project's and its limits for ``model``, each header shows the one with the least left (as admissions do).
     """
+    scopes = [state]
+    if state.project is not None:
+        scopes.append(state.project)
+    if model is not None and state.models is not None and model in state.models:
+        scopes.append(state.models[model])
+    now = time.time()
+    requests: tuple[int, int, float] | None = None   # limit, remaining, reset
+    tokens: tuple[int, int, float] | None = None
+    budget: Budget | None = None
+    for s in scopes:
+        if s.rpm is not None:
+            used = s.requests_in_window
+            if requests is None or s.rpm - used < requests[1]:
+                requests = (s.rpm, max(0, s.rpm - used), WINDOW if used else 0.0)
+        # Mirror the limiter's admissions: tpm where there is one, else the budget.
+        if s.tpm is not None:
+            used = s.tokens_in_window
+            if tokens is None or s.tpm - used < tokens[1]:
+                tokens = (s.tpm, max(0, s.tpm - used), WINDOW if used else 0.0)
+        elif s.budget is not None and (tokens is None or s.budget.remaining < tokens[1]):
+            tokens = (s.budget.limit, s.budget.remaining, max(0.0, s.budget.resets_at - now))
+        if s.budget is not None and (budget is None or s.budget.remaining < budget.remaining):
+            budget = s.budget
     out: Headers = []
-    if state.rpm is not None:
-        used = state.requests_in_window
-        out.append((b"x-ratelimit-limit-requests", b"%d" % state.rpm))
-        out.append((b"x-ratelimit-remaining-requests", b"%d" % max(0, state.rpm - used)))
-        out.append((b"x-ratelimit-reset-requests", duration(WINDOW if used else 0.0)))
-    # Mirror the limiter's admissions: tpm when the key has one, else the budget.
-    if state.tpm is not None:
-        used = state.tokens_in_window
-        out.append((b"x-ratelimit-limit-tokens", b"%d" % state.tpm))
-        out.append((b"x-ratelimit-remaining-tokens", b"%d" % max(0, state.tpm - used)))
-        out.append((b"x-ratelimit-reset-tokens", duration(WINDOW if used else 0.0)))
-    elif state.budget is not None:
-        b = state.budget
-        out.append((b"x-ratelimit-limit-tokens", b"%d" % b.limit))
-        out.append((b"x-ratelimit-remaining-tokens", b"%d" % b.remaining))
-        out.append((b"x-ratelimit-reset-tokens", duration(max(0.0, b.resets_at - time.time()))))
-    if state.budget is not None:
-        _budget(out, state.budget)
+    if requests is not None:
+        out.append((b"x-ratelimit-limit-requests", b"%d" % requests[0]))
+        out.append((b"x-ratelimit-remaining-requests", b"%d" % requests[1]))
+        out.append((b"x-ratelimit-reset-requests", duration(requests[2])))
+    if tokens is not None:
+        out.append((b"x-ratelimit-limit-tokens", b"%d" % tokens[0]))
+        out.append((b"x-ratelimit-remaining-tokens", b"%d" % tokens[1]))
+        out.append((b"x-ratelimit-reset-tokens", duration(tokens[2])))
+    if budget is not None:
+        _budget(out, budget)
     return out
 
 

@@ -158,6 +158,14 @@ class KeyRecord:
             return by_model.get(model, self._scopes)
         return self._scopes
 
+    def limits_tokens(self, model: str | None = None) -> bool:
+        """Whether a request for ``model`` is bound by a tpm or a token budget (of any of its scopes)."""
+        return any(s.tpm is not None or s.limit is not None for s in self.scopes(model))
+
+    def limits_requests(self) -> bool:
+        """Whether the key or its project has an rpm (what a request refused before admission counts against)."""
+        return any(s.rpm is not None for s in self._scopes)
+
     def all_scopes(self) -> tuple[Scope, ...]:
         """Every scope of the key, whatever the model: its own, one per model it has limits for, the project's."""
         if self._model_scopes is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from ipaddress import ip_network
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
@@ -97,6 +97,41 @@ def parse_network(value: str) -> str:
                          "or an address") from None
 
 
+MAX_MODEL_LIMITS = 1000
+
+
+class ModelLimits(BaseModel):
+    """A key's limits on one model (``model_limits``): the same four as the key's own, each optional."""
+
+    model_config = _STRICT
+
+    rpm: Limit | None = None
+    tpm: Limit | None = None
+    token_limit: Limit | None = None
+    token_limit_period: Period | None = None
+
+
+def check_model_limits(value: dict[str, ModelLimits] | None) -> dict[str, dict[str, Any]] | None:
+    """``model_limits`` as stored (plain JSON), after the checks that span fields; errors name the entry.
+    An empty map is no per-model limits at all (stored as null)."""
+    if not value:
+        return None
+    out: dict[str, dict[str, Any]] = {}
+    for model, limits in value.items():
+        field = f"model_limits.{model}"
+        if limits.token_limit is None and limits.token_limit_period is not None:
+            raise InvalidRequest(f"{field}.token_limit: token_limit and token_limit_period come together; "
+                                 "give both or neither", field=f"{field}.token_limit")
+        if limits.token_limit is not None and limits.token_limit_period is None:
+            raise InvalidRequest(f"{field}.token_limit_period: token_limit and token_limit_period come together; "
+                                 "give both or neither", field=f"{field}.token_limit_period")
+        if limits.rpm is None and limits.tpm is None and limits.token_limit is None:
+            raise InvalidRequest(f"{field}: give at least one of rpm, tpm, token_limit (or leave the model out)",
+                                 field=field)
+        out[model] = limits.model_dump()
+    return out
+
+
 class _Limits(BaseModel):
     model_config = _STRICT
 
@@ -108,6 +143,8 @@ class _Limits(BaseModel):
     expires_at: datetime | None = None
     allowed_networks: Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_NETWORKS)] | None = None
     metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA)] | None = None
+    model_limits: Annotated[dict[Annotated[StrictStr, Field(min_length=1, max_length=200)], ModelLimits],
+                            Field(max_length=MAX_MODEL_LIMITS)] | None = None
 
     @field_validator("allowed_networks")
     @classmethod

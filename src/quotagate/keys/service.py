@@ -20,12 +20,27 @@ from quotagate.errors import Conflict, InvalidRequest, NotFound
 from quotagate.ids import new_id, utcnow
 from quotagate.keys import secrets
 from quotagate.keys.events import KeyChanged, KeyEvents
-from quotagate.keys.models import InferenceKey, KeyRecord
-from quotagate.keys.schemas import KeyCreate, KeyUpdate, RotateRequest, check_budget_pair
+from quotagate.keys.models import InferenceKey, KeyRecord, Limits
+from quotagate.keys.schemas import KeyCreate, KeyUpdate, RotateRequest, check_budget_pair, check_model_limits
 from quotagate.store.tables import inference_keys, projects
 
 LIMIT_FIELDS = ("rpm", "tpm", "token_limit", "token_limit_period", "allowed_models", "expires_at",
-                "allowed_networks", "metadata")
+                "allowed_networks", "metadata", "model_limits")
+
+
+def _limits(raw: dict[str, Any] | None) -> Limits | None:
+    """Stored limits (a JSON object or a row's columns) as ``Limits``, None when none is set."""
+    if raw is None:
+        return None
+    limits = Limits(raw.get("rpm"), raw.get("tpm"), raw.get("token_limit"), raw.get("token_limit_period"))
+    return limits if limits else None
+
+
+def _model_limits(raw: dict[str, Any] | None) -> dict[str, Limits] | None:
+    if not raw:
+        return None
+    out = {model: lim for model, lim in ((m, _limits(v)) for m, v in raw.items()) if lim is not None}
+    return out or None
 
 
 def _key(row: Row[Any]) -> InferenceKey:
@@ -38,6 +53,7 @@ def _key(row: Row[Any]) -> InferenceKey:
         rotated_from=row.rotated_from,
         allowed_networks=tuple(row.allowed_networks) if row.allowed_networks is not None else None,
         metadata=dict(row.metadata) if row.metadata is not None else None,
+        model_limits=_model_limits(row.model_limits),
     )
 
 
@@ -47,7 +63,7 @@ def _audit_view(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def project_keys_invalidator(events: KeyEvents) -> Callable[[Connection, str], Callable[[], None]]:
-    """For the account service: after a project's models change, every key of it must be reloaded.
+    """For the account service: after a project's models or limits change, every key of it must be reloaded.
 
     The returned function runs inside the changing transaction (so it sees the keys as committed with
     the change) and returns the notification to send after commit."""
@@ -141,19 +157,19 @@ class KeyService:
         return self.get(actor, key_id).project_id
 
     # -- validation ----------------------------------------------------------------------------
-    def _check_models(self, conn: Connection, project_id: str, models: list[str] | None) -> None:
-        if models is None:
+    def _check_models(self, conn: Connection, project_id: str, models: list[str] | None, *,
+                      field: str = "allowed_models") -> None:
+        if not models:
             return
         project_models = conn.execute(select(projects.c.models).where(projects.c.id == project_id)).scalar()
         usable = set(project_models) if project_models is not None else set(self._model_ids())
         unknown = [m for m in models if m not in self._model_ids()]
         if unknown:
-            raise InvalidRequest(f"allowed_models: unknown model id(s) {', '.join(map(repr, unknown))}",
-                                 field="allowed_models")
+            raise InvalidRequest(f"{field}: unknown model id(s) {', '.join(map(repr, unknown))}", field=field)
         outside = [m for m in models if m not in usable]
         if outside:
-            raise InvalidRequest(f"allowed_models: {', '.join(map(repr, outside))} not available to this "
-                                 "project", field="allowed_models")
+            raise InvalidRequest(f"{field}: {', '.join(map(repr, outside))} not available to this "
+                                 "project", field=field)
 
     @staticmethod
     def _check_expiry(values: dict[str, Any]) -> None:
@@ -180,10 +196,12 @@ class KeyService:
         """A new key; its secret is returned here and never again."""
         values = body.model_dump()
         body.check()
+        values["model_limits"] = check_model_limits(body.model_limits)
         self._check_expiry(values)
         with self._engine.begin() as conn:
             self._accounts.require(conn, actor, project_id, "member")
             self._check_models(conn, project_id, body.allowed_models)
+            self._check_models(conn, project_id, list(values["model_limits"] or ()), field="model_limits")
             key, secret = self._insert(conn, actor, project_id, values)
             record(conn, actor, project_id, "key.minted", "inference_key", key.id, _audit_view(values))
         return key, secret
@@ -193,6 +211,8 @@ class KeyService:
 
         Clearing ``token_limit`` clears its period too. Revoked and archived keys cannot be changed."""
         changes = {f: getattr(body, f) for f in body.model_fields_set}
+        if "model_limits" in changes:
+            changes["model_limits"] = check_model_limits(body.model_limits)
         if not changes:
             raise InvalidRequest("nothing to change: give at least one of name, " + ", ".join(LIMIT_FIELDS))
         if "name" in changes and changes["name"] is None:
@@ -209,6 +229,7 @@ class KeyService:
             check_budget_pair(changes.get("token_limit", row.token_limit),
                               changes.get("token_limit_period", row.token_limit_period))
             self._check_models(conn, row.project_id, changes.get("allowed_models"))
+            self._check_models(conn, row.project_id, list(changes.get("model_limits") or ()), field="model_limits")
             conn.execute(update(inference_keys).where(inference_keys.c.id == key_id)
                          .values(updated_at=utcnow(), version=inference_keys.c.version + 1, **changes))
             before = {f: getattr(row, f) for f in sorted(changes)}
@@ -311,7 +332,10 @@ class KeyService:
         """
         with self._engine.connect() as conn:
             row = conn.execute(
-                select(inference_keys, projects.c.models.label("project_models"))
+                select(inference_keys, projects.c.models.label("project_models"),
+                       projects.c.rpm.label("project_rpm"), projects.c.tpm.label("project_tpm"),
+                       projects.c.token_limit.label("project_token_limit"),
+                       projects.c.token_limit_period.label("project_token_limit_period"))
                 .join(projects, projects.c.id == inference_keys.c.project_id)
                 .where(inference_keys.c.secret_hash == secret_hash)).first()
         if row is None:
@@ -328,4 +352,8 @@ class KeyService:
             expires_at=row.expires_at.timestamp() if row.expires_at else None,
             revoked=row.revoked_at is not None, version=row.version,
             networks=tuple(ip_network(n) for n in row.allowed_networks) if row.allowed_networks is not None else None,
+            project_limits=_limits({"rpm": row.project_rpm, "tpm": row.project_tpm,
+                                    "token_limit": row.project_token_limit,
+                                    "token_limit_period": row.project_token_limit_period}),
+            model_limits=_model_limits(row.model_limits),
         )

@@ -6,7 +6,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from anyio import from_thread
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -14,20 +14,22 @@ from sqlalchemy import Engine, select
 from starlette.requests import Request
 from starlette.responses import Response
 
+from quotagate.accounts.models import Project
 from quotagate.accounts.service import AccountService
 from quotagate.console.api import check_params, page_limit
 from quotagate.console.http import Call, Handler, Result
 from quotagate.errors import InvalidRequest
 from quotagate.ids import isoformat
-from quotagate.keys.models import InferenceKey
+from quotagate.keys.models import InferenceKey, KeyRecord, Limits, Period
 from quotagate.keys.schemas import metadata_filter
 from quotagate.keys.service import KeyService
+from quotagate.limits.errors import LimiterUnavailable
 from quotagate.limits.interfaces import Limiter, LimitState
 from quotagate.metering.export import ACTIVITY_COLUMNS, USAGE_COLUMNS, csv_response
 from quotagate.metering.metrics import merged_exposition
 from quotagate.metering.queries import UsageQueries, Window
 from quotagate.metering.store import WIDTHS
-from quotagate.store.tables import inference_keys
+from quotagate.store.tables import inference_keys, projects
 
 log = logging.getLogger(__name__)
 
@@ -83,29 +85,42 @@ def parse_window(call: Call, now: datetime, allowed: frozenset[str] = USAGE_PARA
     return Window(start=first, end=last, width=width, granularity=granularity)
 
 
-def limits_json(key: InferenceKey, state: LimitState | None) -> dict[str, Any]:
-    """The key's limits and, when the limiter is available, their live state."""
+def _window(limit: int | None, used: int | None) -> dict[str, Any] | None:
+    if limit is None:
+        return None
+    return {"limit": limit, "used": used, "remaining": max(0, limit - used) if used is not None else None,
+            "window_seconds": 60}
 
-    def window(limit: int | None, used: int | None) -> dict[str, Any] | None:
-        if limit is None:
-            return None
-        return {"limit": limit, "used": used, "remaining": max(0, limit - used) if used is not None else None,
-                "window_seconds": 60}
 
+def _figures(limits: Limits, state: LimitState | None) -> dict[str, Any]:
+    """One set of limits (a key's, a project's, a key's on one model) and, if known, its live state."""
     if state is None:
-        budget = None if key.token_limit is None else {
-            "limit": key.token_limit, "period": key.token_limit_period, "used": None, "reserved": None,
+        budget = None if limits.token_limit is None else {
+            "limit": limits.token_limit, "period": limits.token_limit_period, "used": None, "reserved": None,
             "remaining": None, "resets_at": None}
-        return {"live": False, "rpm": window(key.rpm, None), "tpm": window(key.tpm, None), "budget": budget}
+        return {"rpm": _window(limits.rpm, None), "tpm": _window(limits.tpm, None), "budget": budget}
     b = state.budget
     return {
-        "live": True,
-        "rpm": window(state.rpm, state.requests_in_window),
-        "tpm": window(state.tpm, state.tokens_in_window),
+        "rpm": _window(state.rpm, state.requests_in_window),
+        "tpm": _window(state.tpm, state.tokens_in_window),
         "budget": None if b is None else {
             "limit": b.limit, "period": b.period, "used": b.used, "reserved": b.reserved, "remaining": b.remaining,
             "resets_at": isoformat(datetime.fromtimestamp(b.resets_at, UTC))},
     }
+
+
+def limits_json(key: InferenceKey, state: LimitState | None, project: Limits | None = None) -> dict[str, Any]:
+    """The key's limits and, when the limiter is available, their live state; with its project's limits
+    (``project``: shared by all of its keys) and its per-model limits where it has them."""
+    own = Limits(key.rpm, key.tpm, key.token_limit, key.token_limit_period)
+    out: dict[str, Any] = {"live": state is not None, **_figures(own, state)}
+    if project:
+        out["project"] = _figures(project, state.project if state is not None else None)
+    if key.model_limits:
+        live = state.models if state is not None and state.models is not None else {}
+        out["models"] = {model: _figures(lim, live.get(model) if state is not None else None)
+                         for model, lim in key.model_limits.items()}
+    return out
 
 
 class UsageAPI:
@@ -130,6 +145,13 @@ class UsageAPI:
             except Exception:
                 log.exception("usage API: could not flush the local journal")
 
+    def _project_limits_of(self, project_id: str) -> Limits | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(select(projects.c.rpm, projects.c.tpm, projects.c.token_limit,
+                                      projects.c.token_limit_period).where(projects.c.id == project_id)).one()
+        limits = Limits(row.rpm, row.tpm, row.token_limit, row.token_limit_period)
+        return limits if limits else None
+
     def live_state(self, key: InferenceKey) -> LimitState | None:
         limiter = self._limiter()
         if limiter is None:
@@ -142,6 +164,25 @@ class UsageAPI:
             return None
         return from_thread.run(limiter.state, record)
 
+    def project_limits(self, project: Project) -> dict[str, Any] | None:
+        """The project's limits (shared by all of its keys) and, when the limiter is available, their live
+        state; None if it has none."""
+        limits = Limits(project.rpm, project.tpm, project.token_limit, cast(Period | None, project.token_limit_period))
+        if not limits:
+            return None
+        limiter = self._limiter()
+        state: LimitState | None = None
+        if limiter is not None:
+            # A record of no key of the project's: the limiter reads the project's scope of it.
+            probe = KeyRecord(id="", project_id=project.id, secret_hash="", rpm=None, tpm=None, token_limit=None,
+                              token_limit_period=None, models=None, expires_at=None, revoked=False, version=0,
+                              project_limits=limits)
+            try:
+                state = from_thread.run(limiter.state, probe).project
+            except LimiterUnavailable:
+                state = None
+        return {"live": state is not None, **_figures(limits, state)}
+
     def key_usage(self, call: Call) -> Result:
         key = self._keys.get(call.actor, call.path["keyId"])  # 404 unless the caller may read it
         window = parse_window(call, datetime.now(UTC))
@@ -151,7 +192,8 @@ class UsageAPI:
             "object": "usage", "key_id": key.id, "project_id": key.project_id,
             "start": isoformat(datetime.fromtimestamp(window.start, UTC)),
             "end": isoformat(datetime.fromtimestamp(window.end, UTC)), "granularity": window.granularity,
-            "totals": totals, "data": data, "limits": limits_json(key, self.live_state(key)),
+            "totals": totals, "data": data,
+            "limits": limits_json(key, self.live_state(key), self._project_limits_of(key.project_id)),
         }
 
     def project_usage(self, call: Call) -> Result:
@@ -167,7 +209,7 @@ class UsageAPI:
             "object": "usage", "project_id": project.id,
             "start": isoformat(datetime.fromtimestamp(window.start, UTC)),
             "end": isoformat(datetime.fromtimestamp(window.end, UTC)), "granularity": window.granularity,
-            "metadata": tags or None, **found,
+            "metadata": tags or None, **found, "limits": self.project_limits(project),
         }
 
     def activity(self, call: Call) -> Result:

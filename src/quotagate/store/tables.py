@@ -92,6 +92,11 @@ projects = Table(
     Column("updated_at", UTCDateTime, nullable=False),
     # Who created it (None before migration 0004 found no record): counted by the per-user project quota.
     Column("created_by", String(40), nullable=True, index=True),
+    # The project's own limits, shared by all of its keys (migration 0009); null: none.
+    Column("rpm", BigInteger, nullable=True),
+    Column("tpm", BigInteger, nullable=True),
+    Column("token_limit", BigInteger, nullable=True),
+    Column("token_limit_period", String(8), nullable=True),
     Index("ix_projects_created", "created_at", "id"),
 )
 
@@ -133,6 +138,8 @@ inference_keys = Table(
     Column("allowed_models", JSON, nullable=True),
     Column("allowed_networks", JSON, nullable=True),  # CIDR strings; null: from anywhere
     Column("metadata", JSON, nullable=True),          # the operator's tags, string -> string
+    # {"<model id>": {"rpm", "tpm", "token_limit", "token_limit_period"}} (migration 0009); null: none.
+    Column("model_limits", JSON, nullable=True),
     Column("expires_at", UTCDateTime, nullable=True),
     Column("revoked_at", UTCDateTime, nullable=True),
     Column("archived", Boolean, nullable=False, default=False),

@@ -53,7 +53,7 @@ async def serve(app: LLMApp, call: Call, key: KeyRecord, scope: Scope, receive: 
     asked = req.max_output_tokens
     natural = room if asked is None else asked if room is None else min(asked, room)
     limiter = app._rt.limiter
-    leasing = req.stream and limiter is not None and (key.tpm is not None or key.token_limit is not None)
+    leasing = req.stream and limiter is not None and key.limits_tokens(req.model)
     wanted = natural or app._default_max_tokens
     first = min(wanted, Lease.FIRST) if leasing else wanted
     adm = await app._admit(call, key, prompt, first, 1)
