@@ -31,6 +31,11 @@ default_max_tokens = 8
 id = "chat"
 type = "chat"
 upstreams = ["{upstream}"]
+
+[[models]]
+id = "chat-b"
+type = "chat"
+upstreams = ["{upstream}"]
 """
 
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -40,6 +45,9 @@ MAX_TOKENS = 8
 # (Every field of the body counts into the bound, the fake server's instructions too: the body as sent.)
 ONE_REQUEST = parse_chat(orjson.dumps({"model": "chat", "messages": MESSAGES, "max_tokens": MAX_TOKENS,
                                        "fake": {"tokens": 8, "token_delay": 0.0}})).prompt_bound + MAX_TOKENS
+# The same for the second model (its longer name is in the body too).
+ONE_REQUEST_B = parse_chat(orjson.dumps({"model": "chat-b", "messages": MESSAGES, "max_tokens": MAX_TOKENS,
+                                         "fake": {"tokens": 8, "token_delay": 0.0}})).prompt_bound + MAX_TOKENS
 
 
 @contextlib.contextmanager
@@ -65,14 +73,21 @@ class Cluster:
     admin: Console = field(init=False)
     project_id: str = field(init=False)
     key_ids: list[str] = field(default_factory=list)
+    project_ids: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.admin = self.instances[0].user("admin@example.com", admin=True)
         self.project_id = self.admin.project("scale-out")["id"]
 
-    def mint(self, **limits: Any) -> tuple[str, dict[str, Any]]:
+    def new_project(self, name: str) -> str:
+        """Another project (through instance 0's console), for limits of its own."""
+        project_id: str = self.admin.project(name)["id"]
+        self.project_ids.append(project_id)
+        return project_id
+
+    def mint(self, project_id: str | None = None, **limits: Any) -> tuple[str, dict[str, Any]]:
         """A new key (through instance 0's console): (secret, key object)."""
-        key = self.admin.mint(self.project_id, **limits)
+        key = self.admin.mint(project_id or self.project_id, **limits)
         self.key_ids.append(key["id"])
         return key.pop("secret"), key
 
@@ -84,7 +99,7 @@ class Cluster:
         """Delete this cluster's keys from Redis (revocation markers have no expiry); never a flush."""
         client = Redis.from_url(self.redis_url, socket_timeout=5, socket_connect_timeout=2)
         try:
-            for key_id in self.key_ids:
+            for key_id in [*self.key_ids, *self.project_ids]:
                 names = list(client.scan_iter(match=f"qg:{{{key_id}}}:*"))
                 if names:
                     client.delete(*names)
@@ -119,6 +134,7 @@ class Seen:
     completion: int = 0
     limit_requests: int | None = None
     retry_after: str | None = None
+    param: str | None = None
 
     @property
     def tokens(self) -> int:
@@ -140,9 +156,9 @@ class Spread:
             await client.aclose()
 
     async def chat(self, secret: str, *, stream: bool = False, instance: int | None = None,
-                   tokens: int = 8, token_delay: float = 0.0) -> Seen:
+                   tokens: int = 8, token_delay: float = 0.0, model: str = "chat") -> Seen:
         i = next(self._turn) % len(self._clients) if instance is None else instance
-        body: dict[str, Any] = {"model": "chat", "messages": MESSAGES, "max_tokens": MAX_TOKENS,
+        body: dict[str, Any] = {"model": model, "messages": MESSAGES, "max_tokens": MAX_TOKENS,
                                 "fake": {"tokens": tokens, "token_delay": token_delay}}
         if stream:
             body |= {"stream": True, "stream_options": {"include_usage": True}}
@@ -164,7 +180,8 @@ class Spread:
             if "x-ratelimit-limit-requests" in r.headers:
                 seen.limit_requests = int(r.headers["x-ratelimit-limit-requests"])
             if r.status_code != 200:
-                seen.code = orjson.loads(await r.aread())["error"]["code"]
+                error = orjson.loads(await r.aread())["error"]
+                seen.code, seen.param = error["code"], error.get("param")
             elif not stream:
                 usage = orjson.loads(await r.aread())["usage"]
                 seen.prompt, seen.completion = usage["prompt_tokens"], usage["completion_tokens"]
