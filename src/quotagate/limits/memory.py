@@ -145,6 +145,8 @@ class MemoryLimiter:
         scopes = key.scopes(model)
         if not scopes:
             return Admission(admitted=True)
+        if len(scopes) == 1 and scopes[0].kind == "key":
+            return self._admit_key(key, prompt_tokens, max_completion, min_completion)
         now = self._now()
         max_completion = max(0, max_completion)
         min_completion = max(0, min(min_completion, max_completion))
@@ -213,6 +215,59 @@ class MemoryLimiter:
             rid = _SEP.join((rid, *tracked))
         return self._admission(scopes, states, counters, now, reservation=rid, reserved=reserved, granted=granted)
 
+    def _admit_key(self, key: KeyRecord, prompt_tokens: int, max_completion: int, min_completion: int) -> Admission:
+        """The admission of a request bound by its key's own limits only (the common case, kept as lean as
+        it was before there were other scopes)."""
+        rpm, tpm, limit, period = key.rpm, key.tpm, key.token_limit, key.token_limit_period
+        budgeted = limit is not None and period is not None
+        now = self._now()
+        st = self._touch(key.id, now)
+        st.prune(now)
+        max_completion = max(0, max_completion)
+        min_completion = max(0, min(min_completion, max_completion))
+        refusal: Refusal | None = None
+        retry = 0.0
+        requests = st.requests
+        if rpm is not None and len(requests) >= rpm:
+            refusal = "rate_limit_exceeded"
+            retry = requests[len(requests) - rpm] + WINDOW - now
+        granted = max_completion
+        if tpm is not None:
+            room = tpm - st.tokens_sum - prompt_tokens
+            if room < min_completion:
+                refusal = "rate_limit_exceeded"
+                retry = max(retry, st.tokens_retry(tpm, prompt_tokens + min_completion, now))
+            granted = min(granted, room)
+        counter: _Counter | None = None
+        end = 0
+        if budgeted:
+            assert limit is not None and period is not None
+            counter, end = st.counter(period, now)
+            room = limit - counter.used - counter.reserved - prompt_tokens
+            if room < min_completion:
+                refusal = "token_limit_exceeded"
+                retry = max(retry, end - now)
+            granted = min(granted, room)
+        if refusal is not None:
+            return self._key_admission(key, st, now, counter, end, refusal=refusal, retry_after=retry)
+        if rpm is not None:
+            requests.append(now)
+        if tpm is None and counter is None:
+            return self._key_admission(key, st, now, None, 0)
+        reserved = prompt_tokens + granted
+        entry: _Entry | None = None
+        if tpm is not None:
+            entry = _Entry(now, reserved)
+            st.entries.append(entry)
+            st.tokens_sum += reserved
+        if counter is not None:
+            counter.reserved += reserved
+        rid = str(next(self._ids))
+        st.reservations[rid] = _Reservation(reserved, entry, counter)
+        if len(st.reservations) > st.reservations_mark:
+            st.collect(now)
+        return self._key_admission(key, st, now, counter, end, reservation=rid, reserved=reserved, granted=granted)
+
     async def extend(self, key: KeyRecord, admission: Admission, tokens: int) -> int:
         return self.extend_sync(key, admission.reservation, tokens)
 
@@ -220,7 +275,9 @@ class MemoryLimiter:
         """``extend`` without the coroutine, by reservation id."""
         if rid is None or tokens <= 0 or key.revoked:
             return 0
-        rid, scope_ids = _parse(rid, key.id)
+        if _SEP not in rid:
+            return self._extend_key(key, rid, tokens)
+        rid, *scope_ids = rid.split(_SEP)
         held: list[tuple[_KeyState, _Reservation, Scope | None]] = []
         limits = {s.id: s for s in key.all_scopes()}
         for scope_id in scope_ids:
@@ -252,6 +309,32 @@ class MemoryLimiter:
                 counter.reserved += room
         return room
 
+    def _extend_key(self, key: KeyRecord, rid: str | None, tokens: int) -> int:
+        """``extend`` of a reservation in the key's own scope alone (the common case, as lean as before)."""
+        st = self._keys.get(key.id) if rid is not None else None
+        res = st.reservations.get(rid) if st is not None and rid is not None else None
+        if st is None or res is None or tokens <= 0 or key.revoked:
+            return 0
+        now = self._now()
+        st.prune(now)
+        room = tokens
+        entry = res.entry
+        if key.tpm is not None and entry is not None and entry.live:
+            room = min(room, key.tpm - st.tokens_sum)
+        counter = res.counter
+        if counter is not None and key.token_limit is not None:
+            room = min(room, key.token_limit - counter.used - counter.reserved)
+        if room <= 0:
+            return 0
+        res.tokens += room
+        if entry is not None:
+            entry.tokens += room
+            if entry.live:
+                st.tokens_sum += room
+        if counter is not None:
+            counter.reserved += room
+        return room
+
     async def settle(self, key: KeyRecord, admission: Admission, actual_tokens: int) -> None:
         self.settle_sync(key.id, admission.reservation, actual_tokens)
 
@@ -259,24 +342,30 @@ class MemoryLimiter:
         """``settle`` without the coroutine, by key id and reservation id."""
         if rid is None:
             return
-        rid, scope_ids = _parse(rid, key_id)
-        actual = max(0, actual_tokens)
+        if _SEP not in rid:
+            self._settle_in(key_id, rid, actual_tokens)
+            return
+        rid, *scope_ids = rid.split(_SEP)
         for scope_id in scope_ids:
-            st = self._keys.get(scope_id)
-            if st is None:
-                continue
-            res = st.reservations.pop(rid, None)
-            if res is None:
-                continue
-            entry = res.entry
-            if entry is not None:
-                if entry.live:
-                    st.tokens_sum += actual - entry.tokens
-                entry.tokens = actual
-            # A counter of an ended period may be updated here harmlessly: nothing reads it any more.
-            if res.counter is not None:
-                res.counter.reserved -= res.tokens
-                res.counter.used += actual
+            self._settle_in(scope_id, rid, actual_tokens)
+
+    def _settle_in(self, scope_id: str, rid: str, actual_tokens: int) -> None:
+        st = self._keys.get(scope_id)
+        if st is None:
+            return
+        res = st.reservations.pop(rid, None)
+        if res is None:
+            return
+        actual = max(0, actual_tokens)
+        entry = res.entry
+        if entry is not None:
+            if entry.live:
+                st.tokens_sum += actual - entry.tokens
+            entry.tokens = actual
+        # A counter of an ended period may be updated here harmlessly: nothing reads it any more.
+        if res.counter is not None:
+            res.counter.reserved -= res.tokens
+            res.counter.used += actual
 
     async def state(self, key: KeyRecord) -> LimitState:
         return self.state_sync(key)
@@ -363,6 +452,37 @@ class MemoryLimiter:
         return st
 
     @staticmethod
+    def _key_admission(key: KeyRecord, st: _KeyState, now: float, counter: _Counter | None, end: int, *,
+                   refusal: Refusal | None = None, retry_after: float = 0.0, reservation: str | None = None,
+                   reserved: int = 0, granted: int | None = None) -> Admission:
+        budget: Budget | None = None
+        if counter is not None:
+            assert key.token_limit is not None and key.token_limit_period is not None
+            budget = Budget(key.token_limit, key.token_limit_period, counter.used, counter.reserved, float(end))
+        limit_requests = remaining_requests = None
+        reset_requests: float | None = None
+        if key.rpm is not None:
+            limit_requests = key.rpm
+            remaining_requests = max(0, key.rpm - len(st.requests))
+            reset_requests = st.requests[0] + WINDOW - now if st.requests else 0.0
+        limit_tokens = remaining_tokens = None
+        reset_tokens: float | None = None
+        if key.tpm is not None:
+            limit_tokens = key.tpm
+            remaining_tokens = max(0, key.tpm - st.tokens_sum)
+            reset_tokens = st.entries[0].at + WINDOW - now if st.entries else 0.0
+        elif budget is not None:
+            limit_tokens = budget.limit
+            remaining_tokens = budget.remaining
+            reset_tokens = budget.resets_at - now
+        return Admission(
+            admitted=refusal is None, reservation=reservation, reserved_tokens=reserved, granted=granted,
+            refusal=refusal, retry_after=retry_after, limit_requests=limit_requests,
+            remaining_requests=remaining_requests, reset_requests=reset_requests, limit_tokens=limit_tokens,
+            remaining_tokens=remaining_tokens, reset_tokens=reset_tokens, budget=budget,
+            scope="key" if refusal is not None else None)
+
+    @staticmethod
     def _admission(scopes: tuple[Scope, ...], states: list[_KeyState], counters: list[tuple[_Counter | None, int]],
                    now: float, *, refusal: Refusal | None = None, retry_after: float = 0.0,
                    bound: Scope | None = None, reservation: str | None = None, reserved: int = 0,
@@ -408,10 +528,3 @@ class MemoryLimiter:
 # "<id>\x1e<scope id>\x1e<scope id>...": settling and extending need no other record of where it is.
 _SEP = "\x1e"
 
-
-def _parse(rid: str, key_id: str) -> tuple[str, list[str]]:
-    """The reservation's own id and the scopes it holds tokens in."""
-    if _SEP not in rid:
-        return rid, [key_id]
-    first, *scope_ids = rid.split(_SEP)
-    return first, scope_ids
