@@ -93,3 +93,41 @@ def test_budgets_and_windows_survive_kill_9(tmp_path: Path, database_url: str, u
         assert refused.value.body["param"] == "rpm"  # type: ignore[index]
     finally:
         gw.stop()
+
+
+def test_project_and_model_limits_survive_kill_9(tmp_path: Path, database_url: str, upstream: FakeUpstream) -> None:
+    """A project's budget (shared by its keys) and a key's per-model rpm window are rebuilt from the store."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(CONFIG.format(main=upstream.base_url))
+    data = tmp_path / "data"
+    ports = {"console_port": free_port(), "llm_port": free_port()}
+    gw = start_gateway(data, database_url, config, **ports)
+    try:
+        admin = gw.user("owner@example.com", admin=True)
+        project = admin.project("restarts")
+        limit = 1_500
+        admin.ok("PATCH", f"/v1/projects/{project['id']}", json={"token_limit": limit, "token_limit_period": "day"})
+        plain = admin.mint(project["id"], name="plain")
+        per_model = admin.mint(project["id"], name="per-model", model_limits={"chat": {"rpm": 4}})
+        charged = sum(_spend(gw, per_model["secret"], 5) for _ in range(4))
+        charged += sum(_spend(gw, plain["secret"], 100, stream=i % 2 == 1) for i in range(12))
+        assert 1_200 < charged < limit
+        assert _remaining(gw, plain["secret"]) == limit - charged  # the project's budget binds the key
+        gw.proc.send_signal(signal.SIGKILL)
+        gw.proc.wait()
+
+        gw = start_gateway(data, database_url, config, **ports)
+        assert _remaining(gw, plain["secret"]) == limit - charged
+        with pytest.raises(openai.RateLimitError) as refused:
+            _spend(gw, per_model["secret"], 5)
+        assert refused.value.body["param"] == "model_limits"  # type: ignore[index]
+        while True:
+            try:
+                charged += _spend(gw, plain["secret"], 100)
+            except openai.RateLimitError as exc:
+                assert exc.code == "token_limit_exceeded"
+                assert exc.body["param"] == "project"  # type: ignore[index]
+                break
+        assert charged <= limit
+    finally:
+        gw.stop()
