@@ -41,6 +41,7 @@ from quotagate.settings import Settings
 from quotagate.store.engine import make_engine, migrate, private_dir
 from quotagate.webhooks import console_handlers as webhook_handlers
 from quotagate.webhooks import install as install_webhooks
+from quotagate.webhooks import waker as webhook_waker
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,8 @@ def build_console_app(runtime: Runtime, extra_routes: list[BaseRoute] | None = N
                                              max_delay=float(s.login_max_delay_seconds)))
     gate = HashGate(s.login_hash_concurrency, s.login_hash_queue)
     web = WebConsole(runtime.accounts, runtime.keys, lambda: runtime.config.model_ids,
-                     usage=runtime.extras.get("web_usage"), throttle=throttle, gate=gate, origin=s.console_origin)
+                     usage=runtime.extras.get("web_usage"), throttle=throttle, gate=gate, origin=s.console_origin,
+                     webhooks=runtime.extras.get("webhooks"), wake_webhooks=webhook_waker(runtime))
 
     usage_handlers, metering_routes = metering_console_routes(runtime)
     routes: list[BaseRoute] = [Route("/healthz", _healthz), *metering_routes,

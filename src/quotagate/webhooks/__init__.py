@@ -8,6 +8,7 @@ gives the console API its routes. Nothing here runs on the LLM API's path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from quotagate.console.http import Handler
@@ -38,7 +39,12 @@ def install(rt: Runtime, *, worker: bool = False) -> None:
     rt.on_stop.append(loop.stop)
 
 
-def console_handlers(rt: Runtime) -> list[tuple[str, str, Handler]]:
+def waker(rt: Runtime) -> Callable[[], None]:
+    """Wakes this process's webhook loop (a test event was queued); does nothing where none runs."""
     loop = rt.extras.get(WORKER)
-    api = WebhookAPI(rt.extras[SERVICE], loop.wake if isinstance(loop, WebhookWorker) else lambda: None)
-    return api.routes()
+    return loop.wake if isinstance(loop, WebhookWorker) else lambda: None
+
+
+def console_handlers(rt: Runtime) -> list[tuple[str, str, Handler]]:
+    service = rt.extras.get(SERVICE)
+    return WebhookAPI(service, waker(rt)).routes() if isinstance(service, WebhookService) else []

@@ -12,6 +12,7 @@ recording it), and then with the same ``quotagate-event-id`` (docs/webhooks.md, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from quotagate.webhooks.store import event_body
 MAX_BACKOFF = 6 * 3600.0
 LOG_ATTEMPTS = 10        # attempts kept in a delivery's attempt_log
 USER_AGENT = "quotagate-webhooks/1"
+MAX_ANSWER = 64 * 1024   # bytes of an answer's body read at most (and then ignored)
+BODY_WAIT = 1.0          # seconds the body is waited for after the status
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +123,7 @@ def request_parts(url: str) -> tuple[str, str]:
 
 
 async def send(claimed: Claimed, limit: float) -> Outcome:
-    """POST the event once, signed; only the answer's status is read (its body is not)."""
+    """POST the event once, signed; only the answer's status counts."""
     body = orjson.dumps(event_body(claimed.row))
     stamp = int(time.time())
     origin, path = request_parts(claimed.url)
@@ -134,7 +137,17 @@ async def send(claimed: Claimed, limit: float) -> Outcome:
     try:
         async with asyncio.timeout(limit):
             response = await pool.post(pool.request(path, body, None), limit, fresh=True)
-        response.close()  # the status is the answer; a body of any size is never read
+        try:
+            # The status is the answer. A short body is read to its end, so that closing the connection is
+            # an orderly one (unread bytes would make it a reset the receiver logs); past MAX_ANSWER bytes,
+            # or after BODY_WAIT seconds, it is dropped unread: a slow or endless body changes nothing.
+            with contextlib.suppress(TimeoutError, UpstreamError):
+                async with asyncio.timeout(BODY_WAIT):
+                    seen = 0
+                    while seen <= MAX_ANSWER and (chunk := await response.read_chunk()):
+                        seen += len(chunk)
+        finally:
+            response.close()
         return Outcome(response.status, None if 200 <= response.status < 300 else f"HTTP {response.status}",
                        (time.monotonic() - started) * 1000)
     except TimeoutError:
