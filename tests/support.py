@@ -121,7 +121,7 @@ class Gateway:
 
 def start_gateway(data_dir: Path, database_url: str, config: Path | None, *, role: str = "all",
                   extra_env: dict[str, str] | None = None, console_port: int | None = None,
-                  llm_port: int | None = None, start_timeout: float = 30.0) -> Gateway:
+                  llm_port: int | None = None) -> Gateway:
     data_dir.mkdir(parents=True, exist_ok=True)
     console_port = console_port or free_port()
     llm_port = llm_port or free_port()
@@ -134,9 +134,9 @@ def start_gateway(data_dir: Path, database_url: str, config: Path | None, *, rol
     gw = Gateway(proc=proc, env=env, console_port=console_port, llm_port=llm_port, log_path=log_path)
     try:
         if role in ("all", "console"):
-            wait_for_http(f"{gw.console_url}/healthz", start_timeout, proc=proc)
+            wait_for_http(f"{gw.console_url}/healthz", proc=proc)
         if role in ("all", "llm"):
-            wait_for_http(f"http://127.0.0.1:{llm_port}/healthz", start_timeout, proc=proc)
+            wait_for_http(f"http://127.0.0.1:{llm_port}/healthz", proc=proc)
         # What answered must be this process, still running (not another server on a port it lost).
         if proc.poll() is not None:
             raise RuntimeError(f"exited with {proc.returncode}")

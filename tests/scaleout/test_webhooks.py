@@ -38,8 +38,7 @@ LIMIT = 4000
 def hooked(tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstream) -> Iterator[Cluster]:
     directory: Path = tmp_path_factory.mktemp("scaleout-webhooks")
     with postgres_database() as url:
-        # Three instances migrating one database at once on a shared 2-core machine can take over 30 s.
-        c = start_cluster(directory, url, scaleout_redis_url(), upstream.base_url, extra_env=ENV, start_timeout=120)
+        c = start_cluster(directory, url, scaleout_redis_url(), upstream.base_url, extra_env=ENV)
         try:
             yield c
         finally:
