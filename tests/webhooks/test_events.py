@@ -11,7 +11,9 @@ from typing import Any
 
 import httpx
 import openai
+import pytest
 
+from quotagate.store.tables import projects
 from quotagate.webhooks.signing import verify
 from tests.gateway.helpers import async_sdk
 from tests.support import Console, Gateway
@@ -165,5 +167,36 @@ def test_a_replay_is_detectable(gw: Gateway, owner: Console) -> None:
         assert not verify(hook["secret"], header, body.replace(b"webhook.test", b"webhook.tesT"))
         assert not verify(hook["secret"], header.replace(f"t={t}", f"t={t + 1}"), body)
         assert not verify("whsec_" + "x" * 43, header, body)
+    finally:
+        receiver.stop()
+
+
+def test_each_project_budget_threshold_is_announced_once(gw: Gateway, owner: Console) -> None:
+    """A project's own budget (CONTRACT §6 project limits), drained through two keys of it at once."""
+    if projects.c.get("token_limit") is None:
+        pytest.skip("project limits (projects.token_limit, migration 0009) are not in this tree")
+    receiver = Receiver().start()
+    try:
+        project = owner.project("project-budget")
+        hook = add_hook(owner, project["id"], receiver.url, events=["project.budget_threshold"],
+                        budget_thresholds=[0.5, 1.0])
+        owner.ok("PATCH", f"/v1/projects/{project['id']}", json={"token_limit": 3000, "token_limit_period": "day"})
+        keys = [owner.mint(project["id"], name=f"k{i}") for i in range(2)]
+
+        async def both() -> list[tuple[int, int]]:
+            return list(await asyncio.gather(*(drain_budget(gw, k["secret"], concurrency=100, rounds=2) for k in keys)))
+
+        results = asyncio.run(both())
+        assert sum(charged for charged, _ in results) == 3000, results
+        receiver.wait_for(lambda rs: len(rs) >= 2, what="two project thresholds")
+        time.sleep(1.5)
+        got = receiver.snapshot()
+        assert sorted(r.event["data"]["threshold"] for r in got) == [0.5, 1.0]
+        for r in got:
+            data = r.event["data"]
+            assert r.event["type"] == "project.budget_threshold" and verified(hook["secret"], r)
+            assert data["project"] == {"id": project["id"], "name": "project-budget"}
+            assert data["token_limit"] == 3000 and data["period"] == "day"
+            assert data["used_tokens"] >= data["threshold"] * 3000
     finally:
         receiver.stop()

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # The bucket level that tiles each kind of period exactly (its start is a bucket start) and is kept at
 # least as long as the period lasts (Retention: minute buckets 48 h, hour buckets 60 days, days for good).
-PERIOD_LEVEL = {"minute": MINUTE, "hour": HOUR, "day": DAY, "week": DAY, "month": DAY}
+_LEVEL = {"minute": MINUTE, "hour": HOUR, "day": DAY, "week": DAY, "month": DAY}
 WINDOW = 60
 
 
@@ -58,7 +58,7 @@ def budgets_in_use(engine: Engine, now: float) -> list[BudgetUse]:
                 .join(inference_keys, inference_keys.c.id == usage_buckets.c.key_id)
                 .where(and_(inference_keys.c.token_limit.is_not(None),
                             inference_keys.c.token_limit_period == period,
-                            usage_buckets.c.width == PERIOD_LEVEL[period],
+                            usage_buckets.c.width == _LEVEL[period],
                             usage_buckets.c.bucket_start >= start))
                 .group_by(usage_buckets.c.key_id))
             found += [BudgetUse(key_id, period, start, end, int(total)) for key_id, total in rows if total]

@@ -25,10 +25,13 @@ from sqlalchemy import Connection, Engine, func, select, tuple_
 from quotagate.ids import isoformat
 from quotagate.keys.models import Period
 from quotagate.limits.periods import period_bounds
-from quotagate.metering.history import PERIOD_LEVEL
+from quotagate.metering.store import DAY, HOUR, MINUTE
 from quotagate.store.tables import audit_log, inference_keys, projects, usage_buckets, webhook_deliveries, webhooks
 from quotagate.webhooks.store import enqueue
 
+# The usage bucket level that tiles each kind of budget period and is kept at least as long as it lasts
+# (as metering/history.py reads budgets on a restart).
+PERIOD_LEVEL = {"minute": MINUTE, "hour": HOUR, "day": DAY, "week": DAY, "month": DAY}
 EXPIRING_WITHIN = timedelta(days=7)
 LOOKBACK = timedelta(hours=24)
 
