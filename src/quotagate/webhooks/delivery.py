@@ -78,6 +78,11 @@ def claim(engine: Engine, key: SigningKey, policy: Policy, limit: int) -> list[C
     d, w = webhook_deliveries.c, webhooks.c
     now = utcnow()
     lease_until = now + policy.lease
+    due = (select(d.id).where(d.status == "pending", d.next_attempt_at <= now,
+                              or_(d.lease_until.is_(None), d.lease_until < now)).limit(1))
+    with engine.connect() as conn:
+        if conn.execute(due).first() is None:
+            return []  # the usual case: no write transaction (on SQLite, no write lock) for nothing
     with engine.begin() as conn:
         rows = conn.execute(
             select(webhook_deliveries, w.url, w.secret_nonce)

@@ -24,6 +24,17 @@ MAX_PER_PROJECT = 20
 STATUSES = ("pending", "delivered", "failed")
 
 
+def audit_url(url: str) -> str:
+    """A webhook URL as the audit log shows it: without its query, where receivers often put a token (the
+    audit log is open to viewers, who do not see webhooks)."""
+    base, sep, _query = url.partition("?")
+    return f"{base}?…" if sep else base
+
+
+def _audited(field: str, value: Any) -> Any:
+    return audit_url(value) if field == "url" else value
+
+
 class WebhookService:
     def __init__(self, engine: Engine, accounts: AccountService, key: SigningKey) -> None:
         self._engine = engine
@@ -61,7 +72,8 @@ class WebhookService:
                 budget_thresholds=list(body.budget_thresholds), enabled=True, created_by=actor.user.id,
                 created_at=now, updated_at=now, **columns))
             record(conn, actor, project_id, "webhook.created", "webhook", webhook_id,
-                   {"url": body.url, "events": list(body.events), "budget_thresholds": list(body.budget_thresholds)})
+                   {"url": audit_url(body.url), "events": list(body.events),
+                    "budget_thresholds": list(body.budget_thresholds)})
             row = conn.execute(select(webhooks).where(webhooks.c.id == webhook_id)).one()
         return webhook_json(row), secret
 
@@ -103,8 +115,8 @@ class WebhookService:
                 changes |= columns
             conn.execute(update(webhooks).where(webhooks.c.id == webhook_id).values(updated_at=utcnow(), **changes))
             shown = sorted(f for f in changes if f not in ("secret_nonce", "secret_prefix", "key_fingerprint"))
-            details: dict[str, Any] = {"before": {f: getattr(row, f) for f in shown},
-                                       "after": {f: changes[f] for f in shown}}
+            details: dict[str, Any] = {"before": {f: _audited(f, getattr(row, f)) for f in shown},
+                                       "after": {f: _audited(f, changes[f]) for f in shown}}
             if secret is not None:
                 details["secret_rotated"] = True
             record(conn, actor, project_id, "webhook.updated", "webhook", webhook_id, details)
@@ -117,7 +129,7 @@ class WebhookService:
             row = self._row(conn, actor, project_id, webhook_id, "owner")
             conn.execute(delete(webhook_deliveries).where(webhook_deliveries.c.webhook_id == webhook_id))
             conn.execute(delete(webhooks).where(webhooks.c.id == webhook_id))
-            record(conn, actor, project_id, "webhook.deleted", "webhook", webhook_id, {"url": row.url})
+            record(conn, actor, project_id, "webhook.deleted", "webhook", webhook_id, {"url": audit_url(row.url)})
 
     def send_test(self, actor: Actor, project_id: str, webhook_id: str) -> dict[str, Any]:
         """Queue a ``webhook.test`` event, delivered (and logged) like any other. A disabled webhook sends

@@ -85,5 +85,5 @@ class WebhookWorker:
             log.warning("webhooks: delivery %s of %s to webhook %s failed (attempt %d): %s", claimed.row.id,
                         claimed.row.event_type, claimed.row.webhook_id, claimed.row.attempts + 1, outcome.error)
         if not kept:
-            log.error("webhooks: the lease of delivery %s ran out before its outcome was recorded",
-                      claimed.row.id)
+            log.error("webhooks: the outcome of delivery %s was not recorded (its lease ran out, or its webhook "
+                      "was deleted meanwhile)", claimed.row.id)
