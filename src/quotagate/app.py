@@ -21,7 +21,7 @@ from quotagate.accounts.passwords import Passwords
 from quotagate.accounts.service import AccountService, SessionPolicy
 from quotagate.accounts.signin import HashGate, SignInThrottle, ThrottlePolicy
 from quotagate.audit import AuditLog
-from quotagate.config import Config, load_config
+from quotagate.config import Config, load_config, with_simulator_port
 from quotagate.console.api import ConsoleAPI
 from quotagate.console.headers import SecurityHeaders
 from quotagate.console.http import JSON, client_disconnect_handler, http_exception_handler
@@ -71,7 +71,7 @@ class Runtime:
         """The runtime of ``settings``. ``limiter`` replaces the one the settings ask for; ``worker``
         builds one of several processes serving the LLM API (workers/): its parent ships the usage journal,
         relays key changes between instances and restores limits, so the worker does none of that."""
-        config = load_config(settings.config)
+        config = with_simulator_port(load_config(settings.config), settings.simulator_port)
         url = settings.effective_database_url
         if run_migrations:
             migrate(url)
@@ -138,7 +138,8 @@ def build_console_app(runtime: Runtime, extra_routes: list[BaseRoute] | None = N
                                              max_delay=float(s.login_max_delay_seconds)))
     gate = HashGate(s.login_hash_concurrency, s.login_hash_queue)
     web = WebConsole(runtime.accounts, runtime.keys, lambda: runtime.config.model_ids,
-                     usage=runtime.extras.get("web_usage"), throttle=throttle, gate=gate, origin=s.console_origin,
+                     usage=runtime.extras.get("web_usage"), project_usage=runtime.extras.get("web_project_usage"),
+                     throttle=throttle, gate=gate, origin=s.console_origin,
                      webhooks=runtime.extras.get("webhooks"), wake_webhooks=webhook_waker(runtime))
 
     usage_handlers, metering_routes = metering_console_routes(runtime)

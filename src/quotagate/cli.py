@@ -130,6 +130,10 @@ def serve(
                                                      "this port (default: none; the console listener serves "
                                                      "/metrics too). Env: QUOTAGATE_METRICS_PORT.",
                                                      show_default=False)] = None,
+    simulator_port: Annotated[int | None, typer.Option(help="Port of the simulated model server, when the "
+                                                       "configuration has one (the built-in demo does: 8402); "
+                                                       "its models follow it. Env: QUOTAGATE_SIMULATOR_PORT.",
+                                                       show_default=False)] = None,
     database_url: DatabaseUrlOpt = None,
     redis_url: Annotated[str | None, typer.Option(help="redis://HOST:PORT/DB to share rate limits and "
                                                   "revocations between several instances (default: none, "
@@ -138,7 +142,8 @@ def serve(
 ) -> None:
     """Run the console API and the LLM API. The database schema is brought up to date first."""
     s = settings(config=config, data_dir=data_dir, host=host, console_port=console_port, llm_port=llm_port,
-                 role=role, workers=workers, metrics_port=metrics_port, database_url=database_url, redis_url=redis_url)
+                 role=role, workers=workers, metrics_port=metrics_port, simulator_port=simulator_port,
+                 database_url=database_url, redis_url=redis_url)
     logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Alembic announces each of its plugins at INFO on every start; the migrations it runs stay visible.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

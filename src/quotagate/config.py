@@ -19,12 +19,12 @@ port = 8402
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -232,3 +232,29 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None, 
                             parsed.gateway.upstream_request_id),
         source=source,
     )
+
+
+# Names of this machine: an upstream at one of them reaches a simulator bound to another (or to all).
+_LOCAL = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0", "::"})  # noqa: S104 - names compared, not bound
+
+
+def with_simulator_port(config: Config, port: int | None) -> Config:
+    """``config`` with its simulator moved to ``port`` (``serve --simulator-port``), and the upstreams that
+    pointed at the simulator's old address pointing at the new one, so its models follow it."""
+    sim = config.simulator
+    if port is None or (sim is not None and port == sim.port):
+        return config
+    if sim is None:
+        raise ConfigError(f"{config.source}: --simulator-port {port}: the configuration has no [simulator] to move")
+
+    def moved(url: str) -> str:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port != sim.port or not (host == sim.host or (host in _LOCAL and sim.host in _LOCAL)):
+            return url
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    models = {mid: replace(spec, upstreams=tuple(moved(u) for u in spec.upstreams))
+              for mid, spec in config.models.items()}
+    return replace(config, simulator=replace(sim, port=port), models=models)

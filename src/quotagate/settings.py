@@ -38,6 +38,9 @@ class Settings(BaseModel):
     metrics_port: int | None = Field(default=None, ge=1, le=65535,
                                      description="a listener of its own for /metrics and /healthz")
     metrics_host: str = Field(default="127.0.0.1", description="the address the metrics listener binds")
+    simulator_port: int | None = Field(default=None, ge=1, le=65535, description="the port of the "
+                                       "configuration's [simulator] (default: its own, 8402 in the demo); the "
+                                       "models it serves follow it")
     role: Role = "all"
     workers: int = Field(default=1, ge=0, le=1024, description="processes serving the LLM API on its one "
                          "port, with limits exact across them; 0: one per core")

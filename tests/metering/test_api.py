@@ -154,3 +154,64 @@ def test_project_usage_by_model_and_csv_exports(gateway_console: Gateway, store:
         assert stranger.request("GET", f"/v1/projects/{project['id']}/activity", params=params).status_code == 404
     bad = owner.request("GET", f"/v1/projects/{project['id']}/activity", params={"format": "xml"})
     assert bad.status_code == 400 and bad.json()["error"]["field"] == "format"
+
+
+def test_project_usage_and_activity_filtered_by_key_metadata(gateway_console: Gateway, store: Engine) -> None:
+    """``metadata=KEY=VALUE`` (repeatable: a key must have every entry) narrows project usage and activity,
+    JSON and CSV, to the keys tagged so; keys may hold ``:`` and ``/`` in their metadata keys."""
+    owner = gateway_console.user("owner@example.com")
+    project = owner.project()
+    search = owner.mint(project["id"], name="search-prod", metadata={"team": "search", "env": "prod",
+                                                                     "cost.center:eu/1": "a=b"})
+    search_dev = owner.mint(project["id"], name="search-dev", metadata={"team": "search", "env": "dev"})
+    ads = owner.mint(project["id"], name="ads", metadata={"team": "ads"})
+    bare = owner.mint(project["id"], name="bare")
+    now = time.time()
+    events = []
+    for i, (key, count) in enumerate(((search, 1), (search_dev, 2), (ads, 4), (bare, 8))):
+        events += [event(Key(key["id"], project["id"]), created_at=now - 100 + i, prompt_tokens=10 ** i,
+                         completion_tokens=1) for _ in range(count)]
+    store_batch(store, events)
+    path = f"/v1/projects/{project['id']}/usage"
+
+    def requests(*filters: str) -> int:
+        usage = owner.ok("GET", path, params=[("metadata", f) for f in filters])
+        assert usage["metadata"] == (dict(f.split("=", 1) for f in filters) or None)
+        assert sum(k["requests"] for k in usage["keys"]) == usage["totals"]["requests"]
+        assert sum(m["requests"] for m in usage["models"]) == usage["totals"]["requests"]
+        return int(usage["totals"]["requests"])
+
+    assert requests() == 15
+    assert requests("team=search") == 3
+    assert requests("team=search", "env=prod") == 1
+    assert requests("team=ads") == 4
+    assert requests("team=nobody") == 0
+    assert requests("cost.center:eu/1=a=b") == 1  # split at the first "=": a key holds none
+    assert requests("team=") == 0  # an empty value is a value: no key has team=""
+    tagged = owner.ok("GET", path, params={"metadata": "team=search"})
+    assert {k["key_id"]: k["metadata"] for k in tagged["keys"]} == {
+        search["id"]: search["metadata"], search_dev["id"]: search_dev["metadata"]}
+    assert tagged["totals"]["prompt_tokens"] == 1 * 1 + 2 * 10
+
+    as_csv = owner.request("GET", path, params={"format": "csv", "metadata": "team=ads"})
+    assert sum(int(r["requests"]) for r in csv.DictReader(io.StringIO(as_csv.text))) == 4
+    activity = owner.ok("GET", f"/v1/projects/{project['id']}/activity", params=[("metadata", "team=search")])
+    assert sorted(r["key_id"] for r in activity["data"]) == sorted([search["id"]] + [search_dev["id"]] * 2)
+    exported = owner.request("GET", f"/v1/projects/{project['id']}/activity",
+                             params=[("format", "csv"), ("metadata", "team=search"), ("metadata", "env=dev")])
+    assert [r["key_id"] for r in csv.DictReader(io.StringIO(exported.text))] == [search_dev["id"]] * 2
+
+    # The filter follows the key's metadata as it is now.
+    owner.ok("PATCH", f"/v1/inference/keys/{bare['id']}", json={"metadata": {"team": "ads"}})
+    assert requests("team=ads") == 12
+
+    for bad in ("team", "=x", "te am=x", "team=a&metadata=team=b", "k=" + "v" * 257):
+        params = [("metadata", p) for p in bad.split("&metadata=")]
+        for endpoint in ("usage", "activity"):
+            r = owner.request("GET", f"/v1/projects/{project['id']}/{endpoint}", params=params)
+            assert r.status_code == 400 and r.json()["error"]["field"] == "metadata", (bad, r.text)
+    too_many = [("metadata", f"k{i}=v") for i in range(17)]
+    assert owner.request("GET", path, params=too_many).json()["error"]["field"] == "metadata"
+    # A key's own usage has no such filter (it is one key).
+    r = owner.request("GET", f"/v1/inference/keys/{search['id']}/usage", params={"metadata": "team=search"})
+    assert r.status_code == 400 and r.json()["error"]["field"] == "metadata"

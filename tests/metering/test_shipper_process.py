@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -177,6 +178,52 @@ def test_kill_9_of_both_a_restart_ships_what_they_left_before_serving(tmp_path: 
 
     asyncio.run(restart())
     assert not list(directory.glob("*.log"))
+
+
+def test_a_restart_ends_the_shipper_a_killed_gateway_left_and_ships_in_its_place(
+        tmp_path: Path, engine: Engine, key: Key, database_url: str) -> None:
+    """The gateway is killed while its shipper cannot run (stopped here; a nice-19 shipper on a busy
+    machine once waited minutes for the CPU): the restarted gateway's shipper ends that orphan and ships in
+    its place, instead of standing by behind it while the gateway waits to serve."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    # The orphan is reparented to this process, so its process group stays attached to the session: the
+    # kernel sends SIGHUP to a stopped member of a group that becomes orphaned, which would end it for us.
+    assert libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    directory = tmp_path / "journal"
+    shipper = 0
+    try:
+        proc = start_child(key, database_url, directory)
+        run_until(proc, 200)
+        [shipper] = children(proc.pid)
+        os.kill(shipper, signal.SIGSTOP)
+        acknowledged = run_until(proc, 1500)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not gone(shipper) and list(directory.glob("*.log"))
+
+        async def restart() -> None:
+            meter = JournalMeter(engine, directory, options=ShipperOptions(interval=5.0))
+            await meter.start()
+            try:
+                # start() returned after the new shipper's first pass (not after its 30 s timeout with the
+                # journal still held by the stopped orphan): everything acknowledged is stored, once.
+                rows, requests, completion = stored(engine)
+                assert not set(acknowledged) - set(rows)
+                assert requests == len(rows) and completion == sum(rows.values())
+            finally:
+                await meter.close()
+
+        asyncio.run(restart())
+        _, status = os.waitpid(shipper, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        shipper = 0
+        assert not list(directory.glob("*.log"))
+    finally:
+        libc.prctl(36, 0, 0, 0, 0)
+        if shipper:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(shipper, signal.SIGKILL)
+                os.waitpid(shipper, 0)
 
 
 def test_a_second_shipper_on_the_same_journal_stands_by(tmp_path: Path, engine: Engine, key: Key) -> None:

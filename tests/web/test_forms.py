@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from quotagate.keys.schemas import KeyCreate
 from quotagate.web import forms
 
@@ -29,3 +31,41 @@ def test_messages_lose_the_apis_field_names() -> None:
     assert forms.budget_pair_error({"token_limit": 5}, {}) == {
         "token_limit_period": "Token budget and budget period come together; give both or neither"}
     assert forms.budget_pair_error({"token_limit": 5}, {"token_limit": "x"}) == {"token_limit": "x"}
+
+
+def test_networks_and_metadata_text() -> None:
+    assert forms.parse_networks(" 10.0.0.0/8,2001:db8::/32\n\n192.168.1.1 ") == ["10.0.0.0/8", "2001:db8::/32",
+                                                                               "192.168.1.1"]
+    assert forms.parse_metadata(" team = search \n\ncost-center=4=2\nempty=") == (
+        {"team": "search", "cost-center": "4=2", "empty": ""}, None)
+    assert forms.parse_metadata("team=a\nnot a pair")[1] == "Line 2 ('not a pair') is not key=value"
+    assert forms.parse_metadata("=x")[1] == "Line 1 ('=x') is not key=value"
+    assert forms.parse_metadata("team=a\nteam=b")[1] == "Line 2: 'team' is given twice"
+    assert forms.metadata_text({"b": "2", "a": "1"}) == "a=1\nb=2"
+    assert forms.networks_text(("10.0.0.0/8", "::1/128")) == "10.0.0.0/8\n::1/128"
+    assert forms.metadata_text(None) == forms.networks_text(None) == ""
+
+
+def test_a_metadata_entrys_problem_names_the_entry() -> None:
+    _body, errors = forms.validate(KeyCreate, {"name": "k", "metadata": {"bad key": "x"},
+                                               "allowed_networks": ["10.0.0.5/8"]})
+    assert errors == {"metadata": "'bad key': String should match pattern '^[A-Za-z0-9_.:/-]+$'",
+                      "allowed_networks": "'10.0.0.5/8' has host bits set; the network is 10.0.0.0/8"}
+    _body, errors = forms.validate(KeyCreate, {"name": "k", "metadata": {"team": "v" * 257}})
+    assert errors == {"metadata": "'team': String should have at most 256 characters"}
+
+
+_KEY = SimpleNamespace(allowed_networks=("10.0.0.0/8",), metadata={"note": "two\nlines"})
+
+
+def test_an_unchanged_box_is_not_sent_when_editing() -> None:
+    from starlette.datastructures import FormData
+
+    shown = FormData([("allowed_networks", "10.0.0.0/8"), ("metadata", "note=two\r\nlines")])
+    data: dict[str, object] = {}
+    assert forms.restrictions(shown, data, current=_KEY) == {} and data == {}
+    cleared = FormData([("allowed_networks", ""), ("metadata", " ")])
+    assert forms.restrictions(cleared, data, current=_KEY) == {}
+    assert data == {"allowed_networks": None, "metadata": None}
+    created: dict[str, object] = {}
+    assert forms.restrictions(cleared, created, current=None) == {} and created == {}

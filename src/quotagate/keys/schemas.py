@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from ipaddress import ip_network
 from typing import Annotated
@@ -55,8 +56,33 @@ def check_budget_pair(token_limit: int | None, token_limit_period: str | None) -
 
 MAX_NETWORKS = 64
 MAX_METADATA = 16
+METADATA_KEY = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
 MetadataKey = Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
 MetadataValue = Annotated[StrictStr, Field(max_length=256)]
+
+
+def metadata_filter(entries: list[str]) -> dict[str, str]:
+    """The usage API's ``metadata=KEY=VALUE`` parameters (repeatable; a key must have them all) as a dict.
+    ``=`` splits them because a metadata key cannot hold one (``:`` and ``/`` it can)."""
+    if len(entries) > MAX_METADATA:
+        raise InvalidRequest(f"metadata: at most {MAX_METADATA} filters, not {len(entries)}", field="metadata")
+    found: dict[str, str] = {}
+    for entry in entries:
+        name, sep, value = entry.partition("=")
+        if not sep:
+            raise InvalidRequest(f"metadata: expected KEY=VALUE (e.g. team=search), not {entry[:80]!r}",
+                                 field="metadata")
+        if not METADATA_KEY.fullmatch(name):
+            raise InvalidRequest(f"metadata: {name[:80]!r} is not a metadata key (1-64 letters, digits and "
+                                 "_ . : / -)", field="metadata")
+        if len(value) > 256:
+            raise InvalidRequest(f"metadata: the value of {name!r} is longer than 256 characters, which no key "
+                                 "has", field="metadata")
+        if name in found:
+            raise InvalidRequest(f"metadata: {name!r} is given twice; a key has one value for it",
+                                 field="metadata")
+        found[name] = value
+    return found
 
 
 def parse_network(value: str) -> str:

@@ -20,6 +20,7 @@ from quotagate.metering.api import UsageAPI, limits_json, metrics_endpoint
 from quotagate.metering.interfaces import Meter, UsageEvent
 from quotagate.metering.meter import JournalMeter
 from quotagate.metering.metrics import Gauge, GaugeCollector, UsageMetrics, new_registry
+from quotagate.metering.pages import ProjectUsagePages
 from quotagate.metering.queries import Window
 from quotagate.metering.shipper import ShipperOptions
 from quotagate.metering.store import WIDTHS
@@ -80,6 +81,7 @@ def install(rt: Runtime, *, ship: bool = True) -> None:
     registry.register(GaugeCollector(gauges))
     rt.extras[REGISTRY] = registry
     rt.extras["web_usage"] = _web_usage(rt)
+    rt.extras["web_project_usage"] = ProjectUsagePages(rt.accounts, lambda: _usage_api(rt))
 
 
 def _usage_api(rt: Runtime) -> UsageAPI:

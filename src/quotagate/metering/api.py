@@ -20,6 +20,7 @@ from quotagate.console.http import Call, Handler, Result
 from quotagate.errors import InvalidRequest
 from quotagate.ids import isoformat
 from quotagate.keys.models import InferenceKey
+from quotagate.keys.schemas import metadata_filter
 from quotagate.keys.service import KeyService
 from quotagate.limits.interfaces import Limiter, LimitState
 from quotagate.metering.export import ACTIVITY_COLUMNS, USAGE_COLUMNS, csv_response
@@ -33,8 +34,9 @@ log = logging.getLogger(__name__)
 MAX_POINTS = 1500          # per model: a minute series can span 25 h, an hour series 62 days
 DEFAULT_RANGE = timedelta(hours=24)
 USAGE_PARAMS = frozenset({"start", "end", "granularity", "format"})
+PROJECT_USAGE_PARAMS = USAGE_PARAMS | {"metadata"}
 ACTIVITY_PARAMS = frozenset({"limit", "before", "starting_after", "request_id"})
-PROJECT_ACTIVITY_PARAMS = frozenset({"start", "end", "limit", "before", "starting_after", "format"})
+PROJECT_ACTIVITY_PARAMS = frozenset({"start", "end", "limit", "before", "starting_after", "format", "metadata"})
 CSV_ROWS = 100_000  # activity rows one CSV export may hold (page with before= past them)
 
 
@@ -56,9 +58,9 @@ def wants_csv(call: Call) -> bool:
     return fmt == "csv"
 
 
-def parse_window(call: Call, now: datetime) -> Window:
+def parse_window(call: Call, now: datetime, allowed: frozenset[str] = USAGE_PARAMS) -> Window:
     """start, end and granularity from the query, validated and aligned to the granularity."""
-    check_params(call, USAGE_PARAMS)
+    check_params(call, allowed)
     raw_end, raw_start = call.query.get("end"), call.query.get("start")
     end = parse_time("end", raw_end) if raw_end is not None else now
     start = parse_time("start", raw_start) if raw_start is not None else end - DEFAULT_RANGE
@@ -119,7 +121,7 @@ class UsageAPI:
         self._flush = flush
         self.queries = UsageQueries(engine)
 
-    def _catch_up(self) -> None:
+    def catch_up(self) -> None:
         """Let this process's unshipped records reach the store first, so a client reads its own usage."""
         if self._flush is not None:
             try:
@@ -143,7 +145,7 @@ class UsageAPI:
     def key_usage(self, call: Call) -> Result:
         key = self._keys.get(call.actor, call.path["keyId"])  # 404 unless the caller may read it
         window = parse_window(call, datetime.now(UTC))
-        self._catch_up()
+        self.catch_up()
         totals, data = self.queries.key_usage(key.id, window)
         return 200, {
             "object": "usage", "key_id": key.id, "project_id": key.project_id,
@@ -154,17 +156,18 @@ class UsageAPI:
 
     def project_usage(self, call: Call) -> Result:
         project = self._accounts.get_project(call.actor, call.path["projectId"])  # 404 unless theirs
-        window = parse_window(call, datetime.now(UTC))
+        window = parse_window(call, datetime.now(UTC), PROJECT_USAGE_PARAMS)
         csv = wants_csv(call)
-        self._catch_up()
-        found = self.queries.project_usage(project.id, window)
+        tags = metadata_filter(call.query.getlist("metadata"))
+        self.catch_up()
+        found = self.queries.project_usage(project.id, window, tags)
         if csv:
             return 200, csv_response(found["data"], USAGE_COLUMNS, f"usage-{project.id}.csv")
         return 200, {
             "object": "usage", "project_id": project.id,
             "start": isoformat(datetime.fromtimestamp(window.start, UTC)),
             "end": isoformat(datetime.fromtimestamp(window.end, UTC)), "granularity": window.granularity,
-            **found,
+            "metadata": tags or None, **found,
         }
 
     def activity(self, call: Call) -> Result:
@@ -172,7 +175,7 @@ class UsageAPI:
         check_params(call, ACTIVITY_PARAMS)
         limit = page_limit(call, default=100, maximum=1000)
         before = call.query.get("before") or call.query.get("starting_after")
-        self._catch_up()
+        self.catch_up()
         rows, more = self.queries.activity(key.id, limit=limit, before=before,
                                            request_id=call.query.get("request_id"))
         return 200, {"object": "list", "data": rows, "has_more": more,
@@ -191,8 +194,10 @@ class UsageAPI:
         if start >= end:
             raise InvalidRequest("end: must be later than start", field="end")
         before = call.query.get("before") or call.query.get("starting_after")
-        self._catch_up()
-        rows, more = self.queries.project_activity(project.id, start=start, end=end, limit=limit, before=before)
+        tags = metadata_filter(call.query.getlist("metadata"))
+        self.catch_up()
+        rows, more = self.queries.project_activity(project.id, start=start, end=end, limit=limit, before=before,
+                                                   metadata=tags)
         if csv:
             return 200, csv_response(rows, ACTIVITY_COLUMNS, f"activity-{project.id}.csv")
         return 200, {"object": "list", "data": rows, "has_more": more,

@@ -71,10 +71,14 @@ class JournalMeter:
             except Exception:
                 log.exception("usage journal upkeep failed")
 
-    async def flush(self, within: float = 5.0) -> bool:
+    async def flush(self, within: float = 15.0) -> bool:
         """Wait until everything recorded so far, by this process and by every other writer of the
         directory (the workers of ``serve --workers N``), is in the store (False if not done ``within``
-        seconds)."""
+        seconds).
+
+        The wait is long because the shipper runs at nice 19: on a machine busy with other work a pass
+        can take seconds, and an answer that leaves out the caller's own requests is wrong, not late
+        (a usage read that gave up after 5 s once missed a request answered just before it)."""
         targets = self._positions()
         deadline = time.monotonic() + within
         next_wake = 0.0

@@ -69,6 +69,14 @@ def _sums() -> list[Any]:
             func.sum(b.rate_limited).label("rate_limited"), func.sum(b.latency_ms_sum).label("latency_ms_sum")]
 
 
+def tagged(project_id: str, metadata: dict[str, str]) -> Any:
+    """The ids of the project's keys whose metadata has every one of these entries (their metadata as it is
+    now, not as it was when they were used): a subquery, so the store filters without a list of ids."""
+    k = inference_keys.c
+    entries = [k["metadata"][name].as_string() == value for name, value in sorted(metadata.items())]
+    return select(k.id).where(k.project_id == project_id, *entries)
+
+
 def _iso(ts: int) -> str:
     value = isoformat(datetime.fromtimestamp(ts, UTC))
     assert value is not None
@@ -126,9 +134,13 @@ class UsageQueries:
         """(totals, data points per start and model) of one key."""
         return self._series(usage_buckets.c.key_id == key_id, window)
 
-    def project_usage(self, project_id: str, window: Window) -> dict[str, Any]:
-        """Totals, the series and a per-key breakdown of a project."""
+    def project_usage(self, project_id: str, window: Window,
+                      metadata: dict[str, str] | None = None) -> dict[str, Any]:
+        """Totals, the series and per-key and per-model breakdowns of a project; with ``metadata``, of
+        those of its keys whose metadata has all of its entries."""
         where = usage_buckets.c.project_id == project_id
+        if metadata:
+            where = and_(where, usage_buckets.c.key_id.in_(tagged(project_id, metadata)))
         totals, data = self._series(where, window)
         per_key: dict[str, list[float]] = {}
         for r in self._rows(where, window, [usage_buckets.c.key_id]):
@@ -138,13 +150,15 @@ class UsageQueries:
                 acc[i] += v
         with self._engine.connect() as conn:
             names = {r.id: r for r in conn.execute(
-                select(inference_keys.c.id, inference_keys.c.name, inference_keys.c.prefix)
+                select(inference_keys.c.id, inference_keys.c.name, inference_keys.c.prefix,
+                       inference_keys.c["metadata"])
                 .where(inference_keys.c.project_id == project_id)).all()}
         keys = []
         for key_id, v in per_key.items():
             meta = names.get(key_id)
             keys.append({"key_id": key_id, "name": meta.name if meta else None,
-                         "prefix": meta.prefix if meta else None, **_point(Sums(*v))})
+                         "prefix": meta.prefix if meta else None,
+                         "metadata": meta.metadata if meta else None, **_point(Sums(*v))})
         keys.sort(key=lambda k: (-k["total_tokens"], k["key_id"]))
         models: dict[str | None, dict[str, int]] = {}
         for point in data:
@@ -175,11 +189,14 @@ class UsageQueries:
 
 
     def project_activity(self, project_id: str, *, start: datetime, end: datetime, limit: int,
-                         before: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+                         before: str | None = None, metadata: dict[str, str] | None = None
+                         ) -> tuple[list[dict[str, Any]], bool]:
         """Every key's requests in [start, end), newest first: (up to ``limit`` rows, whether there are more).
-        ``before`` is a request id of this project to page past."""
+        ``before`` is a request id of this project to page past; ``metadata`` as for ``project_usage``."""
         e = usage_events.c
         query = select(usage_events).where(e.project_id == project_id, e.created_at >= start, e.created_at < end)
+        if metadata:
+            query = query.where(e.key_id.in_(tagged(project_id, metadata)))
         with self._engine.connect() as conn:
             if before is not None:
                 anchor = conn.execute(select(e.created_at, e.request_id)

@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 STATUS = "shipped.json"
 SHIPPER_LOCK = "shipper.lock"
 DATABASE_URL_ENV = "QUOTAGATE_SHIPPER_DATABASE_URL"  # the URL travels in the environment, not in argv (ps)
-NICE_ENV = "QUOTAGATE_SHIPPER_NICE"  # read by BOOT, before anything is imported
 SIGNALS = {signal.SIGUSR1, signal.SIGTERM, signal.SIGINT}
 # The shipper process's first lines: block the signals it takes with sigtimedwait before anything else
 # (SIGUSR1's default action would kill it), then tell the parent it may signal, then import and run.
@@ -63,8 +62,6 @@ BOOT = ("import os, signal, sys\n"
         "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM, signal.SIGINT})\n"
         # A background process group in the terminal's session: a log line must not stop it (SIGTTOU).
         "signal.signal(signal.SIGTTOU, signal.SIG_IGN); signal.signal(signal.SIGTTIN, signal.SIG_IGN)\n"
-        # Nice before the imports, so that even a restart's import burst yields to the gateway.
-        f"os.nice(max(0, int(os.environ.get('{NICE_ENV}', '0')) - os.nice(0)))\n"
         "sys.stdout.write('ready\\n'); sys.stdout.flush(); os.dup2(os.open(os.devnull, os.O_WRONLY), 1)\n"
         "from quotagate.metering.shipper import main\n"
         "main(sys.argv[1:])\n")
@@ -115,6 +112,7 @@ class Shipper:
         self._progress: dict[tuple[str, int], tuple[int, int]] = {}  # (writer, seq) -> (offset, records)
         self._positions: dict[str, tuple[int, int, int]] = {}         # live writer -> (seq, offset, records)
         self._pass_at = 0.0
+        self._parent: int | None = None
 
     def _decode(self, records: list[bytes]) -> list[UsageEvent]:
         events = []
@@ -200,7 +198,7 @@ class Shipper:
 
     def write_status(self, attempt_at: float) -> None:
         """``pass_at``: when the last complete pass began; ``attempt_at``: the last pass, failed or not."""
-        status = {"pid": os.getpid(), "pass_at": self._pass_at, "attempt_at": attempt_at,
+        status = {"pid": os.getpid(), "parent": self._parent, "pass_at": self._pass_at, "attempt_at": attempt_at,
                   "writers": self._positions, "stats": dataclasses.asdict(self.stats)}
         tmp = self.directory / f"{STATUS}.tmp"
         tmp.write_bytes(orjson.dumps(status))
@@ -226,12 +224,15 @@ class Shipper:
         return self.directory.exists() and any(list_segments(self.directory).values())
 
     # -- the process's loop -----------------------------------------------------------------------
-    def run(self, parent: int | None = None) -> None:
+    def run(self, parent: int | None = None, nice_after_first_pass: int = 0) -> None:
         """Ship until SIGTERM/SIGINT or until process ``parent`` is gone, then ship what is left.
 
-        SIGUSR1 asks for a pass now. Signals are blocked and taken with ``sigtimedwait``, so one that
-        arrives in the middle of a store transaction waits for the next look instead of interrupting it."""
+        ``nice_after_first_pass`` is the niceness taken once the first pass is done (see
+        ``ShipperProcess.start``: the gateway waits for that pass before it serves). SIGUSR1 asks for a
+        pass now. Signals are blocked and taken with ``sigtimedwait``, so one that arrives in the middle of
+        a store transaction waits for the next look instead of interrupting it."""
         wanted = SIGNALS
+        self._parent = parent
         signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -249,6 +250,7 @@ class Shipper:
                 return
             if signal.sigtimedwait(wanted - {signal.SIGUSR1}, 0.2) is not None and not stopping:
                 stopping, give_up = True, time.monotonic() + self.options.stop_within
+            self._end_orphan()
             lock_fd = try_lock(self.directory / SHIPPER_LOCK)
         opts = self.options
         now = time.monotonic()
@@ -276,9 +278,36 @@ class Shipper:
                     if self.stats.failures == 1 or self.stats.failures % 100 == 0:
                         log.exception("usage shipping failed (%d failures so far); retrying", self.stats.failures)
                     wait = min(max(wait * 2, 0.5), 30.0)
+                if nice_after_first_pass:  # the first pass was tried: to that niceness, not by that much
+                    os.nice(max(0, nice_after_first_pass - os.nice(0)))
+                    nice_after_first_pass = 0
             self._last_passes(time.monotonic() + opts.stop_within)
         finally:
             os.close(lock_fd)
+
+    def _end_orphan(self) -> None:
+        """Kill the shipper holding the lock if its gateway is gone (``kill -9``): it is finishing its last
+        passes at nice 19, which on a busy machine took minutes, while the gateway that started this
+        shipper waits for a pass before it serves. Nothing is lost: what it stored is stored, and this
+        shipper re-ships the rest (the store counts nothing twice). A shipper whose gateway lives (two
+        gateways on one data dir) is left alone."""
+        try:
+            status = orjson.loads((self.directory / STATUS).read_bytes())
+            pid, parent = int(status["pid"]), int(status["parent"])
+        except (OSError, KeyError, TypeError, ValueError, orjson.JSONDecodeError):
+            return
+        if pid == os.getpid() or _alive(parent):
+            return
+        try:  # the pid may have been reused since the status was written: it must be this directory's shipper
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return
+        if BOOT.encode() not in argv or str(self.directory).encode() not in argv:
+            return
+        log.warning("usage journal: the shipper of a gateway that is gone (pid %d) still holds the journal; "
+                    "ending it and shipping in its place", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
     def _last_passes(self, deadline: float) -> None:
         """Ship what is left (writers that stopped are dead by now), retrying store failures until the
@@ -299,6 +328,20 @@ class Shipper:
                 return
             time.sleep(wait)
             wait = min(wait * 2, 2.0)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (a killed gateway its parent has not reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 # -- the gateway's side: starting, watching and asking the shipper process ----------------------------
@@ -331,11 +374,14 @@ class ShipperProcess:
     def _spawn(self) -> None:
         # Shipping can always wait a little; a request cannot. At nice 19 the shipper takes what a busy
         # core leaves over (~1.5% of it when the gateway needs all of it: the journal holds the rest
-        # meanwhile), and any idle core in full. BOOT applies it first thing.
-        env = {**os.environ, DATABASE_URL_ENV: self.database_url, NICE_ENV: str(self.options.nice)}
+        # meanwhile), and any idle core in full. But only from the end of its first pass: the gateway
+        # waits for that pass before it serves (and a restarted shipper owes a flush its first pass),
+        # and at nice 19 on a machine busy with other work the imports alone took longer than the 30 s
+        # start() waits. The price is one import burst (~0.5 s of CPU) at nice 0 when a shipper restarts.
+        env = {**os.environ, DATABASE_URL_ENV: self.database_url}
         self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and code, no input in argv
             [sys.executable, "-c", BOOT, "--directory", str(self.directory), "--parent", str(os.getpid()),
-             "--options", self.options.to_json()],
+             "--options", self.options.to_json(), "--nice-after-first-pass", str(self.options.nice)],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             # A process group of its own: a Ctrl-C reaches only the gateway, which passes it on as a SIGTERM
             # after its last record. Not a session of its own: Linux's autogroup scheduling shares the CPU
@@ -459,6 +505,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--directory", type=Path, required=True)
     parser.add_argument("--parent", type=int, default=None, help="exit (after a last pass) when this process is gone")
     parser.add_argument("--options", default="{}")
+    parser.add_argument("--nice-after-first-pass", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("QUOTAGATE_LOG_LEVEL", "info").upper(),
                         format="%(asctime)s %(levelname)s %(name)s[shipper]: %(message)s")
@@ -468,7 +515,7 @@ def main(argv: list[str] | None = None) -> None:
     options = ShipperOptions.from_json(args.options)
     engine = make_engine(url, pool_size=1, keep_sqlite_open=True)
     try:
-        Shipper(args.directory, engine, options).run(args.parent)
+        Shipper(args.directory, engine, options).run(args.parent, args.nice_after_first_pass)
     finally:
         engine.dispose()
 

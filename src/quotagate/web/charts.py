@@ -67,7 +67,11 @@ def _x_label(when: datetime, index: int, last: int, granularity: str) -> str | N
         if when.hour % LABEL_EVERY["hour"]:
             return None
         return f"{when:%b} {when.day}" if when.hour == 0 else f"{when:%H:%M}"
-    return f"{when:%b} {when.day}" if (last - index) % LABEL_EVERY["day"] == 0 else None
+    # Every 7 days up to 35 days; over a longer range a multiple of 7, so that about 5 labels fit.
+    every = LABEL_EVERY["day"] * max(1, math.ceil((last + 1) / 35))
+    if (last - index) % every:
+        return None
+    return f"{when:%b} {when.day}"
 
 
 def bucket_time(when: datetime, granularity: str) -> str:

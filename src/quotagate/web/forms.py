@@ -19,7 +19,7 @@ LIMIT_FIELDS = ("rpm", "tpm", "token_limit")
 # The API's field names as the forms label them, for messages that mention another field.
 LABELS = {"token_limit_period": "budget period", "token_limit": "token budget", "rpm": "requests per minute",
           "tpm": "tokens per minute", "allowed_models": "allowed models", "expires_at": "expiry",
-          "grace_period_seconds": "grace period"}
+          "grace_period_seconds": "grace period", "allowed_networks": "allowed networks", "metadata": "metadata"}
 _NAMES = re.compile(r"\b(" + "|".join(sorted(LABELS, key=len, reverse=True)) + r")\b")
 _INTEGER = re.compile(r"[+-]?\d+")
 Errors = dict[str, str]
@@ -46,7 +46,19 @@ def validate(model: type[M], data: dict[str, Any]) -> tuple[M | None, Errors]:
     try:
         return model.model_validate(data), {}
     except ValidationError as exc:
-        return None, {field: wording(msg, None) for field, msg in problems(exc).items()}
+        errors = {field: wording(msg, None) for field, msg in problems(exc).items()}
+        for err in exc.errors():
+            # A metadata entry's problem (a key that breaks the pattern, a value too long): the API's message
+            # does not say which entry, which the form (one line per entry) must.
+            loc = err["loc"]
+            if len(loc) >= 2 and loc[0] == "metadata" and isinstance(loc[1], str):
+                errors["metadata"] = f"{loc[1][:64]!r}: {wording(problems_of(err), None)}"
+                break
+        return None, errors
+
+
+def problems_of(err: Any) -> str:
+    return str(err["msg"]).removeprefix("Value error, ")
 
 
 def number(raw: str) -> int | str:
@@ -83,6 +95,64 @@ def key_fields(form: FormData, *, partial: bool) -> dict[str, Any]:
     elif partial:
         data["expires_at"] = None
     return data
+
+
+def networks_text(networks: Any) -> str:
+    """A key's allowed networks as the form's text: one a line."""
+    return "\n".join(networks or ())
+
+
+def metadata_text(metadata: dict[str, str] | None) -> str:
+    """A key's metadata as the form's text: ``key=value``, one a line."""
+    return "\n".join(f"{k}={v}" for k, v in sorted((metadata or {}).items()))
+
+
+def parse_networks(raw: str) -> list[str]:
+    """The networks a user typed, one a line (or separated by commas or spaces)."""
+    return [n for n in re.split(r"[\s,]+", raw) if n]
+
+
+def parse_metadata(raw: str) -> tuple[dict[str, str], str | None]:
+    """``key=value`` lines as a dict (blank lines skipped, blanks around key and value dropped), or the
+    problem with the first line that is not such a pair."""
+    found: dict[str, str] = {}
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        name, sep, value = line.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            return found, f"Line {number} ({line.strip()[:40]!r}) is not key=value"
+        if name in found:
+            return found, f"Line {number}: {name[:64]!r} is given twice"
+        found[name] = value.strip()
+    return found, None
+
+
+def restrictions(form: FormData, data: dict[str, Any], *, current: Any | None) -> Errors:
+    """Put the form's allowed networks and metadata into ``data`` (the API's body); a problem with the
+    form's own line format is returned as the field's error. Editing (``current``: the key), a field whose
+    text is what the form was given is left out, so that a value the form cannot show exactly (a line
+    break set through the API) is kept as it is."""
+    errors: Errors = {}
+    networks = str(form.get("allowed_networks", "")).strip()
+    if current is not None and networks == networks_text(current.allowed_networks):
+        pass
+    elif networks:
+        data["allowed_networks"] = parse_networks(networks)
+    elif current is not None:
+        data["allowed_networks"] = None
+    raw = str(form.get("metadata", "")).strip()
+    if current is not None and raw.replace("\r\n", "\n") == metadata_text(current.metadata):
+        return errors
+    metadata, problem = parse_metadata(raw)
+    if problem:
+        errors["metadata"] = problem
+    elif metadata:
+        data["metadata"] = metadata
+    elif current is not None:
+        data["metadata"] = None
+    return errors
 
 
 def budget_pair_error(data: dict[str, Any], errors: Errors) -> Errors:

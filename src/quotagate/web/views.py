@@ -7,13 +7,13 @@ import math
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -25,19 +25,21 @@ from quotagate.console.http import error_response, read_body
 from quotagate.errors import Conflict, InvalidRequest, NotFound, QuotagateError, Unauthenticated
 from quotagate.ids import utcnow
 from quotagate.keys.models import PERIODS, InferenceKey
-from quotagate.keys.schemas import KeyCreate, KeyUpdate, RotateRequest
+from quotagate.keys.schemas import KeyCreate, KeyUpdate, RotateRequest, metadata_filter
 from quotagate.keys.service import KeyService
+from quotagate.metering.export import ACTIVITY_COLUMNS, USAGE_COLUMNS, csv_lines, csv_response
 from quotagate.web import charts, forms
+from quotagate.web import usage as usage_view
 from quotagate.web.handover import Handover, Made
 from quotagate.web.session import COOKIE, SESSION_TOKEN_NAME, csrf_ok, csrf_token
 from quotagate.web.webhooks import WebhookPages
 from quotagate.webhooks.service import WebhookService
 
+if TYPE_CHECKING:
+    from quotagate.metering.pages import ProjectUsagePages
+
 HERE = Path(__file__).parent
 UsageQuery = Callable[[Actor, str, datetime, datetime, str], dict[str, Any]]
-
-# A range's buckets: the newest (still filling) and the ones before it, so "Last day" is 24 bars of an hour.
-RANGES = {"hour": (60, "minute"), "day": (24, "hour"), "month": (30, "day")}
 
 
 def limits_text(key: InferenceKey) -> list[str]:
@@ -62,29 +64,6 @@ def duration_text(span: timedelta) -> str:
     return f"{seconds} second{'s' if seconds != 1 else ''}"
 
 
-STEP = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1)}
-
-
-def buckets(end: datetime, count: int, granularity: str) -> list[datetime]:
-    """The starts of the ``count`` buckets up to the one ``end`` falls in."""
-    step = STEP[granularity]
-    epoch = datetime(1970, 1, 1, tzinfo=end.tzinfo)
-    last = epoch + ((end - epoch) // step) * step
-    return [last - step * (count - 1 - i) for i in range(count)]
-
-
-def fill_series(points: list[dict[str, Any]], times: list[datetime]) -> list[dict[str, Any]]:
-    """One point per bucket of ``times``, with zeros where there was no traffic, so bars line up with time."""
-    by_start = {}
-    for p in points:
-        when = p["start"]
-        if isinstance(when, str):
-            when = datetime.fromisoformat(when.replace("Z", "+00:00"))
-        by_start[when] = p
-    empty = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    return [by_start.get(when, empty) for when in times]
-
-
 # Keys shown per page of the web console's key list.
 KEYS_PER_PAGE = 100
 # Projects per page of /projects, and in the top bar's picker (which also offers "All projects…").
@@ -107,6 +86,7 @@ class WebConsole:
     def __init__(self, accounts: AccountService, keys: KeyService, catalog: Callable[[], frozenset[str]],
                  usage: UsageQuery | None = None, throttle: SignInThrottle | None = None,
                  gate: HashGate | None = None, origin: str | None = None,
+                 project_usage: ProjectUsagePages | None = None,
                  webhooks: WebhookService | None = None, wake_webhooks: Callable[[], None] | None = None) -> None:
         """``origin``: the console's public origin, which sign-in posts must come from; None: the origin
         each request was addressed to (its scheme and Host header)."""
@@ -114,6 +94,7 @@ class WebConsole:
         self.keys = keys
         self._catalog = catalog
         self.usage = usage
+        self.project_usage = project_usage
         self.throttle = throttle or SignInThrottle()
         self.gate = gate or HashGate()
         self.origin = origin
@@ -121,7 +102,8 @@ class WebConsole:
         self.wake_webhooks = wake_webhooks  # the local webhook loop: a test event goes out at once
         self.handover = Handover()
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
-        self.templates.env.globals.update(human=charts.human, limits_text=limits_text, periods=PERIODS)
+        self.templates.env.globals.update(human=charts.human, limits_text=limits_text, periods=PERIODS,
+                                          networks_text=forms.networks_text, metadata_text=forms.metadata_text)
 
     # -- plumbing ----------------------------------------------------------------------------
     async def _page(self, request: Request) -> Page:
@@ -345,8 +327,9 @@ class WebConsole:
         assert page.actor is not None
         project_id = page.request.path_params["projectId"]
         data = forms.key_fields(form, partial=False)
+        own = forms.restrictions(form, data, current=None)
         body, errors = forms.validate(KeyCreate, data)
-        errors = forms.budget_pair_error(data, errors)
+        errors = forms.budget_pair_error(data, {**errors, **own})
         status = 400
         if body is not None and not errors:
             try:
@@ -366,37 +349,23 @@ class WebConsole:
         key: InferenceKey = await self.call(self.keys.get, page.actor, key_id)
         project: Project = await self.call(self.accounts.get_project, page.actor, key.project_id)
         rng = page.request.query_params.get("range", "day")
-        if rng not in RANGES:
-            rng = "day"
-        usage = activity = None
+        span = usage_view.parse_span({"range": rng if rng in usage_view.RANGES else "day"}, utcnow())
+        data = activity = None
         charts_svg: dict[str, str] = {}
         table: list[tuple[str, dict[str, Any]]] = []
         if self.usage is not None:
-            count, granularity = RANGES[rng]
-            end = utcnow()
-            times = buckets(end, count, granularity)
-            usage = await self.call(self.usage, page.actor, key_id, times[0], end, granularity)
-            points = fill_series(usage.get("series", []), times)
-            charts_svg["requests"] = charts.bar_chart(
-                times, [charts.Series("requests", "s-requests", [p["requests"] for p in points])],
-                title="Requests per " + granularity, unit="requests", granularity=granularity)
-            charts_svg["tokens"] = charts.bar_chart(
-                times, [charts.Series("prompt", "s-prompt", [p["prompt_tokens"] for p in points]),
-                        charts.Series("completion", "s-completion", [p["completion_tokens"] for p in points])],
-                title="Tokens per " + granularity + ", prompt and completion", unit="tokens",
-                granularity=granularity)
-            table = [(charts.bucket_time(when, granularity), p) for when, p in zip(times, points, strict=True)
-                     if p["requests"] or p["total_tokens"]]
-            budget = (usage.get("limits") or {}).get("budget")
+            data = await self.call(self.usage, page.actor, key_id, span.start, span.end, span.granularity)
+            charts_svg, table = usage_view.series_charts(span, data.get("series", []))
+            budget = (data.get("limits") or {}).get("budget")
             if budget:
                 charts_svg["budget"] = charts.meter_bar(budget["used"], budget["limit"],
                                                         label=f"Budget used this {budget['period']}")
-            activity = usage.get("activity", [])
+            activity = data.get("activity", [])
         models = sorted(project.models) if project.models is not None else sorted(self._catalog())
         return self.render(page, "key.html", status, key=key, project=project, picker=await self.picker(page, project),
                            now=utcnow(),
-                           can_write=project.role != "viewer", usage=usage, activity=activity, charts=charts_svg,
-                           table=table, range=rng, granularity=RANGES[rng][1], models=models, **extra)
+                           can_write=project.role != "viewer", usage=data, activity=activity, charts=charts_svg,
+                           table=table, range=span.name, granularity=span.granularity, models=models, **extra)
 
     async def key_action(self, page: Page, form: FormData) -> Response:
         assert page.actor is not None
@@ -407,8 +376,11 @@ class WebConsole:
             await self.call(self.keys.set_archived, page.actor, key_id, action == "archive")
         elif action == "edit":
             data = forms.key_fields(form, partial=True)
+            current = await self.call(self.keys.get, page.actor, key_id)
+            own = forms.restrictions(form, data, current=current)
             body, errors = forms.validate(KeyUpdate, data)
-            if body is not None:
+            errors = {**errors, **own}
+            if body is not None and not errors:
                 try:
                     await self.call(self.keys.update, page.actor, key_id, body)
                 except InvalidRequest as exc:
@@ -428,6 +400,72 @@ class WebConsole:
         nxt = str(form.get("next", ""))
         safe = nxt.startswith("/") and not nxt.startswith("//")
         return RedirectResponse(nxt if safe else f"/keys/{key_id}", status_code=303)
+
+    # -- project usage -------------------------------------------------------------------------
+    def _usage_query(self, page: Page) -> tuple[usage_view.Span, dict[str, str], dict[str, str]]:
+        """The usage page's range and metadata filter from its query, and their problems by field."""
+        params = page.request.query_params
+        span = usage_view.parse_span(params, utcnow())
+        errors = dict(span.errors)
+        metadata: dict[str, str] = {}
+        for entry in (m for m in params.getlist("metadata") if m.strip()):
+            # One at a time: a wrong entry is flagged and the filters before it are kept (their chips and
+            # hidden fields), so fixing it does not lose them.
+            try:
+                metadata = metadata_filter([*(f"{k}={v}" for k, v in metadata.items()), entry])
+            except InvalidRequest as exc:
+                errors["metadata"] = forms.wording(exc.message, "metadata")
+        return span, metadata, errors
+
+    async def project_usage_page(self, page: Page) -> Response:
+        """The project's usage in a range, all keys or those with some metadata: totals, the charts, by key,
+        by model, and links to the range's usage and activity as CSV."""
+        assert page.actor is not None
+        project_id = page.request.path_params["projectId"]
+        project: Project = await self.call(self.accounts.get_project, page.actor, project_id)
+        span, metadata, errors = self._usage_query(page)
+        path = f"/projects/{project.id}/usage"
+        found: dict[str, Any] | None = None
+        drawn: dict[str, str] = {}
+        table: list[tuple[str, dict[str, Any]]] = []
+        if self.project_usage is not None and not errors:
+            found = await self.call(self.project_usage.usage, page.actor, project.id, span.start, span.end,
+                                    span.granularity, metadata)
+            drawn, table = usage_view.series_charts(span, usage_view.summed_over_models(found["data"]))
+        ranged = {name: usage_view.link(path, {"range": name}, metadata) for name in usage_view.RANGES}
+        without = {k: usage_view.link(path, span.query(), {m: v for m, v in metadata.items() if m != k})
+                   for k in metadata}
+        return self.render(page, "usage.html", 400 if errors else 200, project=project,
+                           picker=await self.picker(page, project), span=span, metadata=metadata, errors=errors,
+                           usage=found, charts=drawn, table=table, ranged=ranged, without=without,
+                           available=self.project_usage is not None,
+                           tag_link=lambda k, v: usage_view.link(path, span.query(), {**metadata, k: v}),
+                           usage_csv=usage_view.link(f"/projects/{project.id}/usage.csv", span.query(), metadata),
+                           activity_csv=usage_view.link(f"/projects/{project.id}/activity.csv", span.query(),
+                                                        metadata))
+
+    async def project_export(self, page: Page) -> Response:
+        """``usage.csv`` (a row per bucket and model) or ``activity.csv`` (a row per request, every one of
+        the range, streamed) of the range and filter the usage page shows: the API's CSV columns."""
+        assert page.actor is not None
+        project_id, what = page.request.path_params["projectId"], page.request.path_params["what"]
+        project: Project = await self.call(self.accounts.get_project, page.actor, project_id)
+        span, metadata, errors = self._usage_query(page)
+        if errors or self.project_usage is None:
+            message = "; ".join(errors.values()) if errors else "Usage is not available on this instance."
+            return self.render(page, "error.html", 400 if errors else 404, title="No export", message=message)
+        stamp = f"{span.start:%Y%m%d}-{span.end:%Y%m%d}"
+        if what == "usage":
+            found = await self.call(self.project_usage.usage, page.actor, project.id, span.start, span.end,
+                                    span.granularity, metadata)
+            return csv_response(found["data"], USAGE_COLUMNS, f"usage-{project.id}-{stamp}.csv")
+        if what == "activity":
+            pages = self.project_usage.activity(page.actor, project.id, span.start, span.end, metadata)
+            # A sync iterator: Starlette reads it in its thread pool, a page of rows at a time.
+            return StreamingResponse(csv_lines(pages, ACTIVITY_COLUMNS), media_type="text/csv; charset=utf-8",
+                                     headers={"Content-Disposition":
+                                              f'attachment; filename="activity-{project.id}-{stamp}.csv"'})
+        raise NotFound("no such export")
 
     # -- access tokens -------------------------------------------------------------------------
     async def tokens(self, page: Page) -> Response:
@@ -480,6 +518,8 @@ class WebConsole:
             Route("/invitations/{projectId}/{action}", self.page(write=True)(self.invitation), methods=["POST"]),
             Route("/projects/{projectId}/keys", self.page()(self.keys_list), methods=["GET"]),
             Route("/projects/{projectId}/keys", self.page(write=True)(self.create_key), methods=["POST"]),
+            Route("/projects/{projectId}/usage", self.page()(self.project_usage_page), methods=["GET"]),
+            Route("/projects/{projectId}/{what}.csv", self.page()(self.project_export), methods=["GET"]),
             Route("/keys/{keyId}", self.page()(self.key_detail), methods=["GET"]),
             Route("/keys/{keyId}/{action}", self.page(write=True)(self.key_action), methods=["POST"]),
             Route("/tokens", self.page()(self.tokens), methods=["GET"]),
