@@ -104,6 +104,31 @@ def test_pending_memberships_upgrade_and_downgrade(empty_database_url: str) -> N
         engine.dispose()
 
 
+def test_webhooks_upgrade_and_downgrade(empty_database_url: str) -> None:
+    """0010 adds webhooks and webhook_deliveries; downgrading to the revision before drops both and leaves
+    the rest; upgrading again brings them back exactly as tables.py describes them."""
+    url = empty_database_url
+    before = ScriptDirectory.from_config(alembic_config(url)).get_revision("0010").down_revision
+    assert isinstance(before, str)
+    migrate(url)
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO projects (id, name, created_at, updated_at) "
+                              "VALUES ('proj_w', 'w', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+        command.downgrade(alembic_config(url), before)
+        with engine.connect() as conn:
+            names = set(inspect(conn).get_table_names())
+            assert not {"webhooks", "webhook_deliveries"} & names
+            assert conn.execute(text("SELECT count(*) FROM projects")).scalar_one() == 1
+        migrate(url)
+        with engine.connect() as conn:
+            diffs = compare_metadata(MigrationContext.configure(conn), metadata)
+            assert diffs == [], diffs
+    finally:
+        engine.dispose()
+
+
 def test_one_migration_chain() -> None:
     script = ScriptDirectory.from_config(alembic_config("sqlite://"))
     assert len(script.get_heads()) == 1

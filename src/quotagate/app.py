@@ -39,6 +39,9 @@ from quotagate.metering.history import restore_limits
 from quotagate.metering.interfaces import Meter
 from quotagate.settings import Settings
 from quotagate.store.engine import make_engine, migrate, private_dir
+from quotagate.webhooks import console_handlers as webhook_handlers
+from quotagate.webhooks import install as install_webhooks
+from quotagate.webhooks import waker as webhook_waker
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,7 @@ class Runtime:
             # After the meter's start (which ships the journals of processes now gone into the store).
             runtime.on_start.append(lambda: restore_limits(limiter, engine))
         register_limiter_metrics(limiter, runtime.extras.get("metrics_registry"))
+        install_webhooks(runtime, worker=worker)
         return runtime
 
     async def start(self) -> None:
@@ -135,11 +139,13 @@ def build_console_app(runtime: Runtime, extra_routes: list[BaseRoute] | None = N
     gate = HashGate(s.login_hash_concurrency, s.login_hash_queue)
     web = WebConsole(runtime.accounts, runtime.keys, lambda: runtime.config.model_ids,
                      usage=runtime.extras.get("web_usage"), project_usage=runtime.extras.get("web_project_usage"),
-                     throttle=throttle, gate=gate, origin=s.console_origin)
+                     throttle=throttle, gate=gate, origin=s.console_origin,
+                     webhooks=runtime.extras.get("webhooks"), wake_webhooks=webhook_waker(runtime))
 
     usage_handlers, metering_routes = metering_console_routes(runtime)
     routes: list[BaseRoute] = [Route("/healthz", _healthz), *metering_routes,
-                               *api.routes(runtime.settings.console_max_body_bytes, extra=usage_handlers)]
+                               *api.routes(runtime.settings.console_max_body_bytes,
+                                          extra=[*usage_handlers, *webhook_handlers(runtime)])]
     routes.extend(extra_routes or [])
     routes.extend(web.routes())
     return Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)],

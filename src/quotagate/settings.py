@@ -91,6 +91,17 @@ class Settings(BaseModel):
     shipper_nice: int = Field(default=19, ge=0, le=19, description="the usage shipper process's niceness: "
                               "19 lets serving come first; lower it if usage must reach the store sooner on a "
                               "saturated core")
+    webhook_signing_key: str | None = Field(default=None, min_length=32, max_length=512, description="the key "
+                                            "every webhook's signing secret is derived from; the same on every "
+                                            "instance (default: one generated in the data dir)")
+    webhook_poll_seconds: float = Field(default=5.0, gt=0, le=3600, description="how often an instance looks "
+                                        "for budget thresholds crossed and key events, and for deliveries due")
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=300, description="how long one webhook "
+                                           "delivery may take (connect, send, answer)")
+    webhook_retry_base_seconds: float = Field(default=30.0, gt=0, le=86400, description="the wait after a "
+                                              "failed delivery; doubled after each further failure (at most 6 h)")
+    webhook_max_attempts: int = Field(default=10, ge=1, le=100, description="attempts before a delivery is "
+                                      "given up as failed")
 
     @field_validator("console_origin")
     @classmethod

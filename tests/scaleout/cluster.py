@@ -107,12 +107,13 @@ class Cluster:
             client.close()
 
 
-def start_cluster(directory: Path, database_url: str, redis_url: str, upstream_url: str, n: int = 3) -> Cluster:
+def start_cluster(directory: Path, database_url: str, redis_url: str, upstream_url: str, n: int = 3,
+                  extra_env: dict[str, str] | None = None) -> Cluster:
     """``n`` instances (role all: each serves the console and the LLM API), started at the same moment on
-    one empty database, so they run its migrations concurrently."""
+    one empty database, so they run its migrations concurrently; ``extra_env``: more settings for all."""
     config = directory / "gateway.toml"
     config.write_text(CONFIG.format(upstream=upstream_url))
-    env = {"QUOTAGATE_REDIS_URL": redis_url}
+    env = {"QUOTAGATE_REDIS_URL": redis_url, **(extra_env or {})}
     with ThreadPoolExecutor(n) as pool:
         futures = [pool.submit(start_gateway, directory / f"instance-{i}", database_url, config, extra_env=env)
                    for i in range(n)]

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 
@@ -220,4 +221,55 @@ usage_buckets = Table(
     Index("ix_usage_buckets_width_start", "width", "bucket_start"),
     # On SQLite, cluster the rows by key, level and time: a query reads one contiguous range per level.
     sqlite_with_rowid=False,
+)
+
+# -- webhooks (webhooks/) ----------------------------------------------------------------------------
+
+# A project's endpoint for event notifications (migration 0010). The signing secret is not stored: it is
+# derived from the instance's signing key and ``secret_nonce`` (webhooks/signing.py says why), and
+# ``key_fingerprint`` names the signing key it was derived with, so that only instances holding that key
+# deliver to it.
+webhooks = Table(
+    "webhooks",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("project_id", String(40), ForeignKey("projects.id", ondelete="CASCADE"), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("events", JSON, nullable=False),             # event types, a list
+    Column("budget_thresholds", JSON, nullable=False),  # fractions of a budget, ascending
+    Column("enabled", Boolean, nullable=False),
+    Column("secret_nonce", String(64), nullable=False),
+    Column("secret_prefix", String(40), nullable=False),  # the first characters, to tell secrets apart
+    Column("key_fingerprint", String(16), nullable=False),
+    Column("created_by", String(40), nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_webhooks_project_created", "project_id", "created_at"),
+)
+
+# One event for one webhook, and the state of its delivery. ``dedupe_key`` is the event's natural identity
+# (a threshold of a key's budget in one period, say): unique per webhook, so however many instances see
+# the crossing, one row exists, and its ``id`` is the event id the receiver sees on every attempt.
+# An instance delivers a row only while it holds its lease (``lease_until``).
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("webhook_id", String(40), ForeignKey("webhooks.id", ondelete="CASCADE"), nullable=False),
+    Column("project_id", String(40), nullable=False),
+    Column("event_type", String(64), nullable=False),
+    Column("dedupe_key", String(255), nullable=False),
+    Column("data", JSON, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("status", String(16), nullable=False),       # pending, delivered, failed
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", UTCDateTime, nullable=False),
+    Column("lease_until", UTCDateTime, nullable=True),
+    Column("response_code", Integer, nullable=True),    # of the last attempt that got an answer
+    Column("last_error", String(500), nullable=True),
+    Column("attempt_log", JSON, nullable=False),        # the last attempts: at, response_code, error, ms
+    Column("delivered_at", UTCDateTime, nullable=True),
+    UniqueConstraint("webhook_id", "dedupe_key", name="uq_webhook_deliveries_webhook_dedupe"),
+    Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    Index("ix_webhook_deliveries_webhook_created", "webhook_id", "created_at", "id"),
 )

@@ -32,6 +32,8 @@ from quotagate.web import charts, forms
 from quotagate.web import usage as usage_view
 from quotagate.web.handover import Handover, Made
 from quotagate.web.session import COOKIE, SESSION_TOKEN_NAME, csrf_ok, csrf_token
+from quotagate.web.webhooks import WebhookPages
+from quotagate.webhooks.service import WebhookService
 
 if TYPE_CHECKING:
     from quotagate.metering.pages import ProjectUsagePages
@@ -84,7 +86,8 @@ class WebConsole:
     def __init__(self, accounts: AccountService, keys: KeyService, catalog: Callable[[], frozenset[str]],
                  usage: UsageQuery | None = None, throttle: SignInThrottle | None = None,
                  gate: HashGate | None = None, origin: str | None = None,
-                 project_usage: ProjectUsagePages | None = None) -> None:
+                 project_usage: ProjectUsagePages | None = None,
+                 webhooks: WebhookService | None = None, wake_webhooks: Callable[[], None] | None = None) -> None:
         """``origin``: the console's public origin, which sign-in posts must come from; None: the origin
         each request was addressed to (its scheme and Host header)."""
         self.accounts = accounts
@@ -95,6 +98,8 @@ class WebConsole:
         self.throttle = throttle or SignInThrottle()
         self.gate = gate or HashGate()
         self.origin = origin
+        self.webhooks = webhooks
+        self.wake_webhooks = wake_webhooks  # the local webhook loop: a test event goes out at once
         self.handover = Handover()
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.globals.update(human=charts.human, limits_text=limits_text, periods=PERIODS,
@@ -521,5 +526,6 @@ class WebConsole:
             Route("/tokens", self.page(write=True)(self.token_action), methods=["POST"]),
             Route("/tokens/{tokenId}/revoke", self.page(write=True)(self.token_action), methods=["POST"]),
             Route("/favicon.ico", self.favicon, methods=["GET", "HEAD"]),
+            *(WebhookPages(self, self.webhooks).routes() if self.webhooks is not None else []),
             Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
         ]
