@@ -1,7 +1,7 @@
 """webhooks and webhook_deliveries: budget alerts and key events (CONTRACT §6, issue 17)
 
 Revision ID: 0010
-Revises: 0008
+Revises: 0009
 Create Date: 2026-12-07 23:30:00.000000
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from alembic import op
 from quotagate.store.tables import UTCDateTime
 
 revision = '0010'
-down_revision = '0008'
+down_revision = '0009'
 branch_labels = None
 depends_on = None
 
