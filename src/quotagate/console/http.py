@@ -55,7 +55,8 @@ async def http_exception_handler(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     message = "no such endpoint" if exc.status_code == 404 else str(exc.detail)
-    return JSON({"error": {"code": code, "message": message}}, status_code=exc.status_code)
+    # Starlette's 405 names the methods the path has in an Allow header (RFC 9110 requires it): keep it.
+    return JSON({"error": {"code": code, "message": message}}, status_code=exc.status_code, headers=exc.headers)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
