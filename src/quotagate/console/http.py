@@ -27,6 +27,7 @@ from quotagate.errors import (
     Unauthenticated,
 )
 from quotagate.httpserver import BODY_ERROR
+from quotagate.openapi.spec import Operation, operation_of
 from quotagate.validation import parse_json_body
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,11 @@ class Call:
     path: dict[str, str]
     query: QueryParams
     body: bytes
+    operation: Operation
 
     def json(self, model: type[M]) -> M:
+        if model is not self.operation.body:  # what the OpenAPI document says it takes, by construction
+            raise TypeError(f"the handler parses {model.__name__}, its @operation says {self.operation.body}")
         return parse_json_body(model, self.body)
 
     def flag(self, name: str) -> bool:
@@ -149,6 +153,7 @@ def endpoint(handler: Handler, authenticate: Authenticator,
              body_limit: int) -> Callable[[Request], Awaitable[Response]]:
     """Wrap a synchronous handler: read the bounded body, authenticate, run it off the event loop,
     render its result or its error. An unexpected error is logged and answered with a JSON 500."""
+    op = operation_of(handler)  # no route without its place in the OpenAPI document
 
     async def run(request: Request) -> Response:
         try:
@@ -156,7 +161,7 @@ def endpoint(handler: Handler, authenticate: Authenticator,
             actor = await authenticate(request)
             params = dict(request.path_params)
             check_path_ids(params)
-            call = Call(actor=actor, path=params, query=request.query_params, body=body)
+            call = Call(actor=actor, path=params, query=request.query_params, body=body, operation=op)
             status, payload = await run_in_threadpool(handler, call)
         except QuotagateError as exc:
             return error_response(exc)

@@ -50,6 +50,7 @@ from quotagate.gateway.parsing import (
 )
 from quotagate.gateway.refusals import refusal_error
 from quotagate.gateway.responses import endpoint as responses
+from quotagate.gateway.routes import HEALTH, MODEL_PREFIX, OPENAPI, ROUTES
 from quotagate.gateway.streaming import Lease, StreamRelay
 from quotagate.gateway.upstream_errors import upstream_failure
 from quotagate.gateway.usage import charge, reported, usage_object
@@ -139,6 +140,11 @@ class LLMApp:
         self._forwarded = ForwardedFor(rt.settings.forwarded_allow_ips)
         origins = rt.settings.cors_origin_set
         self._cors = Cors(origins) if origins else None
+        handlers = {"chat.completions": self._chat, "completions": self._completions, "embeddings": self._embeddings,
+                    "rerank": self._rerank, "score": self._score, responses.ENDPOINT: self._responses,
+                    "models": self._list_models}
+        self._routes = {path: (name, handlers[name], method) for path, (name, method) in ROUTES.items()}
+        self._openapi: bytes | None = None
         if rt.limiter is None:
             log.warning("no limiter configured: rpm, tpm and token budgets are NOT enforced")
 
@@ -163,22 +169,19 @@ class LLMApp:
                 return
             if origin is not None:
                 send = self._cors.wrap(send, origin)
-        if path == "/v1/chat/completions":
-            endpoint, handler, allowed = "chat.completions", self._chat, "POST"
-        elif path == "/v1/completions":
-            endpoint, handler, allowed = "completions", self._completions, "POST"
-        elif path == "/v1/embeddings":
-            endpoint, handler, allowed = "embeddings", self._embeddings, "POST"
-        elif path == "/v1/rerank":
-            endpoint, handler, allowed = "rerank", self._rerank, "POST"
-        elif path == "/v1/score":
-            endpoint, handler, allowed = "score", self._score, "POST"
-        elif path == "/v1/responses":
-            endpoint, handler, allowed = responses.ENDPOINT, self._responses, "POST"
-        elif path == "/v1/models" or path.startswith("/v1/models/"):
+        route = self._routes.get(path)
+        if route is not None:
+            endpoint, handler, allowed = route
+        elif path.startswith(MODEL_PREFIX):
             endpoint, handler, allowed = "models", self._list_models, "GET"
-        elif path == "/healthz" and method in ("GET", "HEAD"):
+        elif path == HEALTH and method in ("GET", "HEAD"):
             await self._plain(send, 200, b'{"status":"ok"}', [(b"x-request-id", self._request_id().encode())])
+            return
+        elif path == OPENAPI and method in ("GET", "HEAD"):
+            if self._openapi is None:  # built on first use: a process that is never asked pays nothing
+                from quotagate.openapi.document import llm_document
+                self._openapi = orjson.dumps(llm_document({m.id: m.type for m in self._models.values()}))
+            await self._plain(send, 200, self._openapi, [(b"x-request-id", self._request_id().encode())])
             return
         else:
             err = ApiError(404, "unknown_url", f"Unknown request URL: {method} {path}.")

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from quotagate.accounts.service import AccountService
-from quotagate.console.api import check_params, page_limit
+from quotagate.console.api import BEFORE, LIMIT, STARTING_AFTER, check_params, page_limit
 from quotagate.console.http import Call, Handler, Result
 from quotagate.errors import InvalidRequest
 from quotagate.ids import isoformat
@@ -26,16 +26,34 @@ from quotagate.metering.export import ACTIVITY_COLUMNS, USAGE_COLUMNS, csv_respo
 from quotagate.metering.metrics import merged_exposition
 from quotagate.metering.queries import UsageQueries, Window
 from quotagate.metering.store import WIDTHS
+from quotagate.openapi import answers as a
+from quotagate.openapi.spec import Param, operation
 from quotagate.store.tables import inference_keys
 
 log = logging.getLogger(__name__)
 
 MAX_POINTS = 1500          # per model: a minute series can span 25 h, an hour series 62 days
 DEFAULT_RANGE = timedelta(hours=24)
-USAGE_PARAMS = frozenset({"start", "end", "granularity", "format"})
-ACTIVITY_PARAMS = frozenset({"limit", "before", "starting_after", "request_id"})
-PROJECT_ACTIVITY_PARAMS = frozenset({"start", "end", "limit", "before", "starting_after", "format"})
 CSV_ROWS = 100_000  # activity rows one CSV export may hold (page with before= past them)
+
+# The query parameters of each endpoint: ``check_params`` refuses any other, the OpenAPI document lists these.
+TIME = {"type": "string", "format": "date-time"}
+START = Param("start", TIME, "ISO 8601; without an offset it is UTC. Default: 24 hours before `end`")
+END = Param("end", TIME, "ISO 8601; without an offset it is UTC. Default: now")
+GRANULARITY = Param("granularity", {"type": "string", "enum": ["minute", "hour", "day"]},
+                    f"The width of a data point (default: hour, or day past {MAX_POINTS} hours); at most "
+                    f"{MAX_POINTS} points a model")
+FORMAT = Param("format", {"type": "string", "enum": ["json", "csv"], "default": "json"},
+               "csv: a CSV file (text/csv) instead of JSON")
+REQUEST_ID = Param("request_id", {"type": "string"}, "Only the request with this id")
+CSV_LIMIT = Param("limit", {"type": "integer", "minimum": 1, "maximum": CSV_ROWS},
+                  f"How many to return (default and most: 100 and 1,000; with format=csv {CSV_ROWS:,} for both)")
+KEY_USAGE_PARAMS = (START, END, GRANULARITY)
+USAGE_PARAMS = (START, END, GRANULARITY, FORMAT)
+ACTIVITY_PARAMS = (LIMIT, BEFORE, STARTING_AFTER, REQUEST_ID)
+PROJECT_ACTIVITY_PARAMS = (START, END, CSV_LIMIT, BEFORE, STARTING_AFTER, FORMAT)
+USAGE = "Usage and activity"
+CSV = {"text/csv": {"schema": {"type": "string"}}}
 
 
 
@@ -56,9 +74,9 @@ def wants_csv(call: Call) -> bool:
     return fmt == "csv"
 
 
-def parse_window(call: Call, now: datetime) -> Window:
+def parse_window(call: Call, now: datetime, params: tuple[Param, ...]) -> Window:
     """start, end and granularity from the query, validated and aligned to the granularity."""
-    check_params(call, USAGE_PARAMS)
+    check_params(call, params)
     raw_end, raw_start = call.query.get("end"), call.query.get("start")
     end = parse_time("end", raw_end) if raw_end is not None else now
     start = parse_time("start", raw_start) if raw_start is not None else end - DEFAULT_RANGE
@@ -140,9 +158,12 @@ class UsageAPI:
             return None
         return from_thread.run(limiter.state, record)
 
+    @operation("A key's usage", USAGE, answer=a.KeyUsage, role="viewer", params=KEY_USAGE_PARAMS,
+               description="Totals and a series per model over a range (default: the last 24 hours), and the "
+                           "key's limits with their live state.")
     def key_usage(self, call: Call) -> Result:
         key = self._keys.get(call.actor, call.path["keyId"])  # 404 unless the caller may read it
-        window = parse_window(call, datetime.now(UTC))
+        window = parse_window(call, datetime.now(UTC), KEY_USAGE_PARAMS)
         self._catch_up()
         totals, data = self.queries.key_usage(key.id, window)
         return 200, {
@@ -152,9 +173,12 @@ class UsageAPI:
             "totals": totals, "data": data, "limits": limits_json(key, self.live_state(key)),
         }
 
+    @operation("A project's usage", USAGE, answer=a.ProjectUsage, role="viewer", params=USAGE_PARAMS,
+               extra_media=CSV, description="Summed over the project's keys: totals, a series per model, "
+                                            "per key and per model; format=csv gives the series as CSV.")
     def project_usage(self, call: Call) -> Result:
         project = self._accounts.get_project(call.actor, call.path["projectId"])  # 404 unless theirs
-        window = parse_window(call, datetime.now(UTC))
+        window = parse_window(call, datetime.now(UTC), USAGE_PARAMS)
         csv = wants_csv(call)
         self._catch_up()
         found = self.queries.project_usage(project.id, window)
@@ -167,6 +191,8 @@ class UsageAPI:
             **found,
         }
 
+    @operation("A key's recent requests", USAGE, answer=a.Activity, role="viewer", params=ACTIVITY_PARAMS,
+               description="Newest first, in pages.")
     def activity(self, call: Call) -> Result:
         key = self._keys.get(call.actor, call.path["keyId"])
         check_params(call, ACTIVITY_PARAMS)
@@ -178,6 +204,9 @@ class UsageAPI:
         return 200, {"object": "list", "data": rows, "has_more": more,
                      "next_cursor": rows[-1]["request_id"] if more and rows else None}
 
+    @operation("A project's requests", USAGE, answer=a.Activity, role="viewer", params=PROJECT_ACTIVITY_PARAMS,
+               extra_media=CSV, description="Every key's requests in a range (default: the last 24 hours), "
+                                            "newest first; JSON pages or CSV.")
     def project_activity(self, call: Call) -> Result:
         """Every key's requests in a range (default: the last 24 h), newest first; JSON pages or CSV."""
         project = self._accounts.get_project(call.actor, call.path["projectId"])
