@@ -174,14 +174,8 @@ class LLMApp:
             endpoint, handler, allowed = route
         elif path.startswith(MODEL_PREFIX):
             endpoint, handler, allowed = "models", self._list_models, "GET"
-        elif path == HEALTH and method in ("GET", "HEAD"):
-            await self._plain(send, 200, b'{"status":"ok"}', [(b"x-request-id", self._request_id().encode())])
-            return
-        elif path == OPENAPI and method in ("GET", "HEAD"):
-            if self._openapi is None:  # built on first use: a process that is never asked pays nothing
-                from quotagate.openapi.document import llm_document
-                self._openapi = orjson.dumps(llm_document({m.id: m.type for m in self._models.values()}))
-            await self._plain(send, 200, self._openapi, [(b"x-request-id", self._request_id().encode())])
+        elif path in (HEALTH, OPENAPI):
+            await self._outside(send, path, method)
             return
         else:
             err = ApiError(404, "unknown_url", f"Unknown request URL: {method} {path}.")
@@ -190,7 +184,8 @@ class LLMApp:
         call = Call(endpoint, scope, self._request_id())
         try:
             if method != allowed:
-                raise ApiError(405, "method_not_allowed", f"{method} is not allowed on {path}; use {allowed}")
+                raise ApiError(405, "method_not_allowed", f"{method} is not allowed on {path}; use {allowed}",
+                               allow=allowed)
             key = await self._authenticate(call, scope)
             call.key = key
             await handler(call, key, scope, receive, send)
@@ -224,6 +219,20 @@ class LLMApp:
                     "headers": [*self._cors.preflight_headers(scope, origin), rid]})
         await send({"type": "http.response.body", "body": b""})
 
+    async def _outside(self, send: Send, path: str, method: str) -> None:
+        """/healthz and /openapi.json: no key, GET (or HEAD) only."""
+        rid = (b"x-request-id", self._request_id().encode())
+        if method not in ("GET", "HEAD"):
+            err = ApiError(405, "method_not_allowed", f"{method} is not allowed on {path}; use GET")
+            await self._plain(send, 405, err.body(), [rid, (b"allow", b"GET, HEAD")])
+        elif path == HEALTH:
+            await self._plain(send, 200, b'{"status":"ok"}', [rid])
+        else:
+            if self._openapi is None:  # built on first use: a process that is never asked pays nothing
+                from quotagate.openapi.document import llm_document
+                self._openapi = orjson.dumps(llm_document({m.id: m.type for m in self._models.values()}))
+            await self._plain(send, 200, self._openapi, [rid])
+
     # -- responses and metering ------------------------------------------------------------------
     @staticmethod
     async def _plain(send: Send, status: int, body: bytes, extra: Headers) -> None:
@@ -242,9 +251,9 @@ class LLMApp:
         await send({"type": "http.response.body", "body": body})
 
     async def _error(self, call: Call, send: Send, exc: ApiError) -> None:
-        extra: Headers = []
+        extra: Headers = [] if exc.allow is None else [(b"allow", exc.allow.encode())]
         if exc.status == 429 or exc.retry_after is not None:
-            extra = rl.retry_after(exc.retry_after or 1.0)
+            extra += rl.retry_after(exc.retry_after or 1.0)
             retry = exc.should_retry if exc.should_retry is not None else (exc.retry_after or 0) <= 60
             extra.append((b"x-should-retry", b"true" if retry else b"false"))
         if exc.status != 503 and call.key is not None and not call.rate_headers and self._rt.limiter is not None:
