@@ -49,7 +49,7 @@ def _query(query: dict[str, Any]) -> None:
 def _page(query: dict[str, Any]) -> None:
     # A page of JSON is at most 1,000 rows; a CSV export up to 100,000.
     limit = query.get("limit")
-    if isinstance(limit, int) and limit > 1000 and query.get("format") != "csv":
+    if str(limit).isdigit() and int(str(limit)) > 1000 and query.get("format") != "csv":
         query["limit"] = 1000
 
 

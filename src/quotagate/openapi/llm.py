@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, WithJsonSchema
 
 from quotagate.gateway.parsing import MAX_CHOICES, MAX_EMBEDDING_INPUTS, MAX_TOKENS_CEILING
 from quotagate.openapi.spec import MODEL_ID, Operation
@@ -74,8 +74,6 @@ class _Sampling(_Open):
     user: StrictStr | None = None
     stop: StrictStr | list[Any] | None = None
     logit_bias: dict[str, Any] | None = None
-    chat_template: None = Field(default=None, description="Refused: a template of the client's own cannot be "
-                                                          "counted")
 
 
 class ChatCompletionRequest(_Sampling):
@@ -86,6 +84,8 @@ class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
     tools: list[Any] | None = None
     functions: list[Any] | None = None
+    chat_template: None = Field(default=None, description="Refused: a template of the client's own cannot be "
+                                                          "counted")
 
 
 Prompt = StrictStr | Annotated[list[StrictStr | Tokens], Field(min_length=1)] | Tokens
@@ -152,6 +152,14 @@ class FunctionCallOutput(_Open):
     output: StrictStr | Parts
 
 
+class OtherItem(_Open):
+    """Any other input item (reasoning, a custom tool's call or output, ...): counted whole."""
+
+    type: Annotated[StrictStr, WithJsonSchema({"type": "string", "not": {"enum": [
+        "message", "function_call", "function_call_output", "item_reference"]}})] = Field(
+        description="Not item_reference: an item held on the model server cannot be counted")
+
+
 class Tool(_Open):
     type: Literal["function", "custom"] = Field(description="Only tools your program runs: a built-in tool's "
                                                             "results would enter the prompt uncounted")
@@ -162,7 +170,8 @@ class ResponsesRequest(_Open):
     """OpenAI's Responses API body, stateless: the whole conversation in ``input``."""
 
     model: ChatModel
-    input: StrictStr | Annotated[list[InputMessage | FunctionCall | FunctionCallOutput], Field(min_length=1)]
+    input: StrictStr | Annotated[list[InputMessage | FunctionCall | FunctionCallOutput | OtherItem],
+                                 Field(min_length=1)]
     instructions: StrictStr | None = None
     stream: StrictBool | None = None
     store: Literal[False] | None = Field(default=None, description="true is refused: nothing is kept")
