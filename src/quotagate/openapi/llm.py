@@ -297,23 +297,33 @@ LLM = "LLM API"
 _GENERATION = (400, 401, 403, 404, 413, 415, 429, 502, 503, 504)
 STREAMED = "text/event-stream"
 
+
+def _events(what: str) -> dict[str, Any]:
+    """A stream's media type: each server-sent event, as Schemathesis (and OpenAPI 3.2's itemSchema) read one."""
+    return {STREAMED: {"schema": {"type": "object", "required": ["data"], "properties": {
+        "event": {"type": "string", "description": "The Responses API's event type (response.created, ...)"},
+        "data": {"type": "string", "description": f"{what}; an error that ends a stream early is an `Error` "
+                                                  "object"}}}}}
+
+
+CHUNKS = _events("A chunk object as JSON (the usage in the last one, if asked for), then `[DONE]`")
+
 # The operation of each path of the gateway's route table (gateway/routes.py): the document is built from
 # that table and fails to build if a path has none here.
 OPERATIONS: dict[str, Operation] = {
     "/v1/chat/completions": Operation(
         "Create a chat completion", LLM, body=ChatCompletionRequest, answer=ChatCompletion, errors=_GENERATION,
-        extra_media={STREAMED: {"schema": {"type": "string"}}},
-        description="OpenAI's chat completions; with stream: true, server-sent events."),
+        extra_media=CHUNKS, description="OpenAI's chat completions; with stream: true, server-sent events."),
     "/v1/completions": Operation(
         "Create a completion", LLM, body=CompletionRequest, answer=Completion, errors=_GENERATION,
-        extra_media={STREAMED: {"schema": {"type": "string"}}}),
+        extra_media=CHUNKS),
     "/v1/embeddings": Operation("Create embeddings", LLM, body=EmbeddingsRequest, answer=EmbeddingList,
                                 errors=_GENERATION),
     "/v1/rerank": Operation("Rerank documents", LLM, body=RerankRequest, answer=RerankAnswer, errors=_GENERATION),
     "/v1/score": Operation("Score text pairs", LLM, body=ScoreRequest, answer=ScoreAnswer, errors=_GENERATION),
     "/v1/responses": Operation(
         "Create a response", LLM, body=ResponsesRequest, answer=Response, errors=_GENERATION,
-        extra_media={STREAMED: {"schema": {"type": "string"}}},
+        extra_media=_events("The event's object as JSON, ending with response.completed (or incomplete)"),
         description="OpenAI's Responses API, stateless (store: false); with stream: true, its typed server-sent "
                     "events."),
     "/v1/models": Operation("List the models this key may use", LLM, answer=ModelList, errors=(401, 403)),

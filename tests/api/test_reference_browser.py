@@ -1,0 +1,41 @@
+"""The API reference page (/docs/api) in Debian's Chromium, at phone and desktop widths: it renders with the
+console's CSP and nothing else (no blocked resource, no script), fits a phone, and its contents link to
+each operation. Screenshots are kept in test-output/screenshots."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.api.conftest import Served
+from tests.web.conftest import browser, shot  # noqa: F401  (the browser fixtures)
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.mark.parametrize(("width", "height"), [(390, 844), (1280, 900)])
+def test_the_reference_page_in_a_browser(served: Served, browser: Any, shot: Any,  # noqa: F811
+                                         width: int, height: int) -> None:
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("requestfailed", lambda r: problems.append(f"failed: {r.url}"))
+    page.goto(f"{served.gw.console_url}/docs/api")
+    assert page.title() == "API reference · quotagate"
+    assert not problems, problems  # a CSP violation is reported on the console
+    # Everything comes from the console itself.
+    urls = page.evaluate("performance.getEntriesByType('resource').map(e => e.name)")
+    assert urls and all(u.startswith(served.gw.console_url) for u in urls), urls
+    # Nothing sticks out sideways, at either width.
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    # The stylesheet applied: a method badge is coloured, not plain text.
+    colour = page.locator(".op .method.post").first.evaluate("e => getComputedStyle(e).backgroundColor")
+    assert colour not in ("rgba(0, 0, 0, 0)", "transparent")
+    # The contents link to each operation.
+    page.locator(".toc a", has_text="/v1/projects/{projectId}/inference/keys").first.click()
+    assert page.url.endswith("#post_v1_projects_projectId_inference_keys")
+    assert page.locator("#post_v1_projects_projectId_inference_keys").is_visible()
+    shot(page, f"{width}px")
+    context.close()
