@@ -57,14 +57,24 @@ CSV = {"text/csv": {"schema": {"type": "string"}}}
 
 
 
+# Times of a range are kept within these: no usage lies outside them, and at the ends of what datetime holds
+# (years 1 and 9999) a range's default start (a day before its end) or its last point would not exist.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9998, 12, 31, tzinfo=UTC)
+
+
 def parse_time(name: str, raw: str) -> datetime:
-    """An ISO 8601 timestamp (a missing offset means UTC)."""
+    """An ISO 8601 timestamp (a missing offset means UTC), within [EARLIEST, LATEST]."""
     try:
         value = datetime.fromisoformat(raw.strip())
     except ValueError:
         raise InvalidRequest(f"{name}: not an ISO 8601 timestamp: {raw!r} (e.g. 2026-01-31T12:00:00Z)",
                              field=name) from None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is before the first instant datetime holds in UTC
+        return EARLIEST if value.year == 1 else LATEST
+    return min(max(value, EARLIEST), LATEST)
 
 
 def wants_csv(call: Call) -> bool:
