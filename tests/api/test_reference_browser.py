@@ -34,7 +34,9 @@ def test_the_reference_page_in_a_browser(served: Served, browser: Any, shot: Any
     colour = page.locator(".op .method.post").first.evaluate("e => getComputedStyle(e).backgroundColor")
     assert colour not in ("rgba(0, 0, 0, 0)", "transparent")
     # The contents link to each operation.
-    page.locator(".toc a", has_text="/v1/projects/{projectId}/inference/keys").first.click()
+    link = page.locator('.toc a[href="#post_v1_projects_projectId_inference_keys"]')
+    assert "POST /v1/projects/{projectId}/inference/keys" in " ".join(link.inner_text().split())
+    link.click()
     assert page.url.endswith("#post_v1_projects_projectId_inference_keys")
     assert page.locator("#post_v1_projects_projectId_inference_keys").is_visible()
     shot(page, f"{width}px")
