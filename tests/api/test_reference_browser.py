@@ -4,25 +4,29 @@ each operation. Screenshots are kept in test-output/screenshots."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
 
 from tests.api.conftest import Served
-from tests.web.conftest import browser, shot  # noqa: F401  (the browser fixtures)
+from tests.web.conftest import SCREENSHOTS, browser  # noqa: F401  (the browser fixture)
 
 pytestmark = pytest.mark.browser
 
 
 @pytest.mark.parametrize(("width", "height"), [(390, 844), (1280, 900)])
-def test_the_reference_page_in_a_browser(served: Served, browser: Any, shot: Any,  # noqa: F811
-                                         width: int, height: int) -> None:
+def test_the_reference_page_in_a_browser(served: Served, browser: Any, width: int,  # noqa: F811
+                                         height: int) -> None:
     context = browser.new_context(viewport={"width": width, "height": height})
     page = context.new_page()
     problems: list[str] = []
     page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
     page.on("requestfailed", lambda r: problems.append(f"failed: {r.url}"))
     page.goto(f"{served.gw.console_url}/docs/api")
+    folder = SCREENSHOTS / os.environ.get("QUOTAGATE_TEST_DATABASE", "sqlite")
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / f"api-reference-{width}px-top.png"))  # the page is long: the viewport
     assert page.title() == "API reference · quotagate"
     assert not problems, problems  # a CSP violation is reported on the console
     # Everything comes from the console itself.
@@ -39,5 +43,5 @@ def test_the_reference_page_in_a_browser(served: Served, browser: Any, shot: Any
     link.click()
     assert page.url.endswith("#post_v1_projects_projectId_inference_keys")
     assert page.locator("#post_v1_projects_projectId_inference_keys").is_visible()
-    shot(page, f"{width}px")
+    page.screenshot(path=str(folder / f"api-reference-{width}px-operation.png"))
     context.close()
