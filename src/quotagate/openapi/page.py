@@ -6,12 +6,14 @@ script, nothing from a CDN (the console's CSP allows only its own origin, and de
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import orjson
+from markupsafe import Markup, escape
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -22,6 +24,11 @@ from quotagate.openapi.document import Table, console_document, llm_document
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "web" / "templates"
 _METHODS = ("get", "post", "patch", "put", "delete")
+
+
+def inline_code(text: str) -> Markup:
+    """A description's `code` spans as <code>, everything else escaped (descriptions use Markdown's)."""
+    return Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", str(escape(text))))  # noqa: S704 - escaped first
 
 
 def _name(ref: str) -> str:
@@ -97,6 +104,7 @@ def reference_routes(table: Table, config: Config) -> list[BaseRoute]:
     llm = cache(lambda: llm_document(catalog))
     templates = Jinja2Templates(directory=str(TEMPLATES))
     templates.env.globals.update(type_text=type_text, fields=fields)
+    templates.env.filters["code"] = inline_code
 
     async def document(_request: Request) -> Response:
         return Response(orjson.dumps(console()), media_type="application/json")
