@@ -37,6 +37,7 @@ from quotagate.metering import install as install_metering
 from quotagate.metering import metrics_route
 from quotagate.metering.history import restore_limits
 from quotagate.metering.interfaces import Meter
+from quotagate.openapi.page import reference_routes
 from quotagate.settings import Settings
 from quotagate.store.engine import make_engine, migrate, private_dir
 from quotagate.webhooks import console_handlers as webhook_handlers
@@ -143,9 +144,10 @@ def build_console_app(runtime: Runtime, extra_routes: list[BaseRoute] | None = N
                      webhooks=runtime.extras.get("webhooks"), wake_webhooks=webhook_waker(runtime))
 
     usage_handlers, metering_routes = metering_console_routes(runtime)
+    table = api.table(extra=[*usage_handlers, *webhook_handlers(runtime)])
     routes: list[BaseRoute] = [Route("/healthz", _healthz), *metering_routes,
-                               *api.routes(runtime.settings.console_max_body_bytes,
-                                          extra=[*usage_handlers, *webhook_handlers(runtime)])]
+                               *api.routes(runtime.settings.console_max_body_bytes, table),
+                               *reference_routes(table, runtime.config)]
     routes.extend(extra_routes or [])
     routes.extend(web.routes())
     return Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)],

@@ -76,6 +76,13 @@ def parse_json_body(model: type[M], body: bytes) -> M:
     return parse_model(model, data)
 
 
+# ``clean_name``'s rule as JSON Schema states it (for the OpenAPI document): a character that is neither
+# blank nor a control character, and no control character anywhere.
+NAME_SCHEMA: dict[str, Any] = {"pattern": r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"}
+# A name that an edit may leave out but not set to null (the services refuse null): its schema.
+EDITED_NAME_SCHEMA: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": 200, **NAME_SCHEMA}
+
+
 def clean_name(value: str) -> str:
     """A display name: surrounding blanks stripped; blank or control characters refused.
 

@@ -96,6 +96,7 @@ def test_unknown_endpoints_and_methods_answer_in_the_error_shape(alice: Console)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = alice.request("PUT", "/v1/projects")
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert {m.strip() for m in r.headers["allow"].split(",")} == {"GET", "HEAD", "POST"}  # RFC 9110
 
 
 def test_head_is_answered_like_get(alice: Console) -> None:

@@ -157,6 +157,7 @@ def test_wrong_model_type_is_a_bad_request(gw: Gateway, mint: Mint) -> None:
      "max_completion_tokens"),
     (b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', "stream"),
     (b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', "temperature"),
+    (b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}], "functions": {}}', "functions"),
     (b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}], "n": 1000}', "n"),
     (b'{"model": "chat", "messages": [{"role": "user", "content": [1]}]}', "messages[0].content"),
     (b'{"model": "chat", "messages": [{"role": "user", "content": [{"text": "hi"}]}]}', "messages[0].content"),

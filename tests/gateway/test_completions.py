@@ -173,4 +173,7 @@ def test_token_array_prompts_are_counted_as_tokens(gw: Gateway, mint: Mint, upst
 def test_completions_get_is_refused(gw: Gateway, mint: Mint) -> None:
     secret, _ = mint()
     r = httpx.get(f"{gw.llm_url}/completions", headers={"Authorization": f"Bearer {secret}"})
-    assert r.status_code == 405
+    assert r.status_code == 405 and r.headers["allow"] == "POST"  # RFC 9110: a 405 says what is allowed
+    for path in ("/healthz", "/openapi.json"):  # outside the API, no key: GET only, and not a 404
+        r = httpx.post(gw.llm_url.removesuffix("/v1") + path)
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD", path

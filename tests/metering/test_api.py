@@ -10,6 +10,7 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 
+from quotagate.metering.api import EARLIEST, LATEST, parse_time
 from quotagate.metering.store import store_batch
 from quotagate.store.engine import make_engine
 from tests.metering.conftest import Key, event
@@ -215,3 +216,27 @@ def test_project_usage_and_activity_filtered_by_key_metadata(gateway_console: Ga
     # A key's own usage has no such filter (it is one key).
     r = owner.request("GET", f"/v1/inference/keys/{search['id']}/usage", params={"metadata": "team=search"})
     assert r.status_code == 400 and r.json()["error"]["field"] == "metadata"
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("0001-01-01T00:00:00Z", EARLIEST), ("0001-01-01T00:00:00+01:00", EARLIEST),
+    ("9999-12-31T23:59:59-23:59", LATEST), ("9999-12-31T23:00:00Z", LATEST),
+])
+def test_a_time_beyond_any_usage_is_taken_as_the_edge_of_the_range(raw: str, expected: object) -> None:
+    # At the ends of what datetime holds, a day before `end` or the last point after it would not exist:
+    # these were 500s (found by probing what Schemathesis sends: any date-time).
+    assert parse_time("end", raw) == expected
+
+
+def test_ranges_at_the_ends_of_time_are_answered(gateway_console: Gateway) -> None:
+    owner = gateway_console.user("owner@example.com")
+    key = owner.mint(owner.project()["id"])
+    ranges = ({"end": "0001-01-01T00:00:00Z"},
+              {"start": "9998-12-30T00:00:00Z", "end": "9999-12-31T23:00:00Z", "granularity": "day"},
+              {"end": "9999-12-31T23:59:59-23:59", "granularity": "day"})
+    for query in ranges:
+        for path in (f"/v1/inference/keys/{key['id']}/usage", f"/v1/projects/{key['project_id']}/usage",
+                     f"/v1/projects/{key['project_id']}/activity"):
+            params = {k: v for k, v in query.items() if not (path.endswith("/activity") and k == "granularity")}
+            r = owner.request("GET", path, params=params)
+            assert r.status_code == 200, (path, params, r.text)

@@ -27,6 +27,7 @@ from quotagate.errors import (
     Unauthenticated,
 )
 from quotagate.httpserver import BODY_ERROR
+from quotagate.openapi.spec import Operation, operation_of
 from quotagate.validation import parse_json_body
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ async def http_exception_handler(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     message = "no such endpoint" if exc.status_code == 404 else str(exc.detail)
-    return JSON({"error": {"code": code, "message": message}}, status_code=exc.status_code)
+    # Starlette's 405 names the methods the path has in an Allow header (RFC 9110 requires it): keep it.
+    return JSON({"error": {"code": code, "message": message}}, status_code=exc.status_code, headers=exc.headers)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -99,8 +101,11 @@ class Call:
     path: dict[str, str]
     query: QueryParams
     body: bytes
+    operation: Operation
 
     def json(self, model: type[M]) -> M:
+        if model is not self.operation.body:  # what the OpenAPI document says it takes, by construction
+            raise TypeError(f"the handler parses {model.__name__}, its @operation says {self.operation.body}")
         return parse_json_body(model, self.body)
 
     def flag(self, name: str) -> bool:
@@ -148,6 +153,7 @@ def endpoint(handler: Handler, authenticate: Authenticator,
              body_limit: int) -> Callable[[Request], Awaitable[Response]]:
     """Wrap a synchronous handler: read the bounded body, authenticate, run it off the event loop,
     render its result or its error. An unexpected error is logged and answered with a JSON 500."""
+    op = operation_of(handler)  # no route without its place in the OpenAPI document
 
     async def run(request: Request) -> Response:
         try:
@@ -155,7 +161,7 @@ def endpoint(handler: Handler, authenticate: Authenticator,
             actor = await authenticate(request)
             params = dict(request.path_params)
             check_path_ids(params)
-            call = Call(actor=actor, path=params, query=request.query_params, body=body)
+            call = Call(actor=actor, path=params, query=request.query_params, body=body, operation=op)
             status, payload = await run_in_threadpool(handler, call)
         except QuotagateError as exc:
             return error_response(exc)

@@ -50,6 +50,7 @@ from quotagate.gateway.parsing import (
 )
 from quotagate.gateway.refusals import refusal_error
 from quotagate.gateway.responses import endpoint as responses
+from quotagate.gateway.routes import HEALTH, MODEL_PREFIX, OPENAPI, ROUTES
 from quotagate.gateway.streaming import Lease, StreamRelay
 from quotagate.gateway.upstream_errors import upstream_failure
 from quotagate.gateway.usage import charge, reported, usage_object
@@ -139,6 +140,11 @@ class LLMApp:
         self._forwarded = ForwardedFor(rt.settings.forwarded_allow_ips)
         origins = rt.settings.cors_origin_set
         self._cors = Cors(origins) if origins else None
+        handlers = {"chat.completions": self._chat, "completions": self._completions, "embeddings": self._embeddings,
+                    "rerank": self._rerank, "score": self._score, responses.ENDPOINT: self._responses,
+                    "models": self._list_models}
+        self._routes = {path: (name, handlers[name], method) for path, (name, method) in ROUTES.items()}
+        self._openapi: bytes | None = None
         if rt.limiter is None:
             log.warning("no limiter configured: rpm, tpm and token budgets are NOT enforced")
 
@@ -163,22 +169,13 @@ class LLMApp:
                 return
             if origin is not None:
                 send = self._cors.wrap(send, origin)
-        if path == "/v1/chat/completions":
-            endpoint, handler, allowed = "chat.completions", self._chat, "POST"
-        elif path == "/v1/completions":
-            endpoint, handler, allowed = "completions", self._completions, "POST"
-        elif path == "/v1/embeddings":
-            endpoint, handler, allowed = "embeddings", self._embeddings, "POST"
-        elif path == "/v1/rerank":
-            endpoint, handler, allowed = "rerank", self._rerank, "POST"
-        elif path == "/v1/score":
-            endpoint, handler, allowed = "score", self._score, "POST"
-        elif path == "/v1/responses":
-            endpoint, handler, allowed = responses.ENDPOINT, self._responses, "POST"
-        elif path == "/v1/models" or path.startswith("/v1/models/"):
+        route = self._routes.get(path)
+        if route is not None:
+            endpoint, handler, allowed = route
+        elif path.startswith(MODEL_PREFIX):
             endpoint, handler, allowed = "models", self._list_models, "GET"
-        elif path == "/healthz" and method in ("GET", "HEAD"):
-            await self._plain(send, 200, b'{"status":"ok"}', [(b"x-request-id", self._request_id().encode())])
+        elif path in (HEALTH, OPENAPI):
+            await self._outside(send, path, method)
             return
         else:
             err = ApiError(404, "unknown_url", f"Unknown request URL: {method} {path}.")
@@ -187,7 +184,8 @@ class LLMApp:
         call = Call(endpoint, scope, self._request_id())
         try:
             if method != allowed:
-                raise ApiError(405, "method_not_allowed", f"{method} is not allowed on {path}; use {allowed}")
+                raise ApiError(405, "method_not_allowed", f"{method} is not allowed on {path}; use {allowed}",
+                               allow=allowed)
             key = await self._authenticate(call, scope)
             call.key = key
             await handler(call, key, scope, receive, send)
@@ -221,6 +219,20 @@ class LLMApp:
                     "headers": [*self._cors.preflight_headers(scope, origin), rid]})
         await send({"type": "http.response.body", "body": b""})
 
+    async def _outside(self, send: Send, path: str, method: str) -> None:
+        """/healthz and /openapi.json: no key, GET (or HEAD) only."""
+        rid = (b"x-request-id", self._request_id().encode())
+        if method not in ("GET", "HEAD"):
+            err = ApiError(405, "method_not_allowed", f"{method} is not allowed on {path}; use GET")
+            await self._plain(send, 405, err.body(), [rid, (b"allow", b"GET, HEAD")])
+        elif path == HEALTH:
+            await self._plain(send, 200, b'{"status":"ok"}', [rid])
+        else:
+            if self._openapi is None:  # built on first use: a process that is never asked pays nothing
+                from quotagate.openapi.document import llm_document
+                self._openapi = orjson.dumps(llm_document({m.id: m.type for m in self._models.values()}))
+            await self._plain(send, 200, self._openapi, [rid])
+
     # -- responses and metering ------------------------------------------------------------------
     @staticmethod
     async def _plain(send: Send, status: int, body: bytes, extra: Headers) -> None:
@@ -239,9 +251,9 @@ class LLMApp:
         await send({"type": "http.response.body", "body": body})
 
     async def _error(self, call: Call, send: Send, exc: ApiError) -> None:
-        extra: Headers = []
+        extra: Headers = [] if exc.allow is None else [(b"allow", exc.allow.encode())]
         if exc.status == 429 or exc.retry_after is not None:
-            extra = rl.retry_after(exc.retry_after or 1.0)
+            extra += rl.retry_after(exc.retry_after or 1.0)
             retry = exc.should_retry if exc.should_retry is not None else (exc.retry_after or 0) <= 60
             extra.append((b"x-should-retry", b"true" if retry else b"false"))
         if exc.status != 503 and call.key is not None and not call.rate_headers and self._rt.limiter is not None:

@@ -36,7 +36,8 @@ class ApiError(Exception):
     """An error the LLM API answers with; ``retry_after`` (seconds) goes into Retry-After (always on 429)."""
 
     def __init__(self, status: int, code: str, message: str, *, param: str | None = None,
-                 retry_after: float | None = None, should_retry: bool | None = None) -> None:
+                 retry_after: float | None = None, should_retry: bool | None = None,
+                 allow: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -45,6 +46,7 @@ class ApiError(Exception):
         self.retry_after = retry_after
         # x-should-retry on an answer with Retry-After; None: retrying helps if the wait is a minute at most.
         self.should_retry = should_retry
+        self.allow = allow  # a 405's Allow header: the methods the path has (RFC 9110)
 
     def body(self) -> bytes:
         return orjson.dumps({"error": {"message": self.message, "type": _TYPES.get(self.status, "api_error"),

@@ -49,7 +49,7 @@ _CHECKED: dict[str, tuple[tuple[type, ...], str]] = {
     "temperature": (_NUMBER, "a number"), "top_p": (_NUMBER, "a number"),
     "presence_penalty": (_NUMBER, "a number"), "frequency_penalty": (_NUMBER, "a number"),
     "seed": ((int,), "an integer"), "user": ((str,), "a string"), "stop": ((str, list), "a string or a list"),
-    "tools": ((list,), "a list"), "logit_bias": ((dict,), "an object"),
+    "tools": ((list,), "a list"), "functions": ((list,), "a list"), "logit_bias": ((dict,), "an object"),
 }
 
 

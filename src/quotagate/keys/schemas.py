@@ -7,18 +7,20 @@ from datetime import UTC, datetime
 from ipaddress import ip_network
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, WithJsonSchema, field_validator
 
 from quotagate.errors import InvalidRequest
 from quotagate.keys.models import Period
-from quotagate.validation import clean_name
+from quotagate.openapi.spec import MODEL_ID
+from quotagate.validation import EDITED_NAME_SCHEMA, NAME_SCHEMA, clean_name
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 # Limits stay within what every JSON client reads exactly (2**53).
 MAX_LIMIT = 2**53 - 1
 MAX_GRACE_SECONDS = 30 * 86400
 Limit = Annotated[StrictInt, Field(gt=0, le=MAX_LIMIT)]
-ModelList = Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=200)]],
+ModelList = Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=200,
+                                                      json_schema_extra={MODEL_ID: "any"})]],
                       Field(min_length=1, max_length=1000)]
 
 
@@ -140,9 +142,17 @@ class _Limits(BaseModel):
     token_limit: Limit | None = None
     token_limit_period: Period | None = None
     allowed_models: ModelList | None = None
-    expires_at: datetime | None = None
-    allowed_networks: Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_NETWORKS)] | None = None
-    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA)] | None = None
+    # The schemas these fields' validators check (they say what the OpenAPI document shows).
+    expires_at: Annotated[datetime, WithJsonSchema({"anyOf": [
+        {"type": "string", "format": "date-time"}, {"type": "number"}],
+        "description": "In the future: ISO 8601 with a time zone, or Unix seconds"})] | None = None
+    allowed_networks: Annotated[list[Annotated[StrictStr, WithJsonSchema({
+        "type": "string", "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}],
+        "description": "An address, or a network in CIDR form (10.0.0.0/8)"})]],
+        Field(min_length=1, max_length=MAX_NETWORKS)] | None = None
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA), WithJsonSchema({
+        "type": "object", "maxProperties": MAX_METADATA, "additionalProperties": {"type": "string", "maxLength": 256},
+        "propertyNames": {"minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_.:/-]+$"}})] | None = None
     model_limits: Annotated[dict[Annotated[StrictStr, Field(min_length=1, max_length=200)], ModelLimits],
                             Field(max_length=MAX_MODEL_LIMITS)] | None = None
 
@@ -163,7 +173,7 @@ class _Limits(BaseModel):
 
 
 class KeyCreate(_Limits):
-    name: StrictStr = Field(min_length=1, max_length=200)
+    name: StrictStr = Field(min_length=1, max_length=200, json_schema_extra=NAME_SCHEMA)
 
     _clean_name = field_validator("name")(clean_name)
 
@@ -175,7 +185,10 @@ class KeyCreate(_Limits):
 class KeyUpdate(_Limits):
     """Only the fields present change; ``null`` clears a limit (unlimited) or the expiry."""
 
-    name: StrictStr | None = Field(default=None, min_length=1, max_length=200)
+    model_config = ConfigDict(**_STRICT, json_schema_extra={"minProperties": 1})  # the service refuses {}
+
+    name: Annotated[StrictStr | None, WithJsonSchema(EDITED_NAME_SCHEMA)] = Field(default=None, min_length=1,
+                                                                                    max_length=200)
 
     @field_validator("name")
     @classmethod
@@ -187,7 +200,7 @@ class RotateRequest(BaseModel):
     model_config = _STRICT
 
     grace_period_seconds: StrictInt = Field(default=0, ge=0, le=MAX_GRACE_SECONDS)
-    name: StrictStr | None = Field(default=None, min_length=1, max_length=200)
+    name: StrictStr | None = Field(default=None, min_length=1, max_length=200, json_schema_extra=NAME_SCHEMA)
 
     @field_validator("name")
     @classmethod

@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from quotagate.accounts.models import Project
 from quotagate.accounts.service import AccountService
-from quotagate.console.api import check_params, page_limit
+from quotagate.console.api import BEFORE, LIMIT, STARTING_AFTER, check_params, page_limit
 from quotagate.console.http import Call, Handler, Result
 from quotagate.errors import InvalidRequest
 from quotagate.ids import isoformat
@@ -29,28 +29,58 @@ from quotagate.metering.export import ACTIVITY_COLUMNS, USAGE_COLUMNS, csv_respo
 from quotagate.metering.metrics import merged_exposition
 from quotagate.metering.queries import UsageQueries, Window
 from quotagate.metering.store import WIDTHS
+from quotagate.openapi import answers as a
+from quotagate.openapi.spec import Param, operation
 from quotagate.store.tables import inference_keys, projects
 
 log = logging.getLogger(__name__)
 
 MAX_POINTS = 1500          # per model: a minute series can span 25 h, an hour series 62 days
 DEFAULT_RANGE = timedelta(hours=24)
-USAGE_PARAMS = frozenset({"start", "end", "granularity", "format"})
-PROJECT_USAGE_PARAMS = USAGE_PARAMS | {"metadata"}
-ACTIVITY_PARAMS = frozenset({"limit", "before", "starting_after", "request_id"})
-PROJECT_ACTIVITY_PARAMS = frozenset({"start", "end", "limit", "before", "starting_after", "format", "metadata"})
 CSV_ROWS = 100_000  # activity rows one CSV export may hold (page with before= past them)
 
+# The query parameters of each endpoint: ``check_params`` refuses any other, the OpenAPI document lists these.
+TIME = {"type": "string", "format": "date-time"}
+START = Param("start", TIME, "ISO 8601; without an offset it is UTC. Default: 24 hours before `end`")
+END = Param("end", TIME, "ISO 8601; without an offset it is UTC. Default: now")
+GRANULARITY = Param("granularity", {"type": "string", "enum": ["minute", "hour", "day"]},
+                    f"The width of a data point (default: hour, or day past {MAX_POINTS} hours); at most "
+                    f"{MAX_POINTS} points a model")
+FORMAT = Param("format", {"type": "string", "enum": ["json", "csv"], "default": "json"},
+               "csv: a CSV file (text/csv) instead of JSON")
+REQUEST_ID = Param("request_id", {"type": "string"}, "Only the request with this id")
+CSV_LIMIT = Param("limit", {"type": "integer", "minimum": 1, "maximum": CSV_ROWS},
+                  f"How many to return (default and most: 100 and 1,000; with format=csv {CSV_ROWS:,} for both)")
+KEY_USAGE_PARAMS = (START, END, GRANULARITY)
+USAGE_PARAMS = (START, END, GRANULARITY, FORMAT)
+METADATA = Param("metadata", {"type": "array", "items": {"type": "string", "pattern": "^[^=]+=.*$"}},
+                 "KEY=VALUE, repeatable: only the keys whose metadata has every entry given")
+PROJECT_USAGE_PARAMS = (*USAGE_PARAMS, METADATA)
+ACTIVITY_PARAMS = (LIMIT, BEFORE, STARTING_AFTER, REQUEST_ID)
+PROJECT_ACTIVITY_PARAMS = (START, END, CSV_LIMIT, BEFORE, STARTING_AFTER, FORMAT, METADATA)
+USAGE = "Usage and activity"
+CSV = {"text/csv": {"schema": {"type": "string"}}}
+
+
+
+# Times of a range are kept within these: no usage lies outside them, and at the ends of what datetime holds
+# (years 1 and 9999) a range's default start (a day before its end) or its last point would not exist.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9998, 12, 31, tzinfo=UTC)
 
 
 def parse_time(name: str, raw: str) -> datetime:
-    """An ISO 8601 timestamp (a missing offset means UTC)."""
+    """An ISO 8601 timestamp (a missing offset means UTC), within [EARLIEST, LATEST]."""
     try:
         value = datetime.fromisoformat(raw.strip())
     except ValueError:
         raise InvalidRequest(f"{name}: not an ISO 8601 timestamp: {raw!r} (e.g. 2026-01-31T12:00:00Z)",
                              field=name) from None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is before the first instant datetime holds in UTC
+        return EARLIEST if value.year == 1 else LATEST
+    return min(max(value, EARLIEST), LATEST)
 
 
 def wants_csv(call: Call) -> bool:
@@ -60,9 +90,9 @@ def wants_csv(call: Call) -> bool:
     return fmt == "csv"
 
 
-def parse_window(call: Call, now: datetime, allowed: frozenset[str] = USAGE_PARAMS) -> Window:
+def parse_window(call: Call, now: datetime, params: tuple[Param, ...]) -> Window:
     """start, end and granularity from the query, validated and aligned to the granularity."""
-    check_params(call, allowed)
+    check_params(call, params)
     raw_end, raw_start = call.query.get("end"), call.query.get("start")
     end = parse_time("end", raw_end) if raw_end is not None else now
     start = parse_time("start", raw_start) if raw_start is not None else end - DEFAULT_RANGE
@@ -183,9 +213,12 @@ class UsageAPI:
                 state = None
         return {"live": state is not None, **_figures(limits, state)}
 
+    @operation("A key's usage", USAGE, answer=a.KeyUsage, role="viewer", params=KEY_USAGE_PARAMS,
+               description="Totals and a series per model over a range (default: the last 24 hours), and the "
+                           "key's limits with their live state.")
     def key_usage(self, call: Call) -> Result:
         key = self._keys.get(call.actor, call.path["keyId"])  # 404 unless the caller may read it
-        window = parse_window(call, datetime.now(UTC))
+        window = parse_window(call, datetime.now(UTC), KEY_USAGE_PARAMS)
         self.catch_up()
         totals, data = self.queries.key_usage(key.id, window)
         return 200, {
@@ -196,6 +229,9 @@ class UsageAPI:
             "limits": limits_json(key, self.live_state(key), self._project_limits_of(key.project_id)),
         }
 
+    @operation("A project's usage", USAGE, answer=a.ProjectUsage, role="viewer", params=PROJECT_USAGE_PARAMS,
+               extra_media=CSV, description="Summed over the project's keys: totals, a series per model, "
+                                            "per key and per model; format=csv gives the series as CSV.")
     def project_usage(self, call: Call) -> Result:
         project = self._accounts.get_project(call.actor, call.path["projectId"])  # 404 unless theirs
         window = parse_window(call, datetime.now(UTC), PROJECT_USAGE_PARAMS)
@@ -212,6 +248,8 @@ class UsageAPI:
             "metadata": tags or None, **found, "limits": self.project_limits(project),
         }
 
+    @operation("A key's recent requests", USAGE, answer=a.Activity, role="viewer", params=ACTIVITY_PARAMS,
+               description="Newest first, in pages.")
     def activity(self, call: Call) -> Result:
         key = self._keys.get(call.actor, call.path["keyId"])
         check_params(call, ACTIVITY_PARAMS)
@@ -223,6 +261,9 @@ class UsageAPI:
         return 200, {"object": "list", "data": rows, "has_more": more,
                      "next_cursor": rows[-1]["request_id"] if more and rows else None}
 
+    @operation("A project's requests", USAGE, answer=a.Activity, role="viewer", params=PROJECT_ACTIVITY_PARAMS,
+               extra_media=CSV, description="Every key's requests in a range (default: the last 24 hours), "
+                                            "newest first; JSON pages or CSV.")
     def project_activity(self, call: Call) -> Result:
         """Every key's requests in a range (default: the last 24 h), newest first; JSON pages or CSV."""
         project = self._accounts.get_project(call.actor, call.path["projectId"])
