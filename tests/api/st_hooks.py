@@ -46,6 +46,16 @@ def _query(query: dict[str, Any]) -> None:
             query.pop("start")  # the default, 24 hours before end, is in range for every granularity
 
 
+def _metadata(query: dict[str, Any]) -> None:
+    # A metadata key has one value: a filter naming a key twice cannot match (a 400), so keep the first.
+    entries = query.get("metadata")
+    if isinstance(entries, list):
+        seen: dict[str, str] = {}
+        for entry in entries:
+            seen.setdefault(str(entry).split("=", 1)[0], str(entry))
+        query["metadata"] = list(seen.values())
+
+
 def _page(query: dict[str, Any]) -> None:
     # A page of JSON is at most 1,000 rows; a CSV export up to 100,000.
     limit = query.get("limit")
@@ -57,7 +67,19 @@ def _key_body(body: dict[str, Any], patch: bool) -> None:
     # expires_at lies in the future (the clock).
     if body.get("expires_at") is not None:
         body["expires_at"] = FUTURE
-    # token_limit and token_limit_period come together (a PATCH of a key without a budget, too).
+    _budget_pair(body, patch)
+    # Each model's limits: at least one limit, and the budget pair as for the key's own.
+    per_model = body.get("model_limits")
+    if isinstance(per_model, dict):
+        for entry in per_model.values():
+            if isinstance(entry, dict):
+                _budget_pair(entry, patch=False)
+                if all(entry.get(k) is None for k in ("rpm", "tpm", "token_limit")):
+                    entry["rpm"] = 60
+
+
+def _budget_pair(body: dict[str, Any], patch: bool) -> None:
+    # token_limit and token_limit_period come together (a PATCH of a key or project without a budget, too).
     limit, period = body.get("token_limit"), body.get("token_limit_period")
     if limit is None and period is not None:
         body["token_limit"] = 1000
@@ -106,6 +128,7 @@ def map_case(context: Any, case: Any) -> Any:
     if isinstance(case.query, dict):
         _query(case.query)
         _page(case.query)
+        _metadata(case.query)
     if isinstance(case.body, dict | list):
         case.body = _integers(case.body)
     body = case.body if isinstance(case.body, dict) else None
@@ -113,6 +136,8 @@ def map_case(context: Any, case: Any) -> Any:
         return case
     if path.startswith("/v1/projects/{projectId}/inference/keys") or path.startswith("/v1/inference/keys/{keyId}"):
         _key_body(body, patch=method == "PATCH")
+    elif path == "/v1/projects/{projectId}" and method == "PATCH":
+        _budget_pair(body, patch=True)
     elif path == "/v1/completions":
         _completion_body(body)
     elif path == "/v1/score":

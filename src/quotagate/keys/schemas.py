@@ -103,9 +103,11 @@ MAX_MODEL_LIMITS = 1000
 
 
 class ModelLimits(BaseModel):
-    """A key's limits on one model (``model_limits``): the same four as the key's own, each optional."""
+    """A key's limits on one model (``model_limits``): the same four as the key's own, each optional, at
+    least one of rpm, tpm and token_limit given (``check_model_limits``; the document says so too)."""
 
-    model_config = _STRICT
+    model_config = ConfigDict(**_STRICT, json_schema_extra={"anyOf": [
+        {"required": [name], "properties": {name: {"type": "integer"}}} for name in ("rpm", "tpm", "token_limit")]})
 
     rpm: Limit | None = None
     tpm: Limit | None = None
@@ -153,7 +155,8 @@ class _Limits(BaseModel):
     metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA), WithJsonSchema({
         "type": "object", "maxProperties": MAX_METADATA, "additionalProperties": {"type": "string", "maxLength": 256},
         "propertyNames": {"minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_.:/-]+$"}})] | None = None
-    model_limits: Annotated[dict[Annotated[StrictStr, Field(min_length=1, max_length=200)], ModelLimits],
+    model_limits: Annotated[dict[Annotated[StrictStr, Field(min_length=1, max_length=200,
+                                                            json_schema_extra={MODEL_ID: "any"})], ModelLimits],
                             Field(max_length=MAX_MODEL_LIMITS)] | None = None
 
     @field_validator("allowed_networks")

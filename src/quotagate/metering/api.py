@@ -53,7 +53,9 @@ CSV_LIMIT = Param("limit", {"type": "integer", "minimum": 1, "maximum": CSV_ROWS
                   f"How many to return (default and most: 100 and 1,000; with format=csv {CSV_ROWS:,} for both)")
 KEY_USAGE_PARAMS = (START, END, GRANULARITY)
 USAGE_PARAMS = (START, END, GRANULARITY, FORMAT)
-METADATA = Param("metadata", {"type": "array", "items": {"type": "string", "pattern": "^[^=]+=.*$"}},
+METADATA = Param("metadata", {"type": "array", "maxItems": 16, "items": {
+                     "type": "string", "maxLength": 64 + 1 + 256,
+                     "pattern": "^[A-Za-z0-9_.:/-]{1,64}=[\\s\\S]{0,256}$"}},
                  "KEY=VALUE, repeatable: only the keys whose metadata has every entry given")
 PROJECT_USAGE_PARAMS = (*USAGE_PARAMS, METADATA)
 ACTIVITY_PARAMS = (LIMIT, BEFORE, STARTING_AFTER, REQUEST_ID)

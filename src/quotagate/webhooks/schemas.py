@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 EventType = Literal["key.budget_threshold", "project.budget_threshold", "key.revoked", "key.expiring",
                     "key.leaked"]
@@ -15,6 +17,11 @@ TEST_EVENT = "webhook.test"  # sent by POST .../test whatever the webhook subscr
 DEFAULT_THRESHOLDS = (0.5, 0.8, 1.0)
 MAX_URL = 2000
 _STRICT = ConfigDict(extra="forbid", strict=True)
+# What ``check_url`` takes, for the OpenAPI document (it also refuses credentials, fragments and blanks).
+UNIQUE: dict[str, Any] = {"uniqueItems": True}  # the validators refuse a value listed twice
+URL_SCHEMA: dict[str, Any] = {
+    "pattern": "^https?://[^/?#@:\\s\\[\\]\\x00-\\x1f\\x7f]+(?::[0-9]{1,4})?"
+                                "(?:[/?][^#\\s\\x00-\\x1f\\x7f]*)?$"}
 
 Threshold = Annotated[float, Field(gt=0, le=1)]
 
@@ -56,24 +63,42 @@ def _thresholds(value: list[float]) -> list[float]:
 class WebhookCreate(BaseModel):
     model_config = _STRICT
 
-    url: StrictStr = Field(min_length=1, max_length=MAX_URL)
-    events: list[EventType] = Field(default_factory=lambda: list(EVENT_TYPES), min_length=1, max_length=16)
+    url: StrictStr = Field(min_length=1, max_length=MAX_URL, json_schema_extra=URL_SCHEMA)
+    events: list[EventType] = Field(default_factory=lambda: list(EVENT_TYPES), min_length=1, max_length=16,
+                                    json_schema_extra=UNIQUE)
     budget_thresholds: list[Threshold] = Field(default_factory=lambda: list(DEFAULT_THRESHOLDS),
-                                               min_length=1, max_length=10)
+                                               min_length=1, max_length=10, json_schema_extra=UNIQUE)
 
     _url = field_validator("url")(check_url)
     _ev = field_validator("events")(_events)
     _th = field_validator("budget_thresholds")(_thresholds)
 
 
-class WebhookUpdate(BaseModel):
-    model_config = _STRICT
+def _shown(extra: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """A PATCH field's schema as the document shows it: ``extra`` added, and no ``default: null`` (null is
+    refused; an absent field is left as it is)."""
 
-    url: StrictStr | None = Field(default=None, min_length=1, max_length=MAX_URL)
-    events: list[EventType] | None = Field(default=None, min_length=1, max_length=16)
-    budget_thresholds: list[Threshold] | None = Field(default=None, min_length=1, max_length=10)
-    enabled: StrictBool | None = None
-    rotate_secret: StrictBool | None = None  # true: a new secret, shown in this answer only
+    def edit(schema: dict[str, Any]) -> None:
+        schema.pop("default", None)
+        schema.update(extra)
+
+    return edit
+
+
+class WebhookUpdate(BaseModel):
+    """Only the fields given change; null is refused (the service says so), so the document shows none."""
+
+    model_config = ConfigDict(**_STRICT, json_schema_extra={"minProperties": 1})
+
+    url: Annotated[StrictStr, Field(min_length=1, max_length=MAX_URL)] | SkipJsonSchema[None] = Field(
+        default=None, json_schema_extra=_shown({**URL_SCHEMA}))
+    events: Annotated[list[EventType], Field(min_length=1, max_length=16)] | SkipJsonSchema[None] = Field(
+        default=None, json_schema_extra=_shown(UNIQUE))
+    budget_thresholds: Annotated[list[Threshold], Field(min_length=1, max_length=10)] | SkipJsonSchema[None] = Field(
+        default=None, json_schema_extra=_shown(UNIQUE))
+    enabled: StrictBool | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_shown({}))
+    rotate_secret: StrictBool | SkipJsonSchema[None] = Field(  # true: a new secret, shown in this answer only
+        default=None, json_schema_extra=_shown({}))
 
     @field_validator("url")
     @classmethod
