@@ -19,7 +19,8 @@ LIMIT_FIELDS = ("rpm", "tpm", "token_limit")
 # The API's field names as the forms label them, for messages that mention another field.
 LABELS = {"token_limit_period": "budget period", "token_limit": "token budget", "rpm": "requests per minute",
           "tpm": "tokens per minute", "allowed_models": "allowed models", "expires_at": "expiry",
-          "grace_period_seconds": "grace period", "allowed_networks": "allowed networks", "metadata": "metadata"}
+          "grace_period_seconds": "grace period", "allowed_networks": "allowed networks", "metadata": "metadata",
+          "model_limits": "per-model limits"}
 _NAMES = re.compile(r"\b(" + "|".join(sorted(LABELS, key=len, reverse=True)) + r")\b")
 _INTEGER = re.compile(r"[+-]?\d+")
 Errors = dict[str, str]
@@ -41,8 +42,10 @@ def field_error(exc: QuotagateError) -> Errors:
     return {field: wording(exc.message, exc.field)}
 
 
-def validate(model: type[M], data: dict[str, Any]) -> tuple[M | None, Errors]:
-    """``data`` as ``model`` (the JSON API's validation), or every field's problem at once."""
+def validate(model: type[M], data: dict[str, Any],
+             lines: dict[str, int] | None = None) -> tuple[M | None, Errors]:
+    """``data`` as ``model`` (the JSON API's validation), or every field's problem at once. ``lines``: the
+    per-model limits box's line of each model, for its messages."""
     try:
         return model.model_validate(data), {}
     except ValidationError as exc:
@@ -53,6 +56,15 @@ def validate(model: type[M], data: dict[str, Any]) -> tuple[M | None, Errors]:
             loc = err["loc"]
             if len(loc) >= 2 and loc[0] == "metadata" and isinstance(loc[1], str):
                 errors["metadata"] = f"{loc[1][:64]!r}: {wording(problems_of(err), None)}"
+                break
+        for err in exc.errors():
+            # A per-model limit's problem: the form (one line per model) names the line and the limit.
+            loc = err["loc"]
+            if len(loc) >= 2 and loc[0] == "model_limits" and isinstance(loc[1], str):
+                line = (lines or {}).get(loc[1])
+                where = f"Line {line} ({loc[1][:40]!r})" if line else repr(loc[1][:40])
+                limit = f", {loc[2]}" if len(loc) >= 3 else ""
+                errors["model_limits"] = f"{where}{limit}: {problems_of(err)}"
                 break
         return None, errors
 
@@ -143,16 +155,31 @@ def restrictions(form: FormData, data: dict[str, Any], *, current: Any | None) -
     elif current is not None:
         data["allowed_networks"] = None
     raw = str(form.get("metadata", "")).strip()
-    if current is not None and raw.replace("\r\n", "\n") == metadata_text(current.metadata):
-        return errors
-    metadata, problem = parse_metadata(raw)
-    if problem:
-        errors["metadata"] = problem
-    elif metadata:
-        data["metadata"] = metadata
-    elif current is not None:
-        data["metadata"] = None
+    if current is None or raw.replace("\r\n", "\n") != metadata_text(current.metadata):
+        metadata, problem = parse_metadata(raw)
+        if problem:
+            errors["metadata"] = problem
+        elif metadata:
+            data["metadata"] = metadata
+        elif current is not None:
+            data["metadata"] = None
     return errors
+
+
+def model_limits(form: FormData, data: dict[str, Any], *, current: Any | None) -> tuple[Errors, dict[str, int]]:
+    """Put the form's per-model limits into ``data`` as ``restrictions`` does the networks (a box left as
+    it was, editing, is not sent); also each model's line, for the API's messages."""
+    raw = str(form.get("model_limits", "")).strip().replace("\r\n", "\n")
+    if current is not None and raw == model_limits_text(current.model_limits):
+        return {}, {}
+    found, lines, problem = parse_model_limits(raw)
+    if problem:
+        return {"model_limits": problem}, lines
+    if found:
+        data["model_limits"] = found
+    elif current is not None:
+        data["model_limits"] = None
+    return {}, lines
 
 
 def budget_pair_error(data: dict[str, Any], errors: Errors) -> Errors:
@@ -172,3 +199,65 @@ def typed(form: FormData) -> dict[str, Any]:
     values: dict[str, Any] = {k: str(v) for k, v in form.items() if k not in ("csrf", "allowed_models")}
     values["allowed_models"] = [str(m) for m in form.getlist("allowed_models")]
     return values
+
+
+# A per-model limits line: ``chat rpm=60 tpm=10000 token_limit=50000/day``.
+MODEL_LIMIT_NAMES = ("rpm", "tpm", "token_limit")
+
+
+def model_limits_text(limits: Any) -> str:
+    """A key's per-model limits (``Limits`` or the API's dicts, by model) as the form's lines."""
+    out = []
+    for model, lim in sorted((limits or {}).items()):
+        get = lim.get if isinstance(lim, dict) else lambda name, lim=lim: getattr(lim, name)
+        parts = [model]
+        for name in MODEL_LIMIT_NAMES:
+            value = get(name)
+            if value is not None:
+                parts.append(f"{name}={value}" + (f"/{get('token_limit_period')}" if name == "token_limit" else ""))
+        out.append(" ".join(parts))
+    return "\n".join(out)
+
+
+def parse_model_limits(raw: str) -> tuple[dict[str, dict[str, Any]], dict[str, int], str | None]:
+    """Lines of ``MODEL name=value …`` as the API's ``model_limits`` (numbers as the API would get them,
+    for its own messages), each model's line number, and the problem with the first line the format
+    does not allow (its number and text named). Blank lines are skipped."""
+    found: dict[str, dict[str, Any]] = {}
+    lines: dict[str, int] = {}
+    for at, line in enumerate(raw.splitlines(), 1):
+        words = line.split()
+        if not words:
+            continue
+        model, shown = words[0], f"Line {at} ({line.strip()[:40]!r})"
+        if model in found:
+            return found, lines, f"{shown}: {model[:64]!r} is given twice"
+        limits: dict[str, Any] = {}
+        for word in words[1:]:
+            name, sep, value = word.partition("=")
+            if not sep or name not in MODEL_LIMIT_NAMES:
+                return found, lines, f"{shown}: {word[:40]!r} is not rpm=N, tpm=N or token_limit=N/period"
+            if name in limits:
+                return found, lines, f"{shown}: {name} is given twice"
+            if name == "token_limit":
+                amount, slash, period = value.partition("/")
+                if not slash or not period:
+                    return found, lines, f"{shown}: a token budget needs its period, e.g. token_limit={value}/day"
+                limits["token_limit"], limits["token_limit_period"] = number(amount), period
+            else:
+                limits[name] = number(value)
+        if not limits:
+            return found, lines, f"{shown}: give at least one of rpm=, tpm=, token_limit= (or leave the model out)"
+        found[model], lines[model] = limits, at
+    return found, lines, None
+
+
+def project_limit_fields(form: FormData) -> dict[str, Any]:
+    """The project limits form as ``PATCH /v1/projects/{id}``'s body: every limit present, blank as null
+    (no limit)."""
+    data: dict[str, Any] = {}
+    for field in LIMIT_FIELDS:
+        raw = str(form.get(field, "")).strip()
+        data[field] = number(raw) if raw else None
+    data["token_limit_period"] = str(form.get("token_limit_period", "")).strip() or None
+    return data

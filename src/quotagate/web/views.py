@@ -42,7 +42,7 @@ HERE = Path(__file__).parent
 UsageQuery = Callable[[Actor, str, datetime, datetime, str], dict[str, Any]]
 
 
-def limits_text(key: InferenceKey) -> list[str]:
+def limits_text(key: InferenceKey | Project) -> list[str]:
     """Limits in human form: "600 rpm", "200k tpm", "5M tokens / month"."""
     out = []
     if key.rpm:
@@ -103,7 +103,8 @@ class WebConsole:
         self.handover = Handover()
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.globals.update(human=charts.human, limits_text=limits_text, periods=PERIODS,
-                                          networks_text=forms.networks_text, metadata_text=forms.metadata_text)
+                                          networks_text=forms.networks_text, metadata_text=forms.metadata_text,
+                                          model_limits_text=forms.model_limits_text)
 
     # -- plumbing ----------------------------------------------------------------------------
     async def _page(self, request: Request) -> Page:
@@ -308,6 +309,26 @@ class WebConsole:
                            paged=before is not None,
                            can_write=project.role != "viewer", **extra)
 
+    async def project_limits(self, page: Page, form: FormData) -> Response:
+        """An owner sets the project's own limits (shared by all its keys), as ``PATCH /v1/projects/{id}``
+        does: every field's problem at once, the input kept; the service refuses anyone else."""
+        from quotagate.accounts.schemas import ProjectUpdate
+
+        assert page.actor is not None
+        project_id = page.request.path_params["projectId"]
+        data = forms.project_limit_fields(form)
+        body, errors = forms.validate(ProjectUpdate, data)
+        errors = forms.budget_pair_error(data, errors)
+        status = 400
+        if body is not None and not errors:
+            try:
+                await self.call(self.accounts.update_project, page.actor, project_id, body)
+            except InvalidRequest as exc:
+                errors, status = forms.field_error(exc), exc.status
+            else:
+                return RedirectResponse(f"/projects/{project_id}/keys#project-limits", status_code=303)
+        return await self._keys_page(page, project_id, status, limit_values=forms.typed(form), limit_errors=errors)
+
     def _hand_over(self, page: Page, path: str, made: Made) -> RedirectResponse:
         """Post/Redirect/Get for a form that made a secret: the secret waits for this session's GET of
         ``path`` (reloading that page then shows the page, and makes and shows nothing again)."""
@@ -328,8 +349,9 @@ class WebConsole:
         project_id = page.request.path_params["projectId"]
         data = forms.key_fields(form, partial=False)
         own = forms.restrictions(form, data, current=None)
-        body, errors = forms.validate(KeyCreate, data)
-        errors = forms.budget_pair_error(data, {**errors, **own})
+        per_model, lines = forms.model_limits(form, data, current=None)
+        body, errors = forms.validate(KeyCreate, data, lines)
+        errors = forms.budget_pair_error(data, {**errors, **own, **per_model})
         status = 400
         if body is not None and not errors:
             try:
@@ -378,8 +400,9 @@ class WebConsole:
             data = forms.key_fields(form, partial=True)
             current = await self.call(self.keys.get, page.actor, key_id)
             own = forms.restrictions(form, data, current=current)
-            body, errors = forms.validate(KeyUpdate, data)
-            errors = {**errors, **own}
+            per_model, lines = forms.model_limits(form, data, current=current)
+            body, errors = forms.validate(KeyUpdate, data, lines)
+            errors = {**errors, **own, **per_model}
             if body is not None and not errors:
                 try:
                     await self.call(self.keys.update, page.actor, key_id, body)
@@ -518,6 +541,7 @@ class WebConsole:
             Route("/invitations/{projectId}/{action}", self.page(write=True)(self.invitation), methods=["POST"]),
             Route("/projects/{projectId}/keys", self.page()(self.keys_list), methods=["GET"]),
             Route("/projects/{projectId}/keys", self.page(write=True)(self.create_key), methods=["POST"]),
+            Route("/projects/{projectId}/limits", self.page(write=True)(self.project_limits), methods=["POST"]),
             Route("/projects/{projectId}/usage", self.page()(self.project_usage_page), methods=["GET"]),
             Route("/projects/{projectId}/{what}.csv", self.page()(self.project_export), methods=["GET"]),
             Route("/keys/{keyId}", self.page()(self.key_detail), methods=["GET"]),
