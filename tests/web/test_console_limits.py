@@ -106,6 +106,15 @@ def test_project_limits_set_by_an_owner_read_by_a_member_and_applied(gw: Gateway
         chat(gw, key["secret"])
     assert refused.value.status_code == 429
     assert isinstance(refused.value.body, dict) and refused.value.body.get("param") == "project"
+    # The usage page shows their live state, as the usage API has it: the one request admitted, its tokens.
+    live = owner.ok("GET", f"/v1/projects/{project['id']}/usage")["limits"]
+    assert live["rpm"]["used"] == 1 and live["budget"]["used"] > 0
+    page.goto(f"{gw.console_url}/projects/{project['id']}/usage")
+    now = page.locator("#project-limits-now")
+    assert now.locator("[data-limit=rpm] dd").inner_text() == "1 / 1"
+    assert now.locator("[data-limit=budget] dd").inner_text() == f"{live['budget']['used']} / 100k"
+    assert now.get_by_role("meter").count() == 1
+    shot(page, "project-limits-live")
 
     # A member reads them and has no form; the server refuses the member's post all the same.
     member_email = f"member-of-{project['id']}@example.com"

@@ -35,6 +35,12 @@ class ProjectUsagePages:
         api.catch_up()
         return api.queries.project_usage(project.id, window, metadata)
 
+    def limits(self, actor: Actor, project_id: str) -> dict[str, Any] | None:
+        """The project's limits and their live state, as ``GET /v1/projects/{id}/usage`` has them under
+        ``limits`` (None: the project has none)."""
+        project = self._accounts.get_project(actor, project_id)
+        return self._api().project_limits(project)
+
     def activity(self, actor: Actor, project_id: str, start: datetime, end: datetime,
                  metadata: dict[str, str]) -> Iterator[list[dict[str, Any]]]:
         """Every request in [start, end), newest first, in pages of ``page_size`` rows: all of them, for a

@@ -451,16 +451,23 @@ class WebConsole:
         found: dict[str, Any] | None = None
         drawn: dict[str, str] = {}
         table: list[tuple[str, dict[str, Any]]] = []
+        limits: dict[str, Any] | None = None
         if self.project_usage is not None and not errors:
             found = await self.call(self.project_usage.usage, page.actor, project.id, span.start, span.end,
                                     span.granularity, metadata)
             drawn, table = usage_view.series_charts(span, usage_view.summed_over_models(found["data"]))
+            # The project's limits now (whatever the range): the same live state as the usage API's.
+            limits = await self.call(self.project_usage.limits, page.actor, project.id)
+            budget = (limits or {}).get("budget")
+            if budget and budget.get("used") is not None:
+                drawn["project_budget"] = charts.meter_bar(budget["used"], budget["limit"],
+                                                           label=f"Project budget used this {budget['period']}")
         ranged = {name: usage_view.link(path, {"range": name}, metadata) for name in usage_view.RANGES}
         without = {k: usage_view.link(path, span.query(), {m: v for m, v in metadata.items() if m != k})
                    for k in metadata}
         return self.render(page, "usage.html", 400 if errors else 200, project=project,
                            picker=await self.picker(page, project), span=span, metadata=metadata, errors=errors,
-                           usage=found, charts=drawn, table=table, ranged=ranged, without=without,
+                           usage=found, charts=drawn, table=table, ranged=ranged, without=without, limits=limits,
                            available=self.project_usage is not None,
                            tag_link=lambda k, v: usage_view.link(path, span.query(), {**metadata, k: v}),
                            usage_csv=usage_view.link(f"/projects/{project.id}/usage.csv", span.query(), metadata),
