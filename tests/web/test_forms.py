@@ -69,3 +69,44 @@ def test_an_unchanged_box_is_not_sent_when_editing() -> None:
     assert data == {"allowed_networks": None, "metadata": None}
     created: dict[str, object] = {}
     assert forms.restrictions(cleared, created, current=None) == {} and created == {}
+
+
+def test_per_model_limits_lines() -> None:
+    from quotagate.keys.models import Limits
+
+    found, lines, problem = forms.parse_model_limits("chat rpm=60 tpm=1,000 token_limit=50000/day\n\nbge-m3 rpm=5")
+    assert problem is None and lines == {"chat": 1, "bge-m3": 3}
+    assert found == {"chat": {"rpm": 60, "tpm": 1000, "token_limit": 50000, "token_limit_period": "day"},
+                     "bge-m3": {"rpm": 5}}
+    assert forms.parse_model_limits("chat rpm=1\nx burst=2")[2] == \
+        "Line 2 ('x burst=2'): 'burst=2' is not rpm=N, tpm=N or token_limit=N/period"
+    assert forms.parse_model_limits("chat token_limit=5")[2] == \
+        "Line 1 ('chat token_limit=5'): a token budget needs its period, e.g. token_limit=5/day"
+    assert forms.parse_model_limits("chat")[2] == \
+        "Line 1 ('chat'): give at least one of rpm=, tpm=, token_limit= (or leave the model out)"
+    assert forms.parse_model_limits("chat rpm=1\nchat tpm=2")[2] == "Line 2 ('chat tpm=2'): 'chat' is given twice"
+    assert forms.parse_model_limits("chat rpm=1 rpm=2")[2] == "Line 1 ('chat rpm=1 rpm=2'): rpm is given twice"
+    # The API's own message for a value, with the model's line and the limit.
+    _body, errors = forms.validate(KeyCreate, {"name": "k", "model_limits": {"a": {"rpm": 1}, "b": {"tpm": 0}}},
+                                   {"a": 1, "b": 3})
+    assert errors == {"model_limits": "Line 3 ('b'), tpm: Input should be greater than 0"}
+    # Shown as lines again, in the same format (the record's Limits or the API's dicts).
+    assert forms.model_limits_text({"chat": Limits(rpm=60, token_limit=5, token_limit_period="day"),
+                                    "bge-m3": {"rpm": None, "tpm": 7, "token_limit": None,
+                                               "token_limit_period": None}}) == \
+        "bge-m3 tpm=7\nchat rpm=60 token_limit=5/day"
+
+
+def test_an_unchanged_per_model_box_is_not_sent_when_editing() -> None:
+    from starlette.datastructures import FormData
+
+    from quotagate.keys.models import Limits
+
+    key = SimpleNamespace(model_limits={"chat": Limits(rpm=60)})
+    data: dict[str, object] = {}
+    assert forms.model_limits(FormData([("model_limits", "chat rpm=60\r\n")]), data, current=key)[0] == {}
+    assert data == {}
+    assert forms.model_limits(FormData([("model_limits", "")]), data, current=key)[0] == {}
+    assert data == {"model_limits": None}
+    created: dict[str, object] = {}
+    assert forms.model_limits(FormData([("model_limits", "")]), created, current=None)[0] == {} and created == {}
