@@ -179,6 +179,7 @@ def test_per_model_limits_in_the_key_forms(gw: Gateway, browser: Any, shot: Any)
         CHAT: {"rpm": 1, "tpm": None, "token_limit": None, "token_limit_period": None},
         "bge-m3": {"rpm": None, "tpm": 1000, "token_limit": 5000, "token_limit_period": "day"}}
 
+    assert page.locator(f"tr[data-key-id='{key['id']}'] .per-model").inner_text() == f"+ per model: bge-m3, {CHAT}"
     # The key's page shows them, and the edit form has them as lines.
     page.goto(f"{gw.console_url}/keys/{key['id']}")
     assert page.locator("dd.model-limits").inner_text() == f"bge-m3: 1k tpm, 5k tokens / day; {CHAT}: 1 rpm"
