@@ -240,7 +240,17 @@ def test_kill_9_in_the_middle_of_traffic(tmp_path: Path, database_url: str, conf
         rng = random.Random(99)
         seen += [call(gw, key["secret"], rng.choice(["plain", "stream", "cut"]), rng) for _ in range(20)]
         # Requests in flight at the kill may have been metered without their client hearing back.
-        check(admin, key["id"], seen, extra_ok=failed + 6)
+        try:
+            check(admin, key["id"], seen, extra_ok=failed + 6)
+        except AssertionError as exc:
+            # This failed twice in ~20 CI runs (a request answered just before the kill missing after the
+            # restart) and never when run alone: say whether it arrives late (a flush that gave up) or
+            # never (lost), and what the journal and the logs held, so that the next failure tells which.
+            time.sleep(20)
+            missing = [s.request_id for s in seen if s.request_id not in activity_of(admin, key["id"])]
+            journal = sorted(p.name for p in (data / "journal").iterdir()) if (data / "journal").exists() else []
+            raise AssertionError(f"{exc}\nstill missing 20 s later: {missing}\njournal: {journal}\n"
+                                 f"gateway log:\n{gw.log_path.read_text(errors='replace')[-20000:]}") from None
         print(f"\nkill -9 after {before_kill} answered requests ({failed} cut off in flight); after restart "
               f"{len(seen)} answered, all present exactly once")
     finally:
